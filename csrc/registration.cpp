@@ -1,0 +1,52 @@
+// The whole native surface of skipgpt_ext: every op schema, declared once.
+// CPU kernels register under the CPU dispatch key in csrc/cpu/, CUDA kernels under CUDA in
+// csrc/cuda/. Python fake (meta) kernels live in skipgpt_ext/_fake.py.
+//
+// Conventions shared by every op (see skipgpt_ext/reference.py for the executable spec):
+// - Tokens are flattened to T = B*S rows. A module's executing rows are described by
+//   `idx` (int64 [T], the first `count` entries are the executing row numbers in ascending
+//   order, the rest unspecified) and `count` (int64, 0-dim). No output shape depends on data.
+// - Compacted tensors have T rows; rows [0, count) are meaningful.
+// - Mutating ops declare their mutated argument with (a!).
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// An empty module: importing skipgpt_ext._C loads this library, whose static initialisers
+// register the schemas and kernels with the dispatcher. No pybind11 bindings are needed.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(skipgpt, m) {
+  // Both routing decisions and the attention RMSNorm in one pass over h [T, d].
+  // router_weight [2, d] fp32: row 0 = attention (w_exec - w_skip), row 1 = MLP.
+  // router_bias [2] fp32 likewise. A row executes iff margin > threshold and row_valid.
+  m.def(
+      "route_norm(Tensor h, Tensor norm_weight, float eps, Tensor router_weight, "
+      "Tensor router_bias, float threshold, Tensor? row_valid) -> "
+      "(Tensor x_norm, Tensor attn_idx, Tensor attn_count, Tensor mlp_idx, Tensor mlp_count)");
+  // In-order compaction of a boolean row mask (routers that are not a single linear map).
+  m.def("compact(Tensor mask) -> (Tensor idx, Tensor count)");
+  // q_c[i] = rope(head_norm(x[idx[i]] @ W^T + b), cos[idx[i]], sin[idx[i]]) for i < count.
+  m.def(
+      "q_proj_rope(Tensor x, Tensor idx, Tensor count, Tensor weight, Tensor? bias, "
+      "Tensor? head_norm_weight, float head_norm_eps, Tensor cos, Tensor sin) -> Tensor");
+  // Compacted queries q [T, Hq*hd] against the full K/V [B, Hkv, Lk, hd] of their own
+  // sequence (row r belongs to sequence r // seq_len). Key j has cache position kv_offset + j
+  // and is visible to a query at position p iff key_valid[b, j], kv_offset + j <= p and,
+  // when window > 0, kv_offset + j > p - window.
+  m.def(
+      "sparse_query_attention(Tensor q, Tensor idx, Tensor count, Tensor k, Tensor v, "
+      "Tensor q_pos, Tensor? key_valid, int kv_offset, int seq_len, float scale, int window) -> Tensor");
+  // h[idx[i]] += a[i] @ W^T (+ bias) for i < count, in place.
+  m.def(
+      "linear_scatter_add_(Tensor(a!) h, Tensor a, Tensor idx, Tensor count, Tensor weight, "
+      "Tensor? bias) -> ()");
+  // h[r] += down(silu(gate(n)) * up(n)), n = RMSNorm(h[r]), for the rows r = idx[:count].
+  m.def(
+      "skip_mlp_(Tensor(a!) h, Tensor idx, Tensor count, Tensor norm_weight, float eps, "
+      "Tensor gate_weight, Tensor up_weight, Tensor down_weight) -> ()");
+}

@@ -1,0 +1,94 @@
+"""SkipConfig: everything that describes a SkipGPT adapter, saved as JSON beside the routers."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+MODES = ("masked", "reference", "native", "auto")
+ROUTER_TYPES = ("linear", "mlp")
+SPARSITY_METRICS = ("modules", "params")
+GATE_MODES = ("auto", "gumbel", "deterministic")
+
+
+@dataclasses.dataclass
+class SkipConfig:
+    """Configuration of the two routers per decoder layer and of how they run.
+
+    Attributes:
+        router_type: ``"linear"`` (``Linear(d, 2)``, the paper's and the released checkpoints')
+            or ``"mlp"`` (``d -> d/4 -> ReLU -> 2``, the authors' current training code).
+        init_execute_bias: initial value of ``b_exec - b_skip`` for fresh routers. ``0.0`` is
+            the paper's zero-bias Kaiming init; a positive value starts near "execute all".
+        threshold: inference decision: execute iff ``p_exec > threshold``. ``0.0`` executes
+            every token, ``1.0`` skips every token. Settable at run time.
+        mode: ``masked`` (dense compute times gate: the oracle and training path),
+            ``reference`` (real skipping in pure PyTorch), ``native`` (the skipgpt_ext
+            kernels), or ``auto`` (native when its kernels are built, else reference).
+        gate: ``auto`` (hard straight-through Gumbel gates in train mode, deterministic in eval
+            mode), ``gumbel`` or ``deterministic`` (e.g. LoRA recovery with frozen routers).
+        tau: Gumbel-softmax temperature (training anneals it).
+        sparsity_target / alpha / sparsity_metric: the global sparsity objective
+            ``L = L_LM + alpha * |target - s|`` used by router tuning.
+    """
+
+    router_type: str = "linear"
+    init_execute_bias: float = 0.0
+    threshold: float = 0.5
+    mode: str = "masked"
+    gate: str = "auto"
+    tau: float = 1.0
+    sparsity_target: float = 0.25
+    alpha: float = 8.0
+    sparsity_metric: str = "params"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        _check_choice("router_type", self.router_type, ROUTER_TYPES)
+        _check_choice("mode", self.mode, MODES)
+        _check_choice("gate", self.gate, GATE_MODES)
+        _check_choice("sparsity_metric", self.sparsity_metric, SPARSITY_METRICS)
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold must be a probability in [0, 1], got {self.threshold}")
+        if not 0.0 <= self.sparsity_target < 1.0:
+            raise ValueError(f"sparsity_target must be in [0, 1), got {self.sparsity_target}")
+        if not self.tau > 0:
+            raise ValueError(f"tau must be positive, got {self.tau}")
+
+    @property
+    def threshold_logit(self) -> float:
+        """The decision threshold on the router margin ``logit_exec - logit_skip``."""
+        return threshold_to_logit(self.threshold)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SkipConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown SkipConfig fields {unknown}; known fields: {sorted(known)}")
+        return cls(**data)
+
+    def save(self, path: str | Path, **extra: Any) -> None:
+        Path(path).write_text(json.dumps({**self.to_dict(), **extra}, indent=2, sort_keys=True))
+
+
+def threshold_to_logit(p: float) -> float:
+    """``p_exec > p``  <=>  ``margin > log(p / (1 - p))``, with 0 and 1 mapped to -inf and +inf."""
+    if p <= 0.0:
+        return -math.inf
+    if p >= 1.0:
+        return math.inf
+    return math.log(p) - math.log1p(-p)
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")

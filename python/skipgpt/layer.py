@@ -1,0 +1,262 @@
+"""What happens to a token in decoder layer l: the one skipping layer forward.
+
+    h'  = h  + g_attn * Attn(RMSNorm_1(h))      g_attn decided from h
+    h'' = h' + g_mlp  * MLP(RMSNorm_2(h'))      g_mlp  decided from h (not h')
+
+Three backends share this structure:
+- ``masked``: the model's own attention and MLP on every token, output times gate. It is the
+  oracle and the training path (router gradients need f(h) for skipped tokens too).
+- ``reference`` / ``native``: real skipping through the skipgpt op set
+  (:mod:`skipgpt_ext.reference` in pure PyTorch, or the compiled :mod:`skipgpt_ext.ops`).
+  K/V run for every token (later tokens attend to all earlier ones); only executing tokens
+  get the Q projection, an attention row, the O projection and the MLP, whose results are
+  scatter-added into the residual in place.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import skipgpt_ext
+from skipgpt_ext import reference
+
+from .adapters import FamilyAdapter, norm_eps
+from .config import SkipConfig
+from .sparsity import realised_sparsity
+
+
+class SkipState:
+    """Run-time state shared by the layers of one patched model (not a Module: no weights)."""
+
+    def __init__(self, config: SkipConfig, adapter: FamilyAdapter, layers: nn.ModuleList) -> None:
+        self.config = config
+        self.adapter = adapter
+        self.num_layers = len(layers)
+        self.attn_params = torch.tensor([_numel(l.self_attn) for l in layers], dtype=torch.float64)
+        self.mlp_params = torch.tensor([_numel(l.mlp) for l in layers], dtype=torch.float64)
+        self.reset_cumulative()
+        self._begin(None, 0, 0, clone_first=False)
+
+    # -- per forward ---------------------------------------------------------------------------
+    def _begin(self, attention_mask: torch.Tensor | None, batch: int, seq: int, clone_first: bool) -> None:
+        """Called before the decoder runs: remember which keys and rows are real tokens."""
+        self.mask_is_4d = attention_mask is not None and attention_mask.dim() != 2
+        self.key_mask = attention_mask.bool() if attention_mask is not None and not self.mask_is_4d else None
+        self.valid = self.key_mask[:, -seq:] if self.key_mask is not None and seq > 0 else None
+        self.n_valid = self.valid.sum() if self.valid is not None else torch.tensor(batch * seq)
+        self.clone_first = clone_first
+        self.exec_counts: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * self.num_layers
+        self.gates: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * self.num_layers
+
+    def _end(self) -> None:
+        """Called after the decoder ran: add this forward's counts to the running totals."""
+        if any(c is None for c in self.exec_counts):
+            return  # e.g. a forward that stopped early; nothing consistent to accumulate
+        # Stays on the device: no host sync per forward.
+        counts = torch.stack([torch.stack(c) for c in self.exec_counts]).detach().to(torch.float64)
+        self.cum_exec = self.cum_exec.to(counts.device) + counts
+        self.cum_tokens = self.cum_tokens.to(counts.device) + self.n_valid.to(counts.device)
+
+    def reset_cumulative(self) -> None:
+        self.cum_exec = torch.zeros(self.num_layers, 2, dtype=torch.float64)
+        self.cum_tokens = torch.zeros((), dtype=torch.float64)
+
+    def record(self, layer_idx: int, exec_attn: torch.Tensor, exec_mlp: torch.Tensor) -> None:
+        self.exec_counts[layer_idx] = (exec_attn, exec_mlp)
+
+    def sparsity(self, metric: str | None = None) -> torch.Tensor:
+        """Realised sparsity of the last forward, differentiable in masked mode (router tuning)."""
+        ea = torch.stack([c[0] for c in self.exec_counts]).to(torch.float32)
+        em = torch.stack([c[1] for c in self.exec_counts]).to(torch.float32)
+        return realised_sparsity(
+            ea, em, self.n_valid.to(ea.device), self.attn_params, self.mlp_params,
+            metric or self.config.sparsity_metric,
+        )
+
+    # -- backend choice --------------------------------------------------------------------------
+    def backend(self, training: bool, device: torch.device):
+        """``None`` for the masked path, else the op module that implements the skipping."""
+        mode = self.config.mode
+        if mode == "masked" or (mode == "auto" and training):
+            return None
+        if mode == "reference":
+            return reference
+        if mode == "native":
+            skipgpt_ext.require_kernels(device)
+            return skipgpt_ext.ops
+        return skipgpt_ext.ops if skipgpt_ext.has_kernels(device) else reference
+
+    def use_gumbel(self, training: bool) -> bool:
+        return self.config.gate == "gumbel" or (self.config.gate == "auto" and training)
+
+
+def _numel(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+class SkipDecoderLayerMixin:
+    """Mixed in front of a family's decoder-layer class by :func:`skipgpt.apply`.
+
+    The layer keeps its own ``self_attn``, ``mlp`` and norms; it gains ``router_attention``,
+    ``router_mlp`` and a shared ``skip_state``.
+    """
+
+    skip_state: SkipState
+    router_attention: nn.Module
+    router_mlp: nn.Module
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        st = self.skip_state
+        ops = st.backend(self.training, hidden_states.device)
+        if ops is None:
+            return self._masked_forward(hidden_states, attention_mask, position_embeddings, kwargs)
+        return self._skipping_forward(ops, hidden_states, position_embeddings, kwargs)
+
+    # -- the oracle and training path ------------------------------------------------------------
+    def _gate(self, logits: torch.Tensor) -> torch.Tensor:
+        st = self.skip_state
+        if st.use_gumbel(self.training):
+            # Hard straight-through: forward is the exact one-hot, backward the softmax gradient.
+            g = F.gumbel_softmax(logits, tau=st.config.tau, hard=True)[..., 0]
+        else:
+            g = ((logits[..., 0] - logits[..., 1]) > st.config.threshold_logit).to(logits.dtype)
+        if st.valid is not None:
+            g = g * st.valid.to(g.dtype)  # padding never executes and never counts
+        return g
+
+    def _masked_forward(self, h, attention_mask, position_embeddings, kwargs) -> torch.Tensor:
+        st = self.skip_state
+        g_attn = self._gate(self.router_attention(h))
+        g_mlp = self._gate(self.router_mlp(h))
+        st.record(self.self_attn.layer_idx, g_attn.sum(), g_mlp.sum())
+        st.gates[self.self_attn.layer_idx] = (g_attn, g_mlp)
+
+        a, _ = self.self_attn(
+            hidden_states=self.input_layernorm(h),
+            attention_mask=attention_mask,
+            position_embeddings=position_embeddings,
+            **kwargs,
+        )
+        h = h + a * g_attn.unsqueeze(-1).to(a.dtype)
+        m = self.mlp(self.post_attention_layernorm(h))
+        return h + m * g_mlp.unsqueeze(-1).to(m.dtype)
+
+    # -- real skipping ---------------------------------------------------------------------------
+    def _route(self, ops, h2: torch.Tensor):
+        """Both decisions plus the attention RMSNorm of every row (K/V need all of them)."""
+        st, norm = self.skip_state, self.input_layernorm
+        row_valid = st.valid.reshape(-1) if st.valid is not None else None
+        ra, rm = self.router_attention, self.router_mlp
+        thr = st.config.threshold_logit
+        if ra.router_type == "linear" and rm.router_type == "linear":
+            (wa, ba), (wm, bm) = ra.margin_linear(), rm.margin_linear()
+            return ops.route_norm(
+                h2, norm.weight, norm_eps(norm), torch.stack([wa, wm]), torch.stack([ba, bm]), thr, row_valid
+            )
+        # A non-linear router cannot fold into the norm pass: decide in torch, compact natively.
+        decide = []
+        for router in (ra, rm):
+            logits = router(h2)
+            ex = (logits[:, 0] - logits[:, 1]) > thr
+            decide.append(ex & row_valid if row_valid is not None else ex)
+        a_idx, a_cnt = ops.compact(decide[0])
+        m_idx, m_cnt = ops.compact(decide[1])
+        return reference.rms_norm(h2, norm.weight, norm_eps(norm)), a_idx, a_cnt, m_idx, m_cnt
+
+    def _skipping_forward(self, ops, hidden_states, position_embeddings, kwargs) -> torch.Tensor:
+        st, attn, ad = self.skip_state, self.self_attn, self.skip_state.adapter
+        layer_idx = attn.layer_idx
+        if st.mask_is_4d:
+            raise ValueError(
+                "SkipGPT's skipping modes need the 2D attention_mask (batch, keys); got a "
+                "pre-built 4D mask. Pass the 2D padding mask, or use mode='masked'."
+            )
+        _check_plain_linears(attn.q_proj, attn.o_proj, self.mlp.gate_proj, self.mlp.up_proj, self.mlp.down_proj)
+        B, S, d = hidden_states.shape
+        T, hd = B * S, attn.head_dim
+        h = hidden_states
+        if layer_idx == 0 and st.clone_first:
+            h = h.clone()  # the caller's inputs_embeds, or recorded hidden states: never mutate
+        h2 = h.reshape(T, d)
+        x_norm, a_idx, a_cnt, m_idx, m_cnt = self._route(ops, h2)
+        st.record(layer_idx, a_cnt, m_cnt)
+
+        # K/V for every token, exactly as the model computes them, then into the cache.
+        cos, sin = position_embeddings
+        k = attn.k_proj(x_norm).view(B, S, -1, hd)
+        k_norm = ad.k_norm(attn)
+        if k_norm is not None:
+            k = k_norm(k)
+        k = k.transpose(1, 2)
+        k = k * cos.unsqueeze(1) + reference.rotate_half(k) * sin.unsqueeze(1)
+        v = attn.v_proj(x_norm).view(B, S, -1, hd).transpose(1, 2)
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        past = 0
+        if cache is not None:
+            _check_dynamic_cache(cache, layer_idx)
+            past = cache.get_seq_length(layer_idx)
+            k, v = cache.update(k, v, layer_idx)
+        # A dynamic (sliding) cache returns the most recent Lk keys, ending at this step.
+        end, Lk = past + S, k.shape[2]
+        key_valid = None
+        if st.key_mask is not None:
+            if st.key_mask.shape[1] != end:
+                raise ValueError(
+                    f"attention_mask covers {st.key_mask.shape[1]} positions but the cache plus "
+                    f"this input hold {end}"
+                )
+            key_valid = st.key_mask[:, end - Lk : end]
+        q_pos = torch.arange(past, end, device=h.device).repeat(B)
+
+        q_norm = ad.q_norm(attn)
+        q = ops.q_proj_rope(
+            x_norm, a_idx, a_cnt, attn.q_proj.weight, attn.q_proj.bias,
+            q_norm.weight if q_norm is not None else None,
+            norm_eps(q_norm) if q_norm is not None else 0.0,
+            cos.expand(B, S, hd).reshape(T, hd), sin.expand(B, S, hd).reshape(T, hd),
+        )
+        o = ops.sparse_query_attention(
+            q, a_idx, a_cnt, k, v, q_pos, key_valid, end - Lk, S, float(attn.scaling), ad.window(attn)
+        )
+        ops.linear_scatter_add_(h2, o, a_idx, a_cnt, attn.o_proj.weight, attn.o_proj.bias)
+
+        norm, mlp = self.post_attention_layernorm, self.mlp
+        ops.skip_mlp_(
+            h2, m_idx, m_cnt, norm.weight, norm_eps(norm),
+            mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight,
+        )
+        return h
+
+
+def _check_plain_linears(*modules: nn.Module) -> None:
+    # The skipping ops read weights directly, so a wrapped projection (a LoRA layer) or an MLP
+    # bias would be silently ignored: refuse instead.
+    for m in modules:
+        if type(m) is not nn.Linear:
+            raise NotImplementedError(
+                f"SkipGPT's skipping modes need plain nn.Linear projections, got {type(m).__name__}. "
+                "Merge LoRA adapters first (peft's merge_and_unload()), or use mode='masked'."
+            )
+    if any(m.bias is not None for m in modules[2:]):
+        raise NotImplementedError("SkipGPT's skipping modes do not support MLP biases; use mode='masked'.")
+
+
+def _check_dynamic_cache(cache, layer_idx: int) -> None:
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    if layers is not None and layer_idx < len(layers) and not isinstance(layers[layer_idx], DynamicLayer):
+        raise NotImplementedError(
+            f"SkipGPT's skipping modes support the dynamic KV cache (generate's default); got "
+            f"{type(layers[layer_idx]).__name__}. Use cache_implementation='dynamic' or mode='masked'."
+        )

@@ -1,0 +1,217 @@
+"""Attach SkipGPT to a Hugging Face model and take it off again, in the style of peft.
+
+``apply`` gives every decoder layer two routers and swaps the layer's class for a subclass
+whose forward skips per token (:mod:`skipgpt.layer`). No weight of the model is touched, so
+``remove`` restores the original model exactly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from .adapters import adapter_for, unwrap
+from .config import SkipConfig
+from .layer import SkipDecoderLayerMixin, SkipState
+from .router import Router
+from .sparsity import realised_sparsity
+
+_SKIP_CLASSES: dict[type, type] = {}
+
+
+def _skip_class(layer_cls: type) -> type:
+    if layer_cls not in _SKIP_CLASSES:
+        _SKIP_CLASSES[layer_cls] = type(f"Skip{layer_cls.__name__}", (SkipDecoderLayerMixin, layer_cls), {})
+    return _SKIP_CLASSES[layer_cls]
+
+
+def is_patched(model: nn.Module) -> bool:
+    return hasattr(unwrap(model), "skipgpt_state")
+
+
+def state(model: nn.Module) -> SkipState:
+    base = unwrap(model)
+    if not hasattr(base, "skipgpt_state"):
+        raise ValueError("this model has no SkipGPT routers; call skipgpt.apply(model, SkipConfig()) first")
+    return base.skipgpt_state
+
+
+def apply(model: nn.Module, config: SkipConfig | None = None, from_dir: str | Path | None = None) -> nn.Module:
+    """Attach two routers to every decoder layer; returns the same (patched) model.
+
+    Args:
+        model: a supported ``*ForCausalLM`` (optionally inside a peft wrapper).
+        config: the :class:`SkipConfig`; defaults to ``SkipConfig()``, or to the config saved
+            in ``from_dir``.
+        from_dir: a directory written by :func:`skipgpt.save_routers` (or an authors' router
+            checkpoint file) to load the routers from.
+    """
+    from .checkpoint import load_routers, read_config
+
+    base = unwrap(model)
+    adapter = adapter_for(base)
+    if is_patched(base):
+        raise ValueError("SkipGPT is already applied to this model; call skipgpt.remove(model) first")
+    if config is None:
+        config = read_config(from_dir) if from_dir is not None and Path(from_dir).is_dir() else SkipConfig()
+    config.validate()
+
+    layers = adapter.layers(base)
+    hidden = base.config.hidden_size
+    st = SkipState(config, adapter, layers)
+    for layer in layers:
+        device = layer.input_layernorm.weight.device
+        layer.router_attention = Router(hidden, config.router_type, config.init_execute_bias, device=device)
+        layer.router_mlp = Router(hidden, config.router_type, config.init_execute_bias, device=device)
+        layer.__class__ = _skip_class(type(layer))
+        # A plain attribute, not a submodule: the state holds no weights and must not be saved.
+        object.__setattr__(layer, "skip_state", st)
+
+    decoder = adapter.decoder(base)
+    hooks = (
+        decoder.register_forward_pre_hook(_make_pre_hook(st), with_kwargs=True),
+        decoder.register_forward_hook(lambda *_: st._end()),
+    )
+    object.__setattr__(base, "skipgpt_state", st)
+    object.__setattr__(base, "_skipgpt_hooks", hooks)
+    if from_dir is not None:
+        load_routers(model, from_dir)
+    return model
+
+
+def remove(model: nn.Module) -> nn.Module:
+    """Take the routers off and restore the original layer classes; returns the model."""
+    base = unwrap(model)
+    st = state(base)
+    for layer in st.adapter.layers(base):
+        layer.__class__ = next(c for c in type(layer).__mro__[1:] if c is not SkipDecoderLayerMixin)
+        del layer.router_attention, layer.router_mlp
+        object.__delattr__(layer, "skip_state")
+    for hook in base._skipgpt_hooks:
+        hook.remove()
+    object.__delattr__(base, "_skipgpt_hooks")
+    object.__delattr__(base, "skipgpt_state")
+    return model
+
+
+def _make_pre_hook(st: SkipState):
+    def pre_hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]):
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        embeds = kwargs.get("inputs_embeds")
+        shape = (embeds if embeds is not None else ids).shape
+        record_hidden = bool(kwargs.get("output_hidden_states") or module.config.output_hidden_states)
+        # Layer 0 may update its input in place only when that input is our own embedding output.
+        st._begin(mask, shape[0], shape[1], clone_first=embeds is not None or record_hidden)
+        return None
+
+    return pre_hook
+
+
+def routers(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
+    """``(qualified_name, router)`` pairs, in layer order, attention before MLP."""
+    base = unwrap(model)
+    for name, module in base.named_modules():
+        if isinstance(module, Router):
+            yield name, module
+
+
+def router_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for _, r in routers(model) for p in r.parameters()]
+
+
+def set_mode(model: nn.Module, mode: str) -> None:
+    """``masked`` | ``reference`` | ``native`` | ``auto`` (native if built, else reference)."""
+    st = state(model)
+    old, st.config.mode = st.config.mode, mode
+    try:
+        st.config.validate()
+    except ValueError:
+        st.config.mode = old
+        raise
+
+
+def set_threshold(model: nn.Module, threshold: float) -> None:
+    """Execute iff ``p_exec > threshold`` (0 executes everything, 1 skips everything)."""
+    st = state(model)
+    old, st.config.threshold = st.config.threshold, float(threshold)
+    try:
+        st.config.validate()
+    except ValueError:
+        st.config.threshold = old
+        raise
+
+
+def stats(model: nn.Module, cumulative: bool = False) -> dict[str, Any]:
+    """Realised skip rates of the last forward (or of all forwards since the last reset).
+
+    Padding tokens never count. Returns per-layer attention/MLP skip rates, their means, the
+    module-count sparsity and the parameter-weighted sparsity.
+    """
+    st = state(model)
+    if cumulative:
+        counts, n = st.cum_exec.cpu(), float(st.cum_tokens)
+    else:
+        if any(c is None for c in st.exec_counts):
+            raise RuntimeError("no complete forward pass has run since SkipGPT was applied")
+        counts = torch.tensor([[float(a), float(m)] for a, m in st.exec_counts], dtype=torch.float64)
+        n = float(st.n_valid)
+    ea, em = counts[:, 0], counts[:, 1]
+    denom = max(n, 1.0)
+    return {
+        "tokens": int(n),
+        "layers": [
+            {"attn_skip": 1 - float(a) / denom, "mlp_skip": 1 - float(m) / denom} for a, m in zip(ea, em)
+        ],
+        "attn_skip": 1 - float(ea.mean()) / denom,
+        "mlp_skip": 1 - float(em.mean()) / denom,
+        "module_sparsity": float(realised_sparsity(ea, em, n, st.attn_params, st.mlp_params, "modules")),
+        "param_sparsity": float(realised_sparsity(ea, em, n, st.attn_params, st.mlp_params, "params")),
+    }
+
+
+def reset_stats(model: nn.Module) -> None:
+    state(model).reset_cumulative()
+
+
+@torch.no_grad()
+def calibrate_bias(model: nn.Module, input_ids: torch.Tensor, skip_rate: float, attention_mask=None) -> None:
+    """Shift every router's bias so that it skips ``skip_rate`` of the calibration tokens.
+
+    A cheap way to get a given sparsity from untrained (or trained) routers without tuning:
+    each router's threshold moves to the ``skip_rate`` quantile of its margins on this data.
+    """
+    st = state(model)
+    captured: dict[int, torch.Tensor] = {}
+    layers = st.adapter.layers(unwrap(model))
+    hooks = [
+        layer.register_forward_pre_hook(
+            lambda mod, args, kwargs, i=i: captured.__setitem__(i, kwargs.get("hidden_states", args[0] if args else None)),
+            with_kwargs=True,
+        )
+        for i, layer in enumerate(layers)
+    ]
+    old_mode = st.config.mode
+    try:
+        st.config.mode = "masked"
+        model(input_ids=input_ids, attention_mask=attention_mask)
+    finally:
+        st.config.mode = old_mode
+        for h in hooks:
+            h.remove()
+    valid = st.valid.reshape(-1) if st.valid is not None else None
+    thr = st.config.threshold_logit
+    for i, layer in enumerate(layers):
+        h = captured[i].reshape(-1, captured[i].shape[-1])
+        if valid is not None:
+            h = h[valid]
+        for router in (layer.router_attention, layer.router_mlp):
+            logits = router(h)
+            margin = logits[:, 0] - logits[:, 1]
+            shift = thr - torch.quantile(margin, skip_rate)
+            last = router.weight_predictor if router.router_type == "linear" else router.weight_predictor[2]
+            last.bias[0] += shift / 2
+            last.bias[1] -= shift / 2

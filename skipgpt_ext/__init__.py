@@ -1,0 +1,64 @@
+"""skipgpt_ext: the native op package of SkipGPT.
+
+- :mod:`skipgpt_ext.ops` wraps ``torch.ops.skipgpt`` (schemas declared in C++).
+- :mod:`skipgpt_ext.reference` is the pure-PyTorch reference with the same signatures.
+- :mod:`skipgpt_ext._fake` registers fake kernels for ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import torch  # noqa: F401  (must precede _C: the extension has no RPATH to torch's libraries)
+
+from . import reference
+
+OP_NAMES = (
+    "route_norm",
+    "compact",
+    "q_proj_rope",
+    "sparse_query_attention",
+    "linear_scatter_add_",
+    "skip_mlp_",
+)
+
+try:
+    from . import _C  # noqa: F401  (registers the schemas and any compiled kernels)
+except ImportError as exc:  # a source checkout that was never built
+    _C = None
+    _IMPORT_ERROR: ImportError | None = exc
+else:
+    _IMPORT_ERROR = None
+    from . import _fake  # noqa: F401
+    from . import ops
+
+
+def is_built() -> bool:
+    """True when the compiled extension (and so the op schemas) is loaded."""
+    return _C is not None
+
+
+def has_kernels(device: str | torch.device = "cpu") -> bool:
+    """True when every op has a compiled kernel for ``device``'s dispatch key."""
+    if _C is None:
+        return False
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(torch.device(device).type)
+    if key is None:
+        return False
+    return all(
+        torch._C._dispatch_has_kernel_for_dispatch_key(f"skipgpt::{name}", key) for name in OP_NAMES
+    )
+
+
+def require_kernels(device: str | torch.device) -> None:
+    """Raise a clear error when the native ops cannot run on ``device``."""
+    if _C is None:
+        raise RuntimeError(
+            "skipgpt_ext._C is not built, so mode='native' is unavailable "
+            f"({_IMPORT_ERROR}). Build it with `pip install --no-build-isolation -e .`, "
+            "or use mode='reference'."
+        )
+    if not has_kernels(device):
+        raise RuntimeError(
+            f"skipgpt_ext has no native kernels for device '{torch.device(device).type}' in this "
+            "build: the op schemas are registered but their kernels are not compiled in. "
+            "Use mode='reference' (pure PyTorch, same semantics)."
+        )

@@ -1,0 +1,43 @@
+"""Fake (meta) kernels so every op traces under ``torch.compile`` and ``opcheck``.
+
+Outputs never have data-dependent shapes: compacted buffers have T rows plus a count.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.library import register_fake
+
+
+@register_fake("skipgpt::route_norm")
+def _route_norm(h, norm_weight, eps, router_weight, router_bias, threshold, row_valid):
+    T = h.shape[0]
+    idx = h.new_empty(T, dtype=torch.int64)
+    count = h.new_empty((), dtype=torch.int64)
+    x_norm = torch.empty_like(h, dtype=torch.promote_types(h.dtype, norm_weight.dtype))
+    return x_norm, idx, count, torch.empty_like(idx), torch.empty_like(count)
+
+
+@register_fake("skipgpt::compact")
+def _compact(mask):
+    return mask.new_empty(mask.numel(), dtype=torch.int64), mask.new_empty((), dtype=torch.int64)
+
+
+@register_fake("skipgpt::q_proj_rope")
+def _q_proj_rope(x, idx, count, weight, bias, head_norm_weight, head_norm_eps, cos, sin):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+@register_fake("skipgpt::sparse_query_attention")
+def _sparse_query_attention(q, idx, count, k, v, q_pos, key_valid, kv_offset, seq_len, scale, window):
+    return torch.empty_like(q)
+
+
+@register_fake("skipgpt::linear_scatter_add_")
+def _linear_scatter_add_(h, a, idx, count, weight, bias):
+    return None
+
+
+@register_fake("skipgpt::skip_mlp_")
+def _skip_mlp_(h, idx, count, norm_weight, eps, gate_weight, up_weight, down_weight):
+    return None

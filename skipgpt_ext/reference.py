@@ -1,0 +1,162 @@
+"""Pure-PyTorch reference of every ``skipgpt`` op: the executable spec and the fallback.
+
+Each function has the exact signature and semantics of the op of the same name declared in
+``csrc/registration.cpp``. The reference may synchronise with the host (it reads ``count``)
+and may build per-sequence masks; the native kernels do neither. Values written beyond
+``count`` in compacted outputs are unspecified by the contract; here they are zero.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "rms_norm",
+    "rotate_half",
+    "route_norm",
+    "compact",
+    "q_proj_rope",
+    "sparse_query_attention",
+    "linear_scatter_add_",
+    "skip_mlp_",
+]
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm exactly as the Hugging Face Llama family computes it (fp32 statistics)."""
+    xf = x.to(torch.float32)
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def compact(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """In-order compaction: executing rows first, ascending, then the rest."""
+    mask = mask.reshape(-1).to(torch.bool)
+    # A stable sort keeps the executing rows in ascending order.
+    idx = torch.argsort((~mask).to(torch.uint8), stable=True)
+    return idx, mask.sum()
+
+
+def route_norm(
+    h: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+    router_weight: torch.Tensor,
+    router_bias: torch.Tensor,
+    threshold: float,
+    row_valid: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    margin = F.linear(h.to(torch.float32), router_weight, router_bias)  # [T, 2]
+    execute = margin > threshold
+    if row_valid is not None:
+        execute &= row_valid.reshape(-1, 1)
+    attn_idx, attn_count = compact(execute[:, 0])
+    mlp_idx, mlp_count = compact(execute[:, 1])
+    return rms_norm(h, norm_weight, eps), attn_idx, attn_count, mlp_idx, mlp_count
+
+
+def _rows(t: torch.Tensor, idx: torch.Tensor, count: torch.Tensor) -> tuple[int, torch.Tensor]:
+    n = int(count)
+    return n, idx[:n]
+
+
+def q_proj_rope(
+    x: torch.Tensor,
+    idx: torch.Tensor,
+    count: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    head_norm_weight: torch.Tensor | None,
+    head_norm_eps: float,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+) -> torch.Tensor:
+    T, hd = x.shape[0], cos.shape[-1]
+    out = x.new_zeros(T, weight.shape[0])
+    n, rows = _rows(x, idx, count)
+    if n == 0:
+        return out
+    q = F.linear(x.index_select(0, rows), weight, bias).view(n, -1, hd)
+    if head_norm_weight is not None:
+        q = rms_norm(q, head_norm_weight, head_norm_eps)
+    c = cos.index_select(0, rows).unsqueeze(1)
+    s = sin.index_select(0, rows).unsqueeze(1)
+    out[:n] = (q * c + rotate_half(q) * s).reshape(n, -1)
+    return out
+
+
+def sparse_query_attention(
+    q: torch.Tensor,
+    idx: torch.Tensor,
+    count: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_pos: torch.Tensor,
+    key_valid: torch.Tensor | None,
+    kv_offset: int,
+    seq_len: int,
+    scale: float,
+    window: int,
+) -> torch.Tensor:
+    B, Hkv, Lk, hd = k.shape
+    out = torch.zeros_like(q)
+    n, rows = _rows(q, idx, count)
+    if n == 0:
+        return out
+    Hq = q.shape[1] // hd
+    seq = torch.div(rows, seq_len, rounding_mode="floor")
+    key_pos = kv_offset + torch.arange(Lk, device=q.device)
+    for b in torch.unique(seq).tolist():
+        sel = (seq == b).nonzero().squeeze(1)
+        qb = q[sel].view(-1, Hkv, Hq // Hkv, hd).to(torch.float32)  # [m, Hkv, G, hd]
+        pos = q_pos.index_select(0, rows[sel]).unsqueeze(1)  # [m, 1]
+        visible = key_pos.unsqueeze(0) <= pos
+        if window > 0:
+            visible &= key_pos.unsqueeze(0) > pos - window
+        if key_valid is not None:
+            visible &= key_valid[b].unsqueeze(0)
+        kb, vb = k[b].to(torch.float32), v[b].to(torch.float32)  # [Hkv, Lk, hd]
+        scores = torch.einsum("mhgd,hld->mhgl", qb, kb) * scale
+        scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
+        p = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no visible key give 0
+        ob = torch.einsum("mhgl,hld->mhgd", p, vb)
+        out[sel] = ob.reshape(len(sel), -1).to(q.dtype)
+    return out
+
+
+def linear_scatter_add_(
+    h: torch.Tensor,
+    a: torch.Tensor,
+    idx: torch.Tensor,
+    count: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> None:
+    n, rows = _rows(a, idx, count)
+    if n == 0:
+        return
+    h.index_add_(0, rows, F.linear(a[:n], weight, bias))
+
+
+def skip_mlp_(
+    h: torch.Tensor,
+    idx: torch.Tensor,
+    count: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+    gate_weight: torch.Tensor,
+    up_weight: torch.Tensor,
+    down_weight: torch.Tensor,
+) -> None:
+    n, rows = _rows(h, idx, count)
+    if n == 0:
+        return
+    x = rms_norm(h.index_select(0, rows), norm_weight, eps)
+    act = F.silu(F.linear(x, gate_weight)) * F.linear(x, up_weight)
+    h.index_add_(0, rows, F.linear(act, down_weight))
