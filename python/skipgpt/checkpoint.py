@@ -12,6 +12,7 @@ import json
 import os
 import re
 import tempfile
+import zipfile
 from pathlib import Path
 
 import torch
@@ -109,7 +110,7 @@ def _read(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         return load_file(str(path))
     # The authors released .pth files; never unpickle arbitrary objects.
-    obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
@@ -134,7 +135,8 @@ def _assign(model: nn.Module, tensors: dict[str, torch.Tensor], where: str) -> N
             f"{where} has routers for {n_layers} layers ({len(found)} routers); this model has "
             f"{len(layers)} layers ({2 * len(layers)} routers)"
         )
-    for (i, kind), params in found.items():
+    # Validate everything before touching any weight, so a bad file loads nothing.
+    for (i, kind), params in sorted(found.items()):
         router = getattr(layers[i], kind)
         own = router.weight_predictor.state_dict()
         if set(params) != set(own):
@@ -148,7 +150,8 @@ def _assign(model: nn.Module, tensors: dict[str, torch.Tensor], where: str) -> N
                     f"{where}: layer {i} {kind}.{name} has shape {tuple(t.shape)}, expected "
                     f"{tuple(own[name].shape)} (hidden size mismatch?)"
                 )
-        router.weight_predictor.load_state_dict({k: v.to(torch.float32) for k, v in params.items()})
+    for (i, kind), params in found.items():
+        getattr(layers[i], kind).weight_predictor.load_state_dict({k: v.to(torch.float32) for k, v in params.items()})
 
 
 def _atomic(path: Path, write) -> None:

@@ -39,16 +39,21 @@ class SkipState:
         self.attn_params = torch.tensor([_numel(l.self_attn) for l in layers], dtype=torch.float64)
         self.mlp_params = torch.tensor([_numel(l.mlp) for l in layers], dtype=torch.float64)
         self.reset_cumulative()
-        self._begin(None, 0, 0, clone_first=False)
+        self._begin(None, 0, 0)
 
     # -- per forward ---------------------------------------------------------------------------
-    def _begin(self, attention_mask: torch.Tensor | None, batch: int, seq: int, clone_first: bool) -> None:
+    def _begin(
+        self, attention_mask: torch.Tensor | None, batch: int, seq: int, clone_first: bool = False, clone_all: bool = False
+    ) -> None:
         """Called before the decoder runs: remember which keys and rows are real tokens."""
         self.mask_is_4d = attention_mask is not None and attention_mask.dim() != 2
         self.key_mask = attention_mask.bool() if attention_mask is not None and not self.mask_is_4d else None
         self.valid = self.key_mask[:, -seq:] if self.key_mask is not None and seq > 0 else None
         self.n_valid = self.valid.sum() if self.valid is not None else torch.tensor(batch * seq)
+        # In-place residual updates must not reach tensors the caller can see: the caller's
+        # inputs_embeds (layer 0), or every layer's output when hidden states are recorded.
         self.clone_first = clone_first
+        self.clone_all = clone_all
         self.exec_counts: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * self.num_layers
         self.gates: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * self.num_layers
 
@@ -78,17 +83,24 @@ class SkipState:
         )
 
     # -- backend choice --------------------------------------------------------------------------
+    def resolve_mode(self, training: bool, device: torch.device) -> str:
+        """The concrete backend ``auto`` stands for: masked when training, else native if built."""
+        mode = self.config.mode
+        if mode != "auto":
+            return mode
+        if training:
+            return "masked"
+        return "native" if skipgpt_ext.has_kernels(device) else "reference"
+
     def backend(self, training: bool, device: torch.device):
         """``None`` for the masked path, else the op module that implements the skipping."""
-        mode = self.config.mode
-        if mode == "masked" or (mode == "auto" and training):
+        mode = self.resolve_mode(training, device)
+        if mode == "masked":
             return None
-        if mode == "reference":
-            return reference
         if mode == "native":
             skipgpt_ext.require_kernels(device)
             return skipgpt_ext.ops
-        return skipgpt_ext.ops if skipgpt_ext.has_kernels(device) else reference
+        return reference
 
     def use_gumbel(self, training: bool) -> bool:
         return self.config.gate == "gumbel" or (self.config.gate == "auto" and training)
@@ -185,8 +197,8 @@ class SkipDecoderLayerMixin:
         B, S, d = hidden_states.shape
         T, hd = B * S, attn.head_dim
         h = hidden_states
-        if layer_idx == 0 and st.clone_first:
-            h = h.clone()  # the caller's inputs_embeds, or recorded hidden states: never mutate
+        if st.clone_all or (layer_idx == 0 and st.clone_first):
+            h = h.clone()
         h2 = h.reshape(T, d)
         x_norm, a_idx, a_cnt, m_idx, m_cnt = self._route(ops, h2)
         st.record(layer_idx, a_cnt, m_cnt)

@@ -104,8 +104,7 @@ def _make_pre_hook(st: SkipState):
         embeds = kwargs.get("inputs_embeds")
         shape = (embeds if embeds is not None else ids).shape
         record_hidden = bool(kwargs.get("output_hidden_states") or module.config.output_hidden_states)
-        # Layer 0 may update its input in place only when that input is our own embedding output.
-        st._begin(mask, shape[0], shape[1], clone_first=embeds is not None or record_hidden)
+        st._begin(mask, shape[0], shape[1], clone_first=embeds is not None, clone_all=record_hidden)
         return None
 
     return pre_hook
@@ -177,41 +176,65 @@ def reset_stats(model: nn.Module) -> None:
     state(model).reset_cumulative()
 
 
+class _Captured(Exception):
+    pass
+
+
+def _layer_input(model: nn.Module, layer: nn.Module, input_ids, attention_mask) -> torch.Tensor:
+    """Run the model up to ``layer`` and return that layer's input hidden states."""
+    box: list[torch.Tensor] = []
+
+    def grab(mod, args, kwargs):
+        box.append(kwargs.get("hidden_states", args[0] if args else None))
+        raise _Captured
+
+    handle = layer.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask)
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+    return box[0]
+
+
+def _midpoint_quantile(values: torch.Tensor, q: float) -> torch.Tensor:
+    """A cut with a fraction ~q of ``values`` at or below it, placed halfway between two distinct
+    values, so that no value sits on the cut (ties, e.g. repeated tokens, would flip on rounding)."""
+    v = torch.sort(values.double())[0]
+    k = min(max(int(round(q * len(v))), 1), len(v) - 1)
+    lower = v[k - 1]
+    above = v[v > lower]
+    upper = above[0] if len(above) else lower + 1.0
+    return (lower + upper) / 2
+
+
 @torch.no_grad()
 def calibrate_bias(model: nn.Module, input_ids: torch.Tensor, skip_rate: float, attention_mask=None) -> None:
     """Shift every router's bias so that it skips ``skip_rate`` of the calibration tokens.
 
-    A cheap way to get a given sparsity from untrained (or trained) routers without tuning:
-    each router's threshold moves to the ``skip_rate`` quantile of its margins on this data.
+    A cheap way to reach a given sparsity from untrained (or trained) routers without tuning.
+    Layers are calibrated in order, each on the hidden states produced by the already
+    calibrated layers before it, so the realised rate on this data matches ``skip_rate``.
     """
     st = state(model)
-    captured: dict[int, torch.Tensor] = {}
+    thr = st.config.threshold_logit
+    if not 0.0 < skip_rate < 1.0 or not torch.isfinite(torch.tensor(thr)):
+        raise ValueError("calibrate_bias needs 0 < skip_rate < 1 and a threshold strictly between 0 and 1")
     layers = st.adapter.layers(unwrap(model))
-    hooks = [
-        layer.register_forward_pre_hook(
-            lambda mod, args, kwargs, i=i: captured.__setitem__(i, kwargs.get("hidden_states", args[0] if args else None)),
-            with_kwargs=True,
-        )
-        for i, layer in enumerate(layers)
-    ]
     old_mode = st.config.mode
+    st.config.mode = "masked"
     try:
-        st.config.mode = "masked"
-        model(input_ids=input_ids, attention_mask=attention_mask)
+        for layer in layers:
+            h = _layer_input(model, layer, input_ids, attention_mask)
+            h = h.reshape(-1, h.shape[-1])
+            if st.valid is not None:
+                h = h[st.valid.reshape(-1)]
+            for router in (layer.router_attention, layer.router_mlp):
+                logits = router(h)
+                shift = thr - _midpoint_quantile(logits[:, 0] - logits[:, 1], skip_rate)
+                last = router.weight_predictor if router.router_type == "linear" else router.weight_predictor[2]
+                last.bias[0] += float(shift) / 2
+                last.bias[1] -= float(shift) / 2
     finally:
         st.config.mode = old_mode
-        for h in hooks:
-            h.remove()
-    valid = st.valid.reshape(-1) if st.valid is not None else None
-    thr = st.config.threshold_logit
-    for i, layer in enumerate(layers):
-        h = captured[i].reshape(-1, captured[i].shape[-1])
-        if valid is not None:
-            h = h[valid]
-        for router in (layer.router_attention, layer.router_mlp):
-            logits = router(h)
-            margin = logits[:, 0] - logits[:, 1]
-            shift = thr - torch.quantile(margin, skip_rate)
-            last = router.weight_predictor if router.router_type == "linear" else router.weight_predictor[2]
-            last.bias[0] += shift / 2
-            last.bias[1] -= shift / 2

