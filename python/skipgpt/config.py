@@ -8,6 +8,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from .gates import POLICIES, check_capacity
+
 MODES = ("masked", "reference", "native", "auto")
 ROUTER_TYPES = ("linear", "mlp")
 SPARSITY_METRICS = ("modules", "params")
@@ -33,6 +35,10 @@ class SkipConfig:
         tau: Gumbel-softmax temperature (training anneals it).
         sparsity_target / alpha / sparsity_metric: the global sparsity objective
             ``L = L_LM + alpha * |target - s|`` used by router tuning.
+        policy: ``router`` (SkipGPT), or a dynamic baseline: ``topk`` (MoD-D: the ``capacity``
+            fraction of each sequence's tokens with the highest margin executes) or ``random``
+            (each token executes with probability ``capacity``; ``seed`` fixes the pattern).
+            See :mod:`skipgpt.gates`. The baselines run in ``masked`` mode.
     """
 
     router_type: str = "linear"
@@ -44,6 +50,9 @@ class SkipConfig:
     sparsity_target: float = 0.25
     alpha: float = 8.0
     sparsity_metric: str = "params"
+    policy: str = "router"
+    capacity: float = 0.75
+    seed: int = 0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -53,6 +62,8 @@ class SkipConfig:
         _check_choice("mode", self.mode, MODES)
         _check_choice("gate", self.gate, GATE_MODES)
         _check_choice("sparsity_metric", self.sparsity_metric, SPARSITY_METRICS)
+        _check_choice("policy", self.policy, POLICIES)
+        check_capacity(self.capacity)
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"threshold must be a probability in [0, 1], got {self.threshold}")
         if not 0.0 <= self.sparsity_target < 1.0:

@@ -24,6 +24,7 @@ class DemoArgs:
     prompt: str = "Write one sentence about the sea."
     max_new_tokens: int = 48
     threads: int | None = None
+    routers: str | None = None
 
 
 def _timed_generate(model, tok, prompt_ids, max_new_tokens):
@@ -56,10 +57,12 @@ def run(args: DemoArgs) -> dict:
         calib = data.pack_tokens(data.load_texts("shakespeare", "validation"), tok, 256, max_blocks=4)
         check = data.pack_tokens(data.load_texts("shakespeare", "test"), tok, 256, max_blocks=2)
 
-        # Untrained routers, their biases shifted so each skips ~`sparsity` of the tokens.
-        # (The training issue replaces these with trained routers.)
-        apply(model, SkipConfig(mode="auto"))
-        calibrate_bias(model, calib, args.sparsity)
+        if args.routers:
+            apply(model, SkipConfig(mode="auto"), from_dir=args.routers)
+        else:
+            # Untrained routers, their biases shifted so each skips ~`sparsity` of the tokens.
+            apply(model, SkipConfig(mode="auto"))
+            calibrate_bias(model, calib, args.sparsity)
         mode = state(model).resolve_mode(False, torch.device("cpu"))
 
         skip_tokens, skip_s = _timed_generate(model, tok, prompt_ids, args.max_new_tokens)

@@ -18,12 +18,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import skipgpt_ext
 from skipgpt_ext import reference
 
+from . import gates
 from .adapters import FamilyAdapter, norm_eps
 from .config import SkipConfig
 from .sparsity import realised_sparsity
@@ -86,6 +86,11 @@ class SkipState:
     def resolve_mode(self, training: bool, device: torch.device) -> str:
         """The concrete backend ``auto`` stands for: masked when training, else native if built."""
         mode = self.config.mode
+        if self.config.policy != "router":
+            # The top-k and random baselines decide outside the routers' linear rule.
+            if mode in ("reference", "native"):
+                raise ValueError(f"policy={self.config.policy!r} runs in mode='masked' only")
+            return "masked"
         if mode != "auto":
             return mode
         if training:
@@ -135,21 +140,26 @@ class SkipDecoderLayerMixin:
         return self._skipping_forward(ops, hidden_states, position_embeddings, kwargs)
 
     # -- the oracle and training path ------------------------------------------------------------
-    def _gate(self, logits: torch.Tensor) -> torch.Tensor:
-        st = self.skip_state
-        if st.use_gumbel(self.training):
-            # Hard straight-through: forward is the exact one-hot, backward the softmax gradient.
-            g = F.gumbel_softmax(logits, tau=st.config.tau, hard=True)[..., 0]
+    def _gate(self, logits: torch.Tensor, module: int, kwargs: dict) -> torch.Tensor:
+        st, cfg = self.skip_state, self.skip_state.config
+        if cfg.policy == "topk":
+            g = gates.topk_gate(logits, st.valid, cfg.capacity, straight_through=self.training)
+        elif cfg.policy == "random":
+            pos = kwargs.get("position_ids")
+            if pos is None:
+                pos = torch.arange(logits.shape[1], device=logits.device).unsqueeze(0)
+            g = gates.random_gate(logits.shape[:2], pos, cfg.capacity, cfg.seed, self.self_attn.layer_idx, module)
+            g = g.to(logits.device)
         else:
-            g = ((logits[..., 0] - logits[..., 1]) > st.config.threshold_logit).to(logits.dtype)
+            g = gates.router_gate(logits, st.use_gumbel(self.training), cfg.tau, cfg.threshold_logit)
         if st.valid is not None:
             g = g * st.valid.to(g.dtype)  # padding never executes and never counts
         return g
 
     def _masked_forward(self, h, attention_mask, position_embeddings, kwargs) -> torch.Tensor:
         st = self.skip_state
-        g_attn = self._gate(self.router_attention(h))
-        g_mlp = self._gate(self.router_mlp(h))
+        g_attn = self._gate(self.router_attention(h), 0, kwargs)
+        g_mlp = self._gate(self.router_mlp(h), 1, kwargs)
         st.record(self.self_attn.layer_idx, g_attn.sum(), g_mlp.sum())
         st.gates[self.self_attn.layer_idx] = (g_attn, g_mlp)
 

@@ -1,0 +1,170 @@
+"""Router tuning, LoRA recovery, resume, multi-process, baselines and perplexity, on tiny models."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+import skipgpt
+from skipgpt import data, models
+from skipgpt.baselines import baseline
+from skipgpt.perplexity import perplexity, token_stream
+from skipgpt.train import LoraArgs, RouterArgs, finetune_lora, load_skipgpt, train_routers
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama with SmolLM2's tokenizer, saved as a normal HF folder, plus text."""
+    d = tmp_path_factory.mktemp("tiny")
+    tok = AutoTokenizer.from_pretrained(models.ensure_smollm2())
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(d / "model")
+    tok.save_pretrained(d / "model")
+    text = data.corpus_documents("shakespeare")["shakespeare/macbeth"][:60_000]
+    (d / "text.txt").write_text(text)
+    return d
+
+
+def _common(tiny_dir, out, **kw):
+    return dict(out=str(out), model=str(tiny_dir / "model"), data=str(tiny_dir / "text.txt"),
+                block_size=32, batch_size=4, save_every=2, log_every=1, **kw)
+
+
+def _frozen_snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "router_" not in n and "lora_" not in n}
+
+
+def test_router_tuning_moves_sparsity_and_trains_only_routers(tiny_dir, tmp_path):
+    args = RouterArgs(**_common(tiny_dir, tmp_path / "rt", steps=12, lr=0.2, sparsity=0.5,
+                                sparsity_metric="modules", init_execute_bias=3.0))
+    from accelerate import Accelerator
+
+    acc = Accelerator(cpu=True)
+    model, tok = models.load_model(args.model)
+    blocks = data.pack_tokens(data.load_texts(args.data, "train"), tok, 32)
+    frozen = _frozen_snapshot(model)
+    res = train_routers(args, model=model, blocks=blocks, accelerator=acc)
+    logs = [json.loads(l) for l in (tmp_path / "rt" / "log.jsonl").read_text().splitlines()]
+    assert logs[0]["sparsity"] < 0.15  # init bias 3: p_exec = sigmoid(3), nearly all execute
+    assert logs[-1]["sparsity"] > logs[0]["sparsity"] + 0.15  # moved toward the 0.5 target
+    assert abs(logs[-1]["tau"] - 1.0) < 1e-9 and abs(logs[0]["tau"] - 5.0) < 1e-9
+    after = _frozen_snapshot(model)
+    assert all(torch.equal(frozen[n], after[n]) for n in frozen)
+    assert res["done"] and (tmp_path / "rt" / "routers.safetensors").exists()
+    ckpts = sorted(p.name for p in (tmp_path / "rt" / "checkpoints").iterdir())
+    assert ckpts == ["step-10", "step-12"]  # keeps the last two, no temp dirs left
+
+
+def test_resume_reproduces_uninterrupted_run(tiny_dir, tmp_path):
+    full = RouterArgs(**_common(tiny_dir, tmp_path / "full", steps=6, lr=0.05, sparsity=0.4))
+    train_routers(full)
+    part = RouterArgs(**_common(tiny_dir, tmp_path / "part", steps=6, lr=0.05, sparsity=0.4, max_steps_this_run=3))
+    r1 = train_routers(part)
+    assert not r1["done"] and not (tmp_path / "part" / "routers.safetensors").exists()
+    r2 = train_routers(dataclasses.replace(part, resume=True, max_steps_this_run=None))
+    assert r2["done"] and r2["step"] == 6
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "full" / "routers.safetensors"))
+    b = load_file(str(tmp_path / "part" / "routers.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    la = [json.loads(l) for l in (tmp_path / "full" / "log.jsonl").read_text().splitlines()]
+    lb = [json.loads(l) for l in (tmp_path / "part" / "log.jsonl").read_text().splitlines()]
+    assert [l["loss"] for l in la] == [l["loss"] for l in lb]
+
+
+def test_lora_stage_changes_no_router_and_artefact_reloads(tiny_dir, tmp_path):
+    rt = RouterArgs(**_common(tiny_dir, tmp_path / "rt", steps=2, lr=0.05))
+    train_routers(rt)
+    lo = LoraArgs(**_common(tiny_dir, tmp_path / "lora", steps=4, routers=str(tmp_path / "rt"), lr=5e-3))
+    train_routers_weights = skipgpt.checkpoint._read(tmp_path / "rt" / "routers.safetensors")
+    finetune_lora(lo)
+    after = skipgpt.checkpoint._read(tmp_path / "lora" / "routers.safetensors")
+    assert all(torch.equal(train_routers_weights[k], after[k]) for k in train_routers_weights)
+    assert (tmp_path / "lora" / "adapter_model.safetensors").exists()
+
+    # One artefact: routers + adapter. Unmerged (masked) and merged (reference) agree.
+    ids = torch.randint(3, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
+    m1, _ = load_skipgpt(lo.model, tmp_path / "lora", merge=False)
+    skipgpt.set_mode(m1, "masked")
+    m2, _ = load_skipgpt(lo.model, tmp_path / "lora", merge=True)
+    skipgpt.set_mode(m2, "reference")
+    base, _ = load_skipgpt(lo.model, tmp_path / "rt")
+    skipgpt.set_mode(base, "masked")
+    with torch.no_grad():
+        a, b, c = (m(input_ids=ids).logits for m in (m1, m2, base))
+    assert (a - b).abs().max() < 1e-4
+    assert (a - c).abs().max() > 1e-3  # the adapter really changed the model
+
+
+def test_two_process_accelerate_run(tiny_dir, tmp_path):
+    out = tmp_path / "ddp"
+    # On a GPU-less machine `--multi_gpu` makes accelerate start torchrun, and Accelerator(cpu=True)
+    # then runs MULTI_CPU over gloo (`--cpu` alone would start a single process).
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "skipgpt.cli", "train-routers", "--out", str(out), "--model", str(tiny_dir / "model"),
+           "--data", str(tiny_dir / "text.txt"), "--block-size", "32", "--batch-size", "2", "--steps", "4",
+           "--save-every", "2", "--log-every", "1", "--lr", "0.05"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "routers.safetensors").exists()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2", "step-4"]
+    assert sorted(p.name for p in (out / "checkpoints" / "step-4").glob("rng-*")) == ["rng-0.safetensors", "rng-1.safetensors"]
+    logs = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in logs] == [1, 2, 3, 4]  # written once, by the main process
+
+
+@pytest.mark.parametrize("name", ["shortgpt", "module_drop", "random", "mod_d"])
+@pytest.mark.parametrize("target", [0.25, 0.4])
+def test_baselines_reach_requested_sparsity(name, target):
+    from tiny_models import tiny_model
+
+    model = tiny_model("llama", num_hidden_layers=8)
+    ids = torch.randint(3, 128, (4, 64), generator=torch.Generator().manual_seed(0))
+    baseline(model, name, target, calib_ids=ids)
+    with torch.no_grad():
+        model(input_ids=ids)
+    s = skipgpt.stats(model)
+    # Static plans come in whole modules (8 layers: steps of ~3-9%); dynamic ones are per token.
+    tol = 0.06 if name in ("shortgpt", "module_drop") else 0.03
+    assert abs(s["param_sparsity"] - target) <= tol, s
+    if name == "shortgpt":
+        dropped = [i for i, l in enumerate(s["layers"]) if l["attn_skip"] == 1.0]
+        assert dropped and all(s["layers"][i]["mlp_skip"] == 1.0 for i in dropped)
+
+
+def test_perplexity_is_deterministic_and_matches_manual(tiny_dir):
+    model, tok = models.load_model(str(tiny_dir / "model"))
+    tokens = token_stream(str(tiny_dir / "text.txt"), "test", tok)[:256]
+    a = perplexity(model, tokens, window=64, batch_size=3, progress=False)
+    b = perplexity(model, tokens, window=64, batch_size=1, progress=False)
+    assert abs(a["ppl"] - b["ppl"]) < 1e-6 * a["ppl"]
+    # Oracle: non-overlapping windows; each window scores its tokens 1..63 (token 0 has no context).
+    nll, count = 0.0, 0
+    for s in range(0, 256, 64):
+        ids = tokens[s : s + 64].unsqueeze(0)
+        with torch.no_grad():
+            lp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), -1)
+        nll -= lp.gather(-1, ids[0, 1:, None]).sum().item()
+        count += 63
+    assert a["tokens"] == count == 252
+    assert abs(a["ppl"] - torch.tensor(nll / count).exp().item()) < 1e-5 * a["ppl"]
+    # Overlapping windows score every token but the first, each once, with more context.
+    c = perplexity(model, tokens, window=64, stride=32, progress=False)
+    assert c["tokens"] == 255 and c["window"] == 64 and c["stride"] == 32
+    skipgpt.apply(model, skipgpt.SkipConfig(threshold=0.0))
+    d = perplexity(model, tokens, window=64, progress=False)
+    assert abs(d["ppl"] - a["ppl"]) < 1e-5 * a["ppl"] and d["param_sparsity"] == 0.0
