@@ -144,7 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="generate with skipping on the default model and compare with dense")
     d.add_argument("--model", default=None, help="HF model folder or id (default: the embedded SmolLM2-135M)")
     d.add_argument("--routers", default=None, help="router directory (default: the committed SmolLM2 routers)")
-    d.add_argument("--sparsity", type=float, default=0.25, help="0.25 or 0.40: which committed routers (default 0.25)")
+    d.add_argument("--sparsity", type=float, default=0.25,
+                   help="0.25 or 0.40: which committed routers (default 0.25); without trained routers, "
+                        "the skip rate the untrained routers are calibrated to")
     d.add_argument("--prompt", default="Write one sentence about the sea.")
     d.add_argument("--max-new-tokens", type=int, default=48)
     d.add_argument("--threads", type=int, default=None)

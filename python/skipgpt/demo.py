@@ -1,20 +1,26 @@
 """`make demo`: SkipGPT on the embedded default model (SmolLM2-135M-Instruct), end to end.
 
-Loads the model, attaches routers, generates with real skipping and prints the realised
-sparsity, dense and skipping decode speed, and the largest logit difference between the
-skipping path and the masked dense oracle.
+Loads the model and its committed trained routers (25% or 40% parameter sparsity), generates
+with real skipping, and prints the realised sparsity, decode speed against dense, perplexity
+against dense on held-out text, and the largest logit difference between the skipping path and
+the masked dense oracle. Without trained routers (another model), it falls back to untrained
+routers whose biases are calibrated to the requested skip rate.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from . import data, models
 from .config import SkipConfig
 from .patch import apply, calibrate_bias, set_mode, state, stats, reset_stats
+from .perplexity import perplexity, token_stream
+
+ASSETS = Path(__file__).parent / "assets" / "routers"
 
 
 @dataclass
@@ -25,6 +31,13 @@ class DemoArgs:
     max_new_tokens: int = 48
     threads: int | None = None
     routers: str | None = None
+    ppl_tokens: int = 2048
+
+
+def committed_routers(sparsity: float) -> Path | None:
+    """The trained SmolLM2-135M routers shipped with the package, if any, for this sparsity."""
+    d = ASSETS / f"smollm2-135m-{round(sparsity * 100)}"
+    return d if (d / "routers.safetensors").exists() else None
 
 
 def _timed_generate(model, tok, prompt_ids, max_new_tokens):
@@ -34,8 +47,7 @@ def _timed_generate(model, tok, prompt_ids, max_new_tokens):
         input_ids=prompt_ids, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
         do_sample=False, pad_token_id=tok.pad_token_id,
     )
-    dt = time.perf_counter() - t0
-    return out[0, prompt_ids.shape[1] :], dt
+    return out[0, prompt_ids.shape[1] :], time.perf_counter() - t0
 
 
 def run(args: DemoArgs) -> dict:
@@ -49,59 +61,55 @@ def run(args: DemoArgs) -> dict:
         prompt_ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
     else:
         prompt_ids = tok(args.prompt, return_tensors="pt").input_ids
+    routers = args.routers or (committed_routers(args.sparsity) if args.model in (None, models.DEFAULT_MODEL) else None)
+    held_out = token_stream("shakespeare", "test", tok, args.ppl_tokens)
 
     with torch.no_grad():
         dense_tokens, dense_s = _timed_generate(model, tok, prompt_ids, args.max_new_tokens)
+        dense_ppl = perplexity(model, held_out, window=256, progress=False)
 
-        # Held-out text: calibration block (validation) and the oracle comparison block (test).
-        calib = data.pack_tokens(data.load_texts("shakespeare", "validation"), tok, 256, max_blocks=4)
-        check = data.pack_tokens(data.load_texts("shakespeare", "test"), tok, 256, max_blocks=2)
-
-        if args.routers:
-            apply(model, SkipConfig(mode="auto"), from_dir=args.routers)
+        if routers:
+            apply(model, SkipConfig(mode="auto"), from_dir=routers)
+            origin = f"trained routers from {routers}"
         else:
-            # Untrained routers, their biases shifted so each skips ~`sparsity` of the tokens.
+            calib = data.pack_tokens(data.load_texts("shakespeare", "validation"), tok, 256, max_blocks=4)
             apply(model, SkipConfig(mode="auto"))
             calibrate_bias(model, calib, args.sparsity)
+            origin = f"UNTRAINED routers, biases calibrated to skip {args.sparsity:.2f} (expect degraded text)"
         mode = state(model).resolve_mode(False, torch.device("cpu"))
 
-        skip_tokens, skip_s = _timed_generate(model, tok, prompt_ids, args.max_new_tokens)
         reset_stats(model)
         skip_tokens, skip_s = _timed_generate(model, tok, prompt_ids, args.max_new_tokens)
         gen_stats = stats(model, cumulative=True)
+        skip_ppl = perplexity(model, held_out, window=256, progress=False)
 
-        set_mode(model, mode)
+        check = held_out[: 2 * 256].view(2, 256)
         skip_logits = model(input_ids=check).logits
-        held_out = stats(model)
         set_mode(model, "masked")
         oracle_logits = model(input_ids=check).logits
         set_mode(model, "auto")
     max_diff = float((skip_logits - oracle_logits).abs().max())
 
     n = args.max_new_tokens
-    result = {
-        "mode": mode,
-        "dense_tok_s": n / dense_s,
-        "skip_tok_s": n / skip_s,
-        "gen_param_sparsity": gen_stats["param_sparsity"],
-        "gen_module_sparsity": gen_stats["module_sparsity"],
-        "heldout_param_sparsity": held_out["param_sparsity"],
-        "heldout_attn_skip": held_out["attn_skip"],
-        "heldout_mlp_skip": held_out["mlp_skip"],
-        "max_logit_diff_vs_masked": max_diff,
-    }
     print()
+    print(f"routers: {origin}; backend: {mode}")
     print(f"prompt: {args.prompt!r}")
-    print(f"dense HF      : {tok.decode(dense_tokens, skip_special_tokens=True)!r}")
-    print(f"skipgpt ({mode}): {tok.decode(skip_tokens, skip_special_tokens=True)!r}")
-    print("  (routers are untrained, only bias-calibrated to the target rate: expect degraded text)")
+    print(f"dense HF        : {tok.decode(dense_tokens, skip_special_tokens=True)!r}")
+    print(f"SkipGPT {mode:<9}: {tok.decode(skip_tokens, skip_special_tokens=True)!r}")
     print()
-    print(f"target skip rate per router      : {args.sparsity:.2f}")
     print(f"realised sparsity, generation    : {gen_stats['param_sparsity']:.3f} params, "
-          f"{gen_stats['module_sparsity']:.3f} modules ({gen_stats['tokens']} tokens)")
-    print(f"realised sparsity, held-out text : {held_out['param_sparsity']:.3f} params "
-          f"(attention {held_out['attn_skip']:.3f}, MLP {held_out['mlp_skip']:.3f} skipped)")
-    print(f"decode speed, dense HF           : {n / dense_s:7.1f} tokens/s")
-    print(f"decode speed, skipgpt {mode:<10} : {n / skip_s:7.1f} tokens/s  ({dense_s / skip_s:.2f}x dense)")
+          f"{gen_stats['module_sparsity']:.3f} modules (attention {gen_stats['attn_skip']:.3f}, "
+          f"MLP {gen_stats['mlp_skip']:.3f} skipped; {gen_stats['tokens']} tokens)")
+    print(f"realised sparsity, held-out text : {skip_ppl['param_sparsity']:.3f} params, "
+          f"{skip_ppl['module_sparsity']:.3f} modules")
+    print(f"decode speed, batch 1            : dense HF {n / dense_s:.1f} tok/s, SkipGPT {n / skip_s:.1f} tok/s "
+          f"({dense_s / skip_s:.2f}x dense)")
+    print(f"perplexity, {skip_ppl['tokens']} held-out tokens (Shakespeare test split, window 256): "
+          f"dense {dense_ppl['ppl']:.2f}, SkipGPT {skip_ppl['ppl']:.2f}")
     print(f"max |logit diff| {mode} vs masked oracle on 2x256 held-out tokens: {max_diff:.2e}")
-    return result
+    return {
+        "mode": mode, "routers": str(routers) if routers else None,
+        "dense_tok_s": n / dense_s, "skip_tok_s": n / skip_s,
+        "gen_param_sparsity": gen_stats["param_sparsity"], "heldout_param_sparsity": skip_ppl["param_sparsity"],
+        "dense_ppl": dense_ppl["ppl"], "skip_ppl": skip_ppl["ppl"], "max_logit_diff_vs_masked": max_diff,
+    }

@@ -1,0 +1,174 @@
+"""Quality at matched sparsity on a real model: SmolLM2-135M-Instruct on held-out Shakespeare.
+
+Compares, at 25% and 40% parameter-weighted sparsity, by perplexity on the test split:
+dense; SkipGPT-RT (router tuning) and SkipGPT-RT-L (+LoRA); ShortGPT, static module drop
+(LLM-Drop), MoD-D (top-k capacity, routers tuned the same way) and random skipping, each also
+with the same LoRA budget. Dense+LoRA is the LoRA reference. Everything is measured by the
+same perplexity code, with the realised sparsity (both metrics) beside each number.
+
+    python benchmarks/quality_smollm2.py                # defaults: ~1 h on a 2-core CPU
+    python benchmarks/quality_smollm2.py --quick        # a smoke run (minutes)
+
+Writes runs/quality/results.json and results.md, and with --save-routers copies the trained
+SkipGPT-RT routers into python/skipgpt/assets/routers/ (used by `make demo`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+import skipgpt
+from skipgpt import data, models
+from skipgpt.baselines import baseline
+from skipgpt.perplexity import perplexity, token_stream
+from skipgpt.train import LoraArgs, RouterArgs, finetune_lora, load_skipgpt, train_routers
+
+ROOT = Path(__file__).resolve().parents[1]
+ASSETS = ROOT / "python" / "skipgpt" / "assets" / "routers"
+
+
+def cpu_name() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        return next(l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name"))
+    except Exception:
+        return platform.processor() or "unknown CPU"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/quality")
+    p.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
+    p.add_argument("--sparsities", type=float, nargs="+", default=[0.25, 0.40])
+    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--rt-steps", type=int, default=150)
+    p.add_argument("--lora-steps", type=int, default=60)
+    p.add_argument("--eval-window", type=int, default=256)
+    p.add_argument("--eval-tokens", type=int, default=16384)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--quick", action="store_true", help="tiny budgets, to check the pipeline")
+    p.add_argument("--save-routers", action="store_true", help="copy the RT routers into the package assets")
+    ns = p.parse_args()
+    if ns.quick:  # shrink the budgets left at their defaults
+        for name, small in (("rt_steps", 4), ("lora_steps", 2), ("eval_tokens", 2048)):
+            if getattr(ns, name) == p.get_default(name):
+                setattr(ns, name, small)
+    if ns.threads:
+        torch.set_num_threads(ns.threads)
+    out = Path(ns.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+
+    model, tok = models.load_model(ns.model)
+    test_tokens = token_stream("shakespeare", "test", tok, ns.eval_tokens)
+    calib = data.pack_tokens(data.load_texts("shakespeare", "validation"), tok, ns.block_size, max_blocks=16, progress=False)
+    del model
+    common = dict(model=ns.model, block_size=ns.block_size, batch_size=ns.batch_size, save_every=10_000, log_every=10)
+
+    rows: list[dict] = []
+    # Re-running after a crash or kill reuses finished trainings and evaluations.
+    cache_path = out / "rows.jsonl"
+    cached = {}
+    if cache_path.exists():
+        for line in cache_path.read_text().splitlines():
+            r = json.loads(line)
+            cached[(r["method"], r["target"])] = r
+
+    def evaluate(name: str, sparsity: float | None, artefact: Path | None = None, model=None, seconds=None):
+        if (name, sparsity) in cached:
+            rows.append(cached[(name, sparsity)])
+            return rows[-1]
+        if model is None:
+            model, _ = load_skipgpt(ns.model, artefact, merge=True)
+        if skipgpt.is_patched(model):
+            skipgpt.set_mode(model, "masked")  # the oracle path; identical numbers to reference
+        t0 = time.perf_counter()
+        r = perplexity(model, test_tokens, window=ns.eval_window, batch_size=4, progress=False)
+        row = {"method": name, "target": sparsity, "ppl": r["ppl"], "tokens": r["tokens"],
+               "param_sparsity": r.get("param_sparsity", 0.0), "module_sparsity": r.get("module_sparsity", 0.0),
+               "attn_skip": r.get("attn_skip", 0.0), "mlp_skip": r.get("mlp_skip", 0.0),
+               "train_s": seconds, "eval_s": time.perf_counter() - t0}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        with open(cache_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        return row
+
+    def trained(d: Path) -> bool:
+        return (d / "train_args.json").exists()
+
+    def lora(name: str, routers: Path, sparsity: float | None, label: str):
+        args = LoraArgs(out=str(out / f"{name}-lora"), routers=str(routers), steps=ns.lora_steps, **common)
+        seconds = None if trained(Path(args.out)) else finetune_lora(args)["seconds"]
+        return evaluate(f"{label} + LoRA", sparsity, Path(args.out), seconds=seconds)
+
+    def routers(d: Path, sparsity: float, **kw):
+        if trained(d):
+            return None
+        return train_routers(RouterArgs(out=str(d), sparsity=sparsity, steps=ns.rt_steps, **common, **kw))["seconds"]
+
+    # Dense, and dense + LoRA (routers that always execute: the same LoRA code path).
+    dense, _ = models.load_model(ns.model)
+    evaluate("dense", None, model=dense)
+    skipgpt.apply(dense, skipgpt.SkipConfig(threshold=0.0))
+    skipgpt.save_routers(dense, out / "dense-routers")
+    lora("dense", out / "dense-routers", None, "dense")
+
+    for s in ns.sparsities:
+        tag = f"{round(s * 100)}"
+        # SkipGPT-RT and -RT-L
+        rt = out / f"skipgpt-rt-{tag}"
+        evaluate("SkipGPT-RT", s, rt, seconds=routers(rt, s))
+        lora(f"skipgpt-rt-{tag}", rt, s, "SkipGPT-RT")
+        # MoD-D: top-k capacity routers tuned the same way
+        mod = out / f"mod-d-{tag}"
+        evaluate("MoD-D", s, mod, seconds=routers(mod, s, policy="topk"))
+        lora(f"mod-d-{tag}", mod, s, "MoD-D")
+        # Static and random baselines: routers written once, then the same evaluation and LoRA.
+        for name in ("shortgpt", "module_drop", "random"):
+            m, _ = models.load_model(ns.model)
+            info = baseline(m, name, s, calib_ids=calib)
+            d = out / f"{name}-{tag}"
+            skipgpt.save_routers(m, d)
+            if "plan" in info:
+                (d / "plan.json").write_text(json.dumps(info["plan"]))
+            label = {"shortgpt": "ShortGPT", "module_drop": "Static module drop", "random": "Random"}[name]
+            evaluate(label, s, model=m)
+            lora(f"{name}-{tag}", d, s, label)
+        if ns.save_routers:
+            dest = ASSETS / f"smollm2-135m-{tag}"
+            dest.mkdir(parents=True, exist_ok=True)
+            for f in ("routers.safetensors", "skip_config.json", "train_args.json"):
+                shutil.copy(rt / f, dest / f)
+
+    total = time.perf_counter() - t_start
+    meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{cpu_name()}, {torch.get_num_threads()} threads",
+            "torch": torch.__version__, "wall_s": total, "args": vars(ns)}
+    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    lines = [
+        f"SmolLM2-135M-Instruct (de-quantised Q4_1), Shakespeare test split, {rows[0]['tokens']} scored tokens, "
+        f"window {ns.eval_window}; RT {ns.rt_steps} steps, LoRA {ns.lora_steps} steps, batch {ns.batch_size}x{ns.block_size}.",
+        "",
+        "| method | target | PPL | param sparsity | module sparsity | attn skip | MLP skip |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        tgt = "-" if r["target"] is None else f"{r['target']:.2f}"
+        lines.append(f"| {r['method']} | {tgt} | {r['ppl']:.2f} | {r['param_sparsity']:.3f} | "
+                     f"{r['module_sparsity']:.3f} | {r['attn_skip']:.3f} | {r['mlp_skip']:.3f} |")
+    lines += ["", f"Wall time {total / 60:.1f} min on {meta['machine']}, {meta['date']}."]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
