@@ -1,0 +1,134 @@
+"""skipgpt.evaluation.evaluate_lm (lm-evaluation-harness) and the offline skipgpt_nextline task."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import skipgpt
+from skipgpt import data
+from skipgpt.evaluation import SPARSITY_KEY, evaluate_lm, local_task_names
+from skipgpt.lm_eval_tasks import LOCAL_TASKS
+from skipgpt.lm_eval_tasks.nextline import N_CHOICES, build_items
+from skipgpt.models import load_model
+from tiny_models import tiny_model
+
+TASK = "skipgpt_nextline"
+TINY_LIMIT = 20
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return load_model()
+
+
+@pytest.fixture(scope="module")
+def tiny(smollm2):
+    """A 2-layer random Llama with SmolLM2's vocabulary (lm-eval needs a real tokenizer), patched
+    with routers calibrated to ~30% skipping on corpus text, so skipping really happens."""
+    _, tok = smollm2
+    model = tiny_model("llama", vocab_size=len(tok), num_hidden_layers=2, max_position_embeddings=512,
+                       pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    skipgpt.apply(model, skipgpt.SkipConfig())
+    calib = data.pack_tokens(data.load_texts("shakespeare", "validation"), tok, 64, max_blocks=8, progress=False)
+    skipgpt.calibrate_bias(model, calib, 0.3)
+    return model, tok
+
+
+@pytest.fixture(scope="module")
+def tiny_results(tiny):
+    model, tok = tiny
+    return evaluate_lm(model, tok, [TASK], limit=TINY_LIMIT, batch_size=8)
+
+
+def _normalise(text: str) -> str:
+    return " ".join(text.split())
+
+
+def test_task_items_are_deterministic_and_come_from_the_test_split():
+    items = build_items("test", cache=False)
+    assert items == build_items("test", cache=False)
+    assert 300 <= len(items) <= 500
+    test_docs = data.split_documents(data.corpus_documents("shakespeare"), "test")
+    flat = {name: _normalise(text) for name, text in test_docs.items()}
+    assert {it["document"] for it in items} == set(test_docs)
+    for it in items:
+        choices, label = it["choices"], it["label"]
+        assert len(choices) == N_CHOICES == len(set(choices)) and 0 <= label < N_CHOICES
+        # The answer is the line that really follows the context in the document.
+        assert _normalise(it["context"] + " " + choices[label]) in flat[it["document"]], it["id"]
+    # The first items of the (shuffled) order mix documents, so `limit=` samples all of them.
+    assert len({it["document"] for it in items[:TINY_LIMIT]}) >= 3
+    few_shot_docs = {it["document"] for it in build_items("validation")}
+    assert few_shot_docs and not few_shot_docs & set(test_docs)
+
+
+def test_local_tasks_are_found():
+    assert set(LOCAL_TASKS) <= set(local_task_names())
+
+
+def test_patched_tiny_model_end_to_end(tiny_results):
+    metrics = tiny_results[TASK]
+    for name in ("acc", "acc_norm", "acc_stderr", "acc_norm_stderr"):
+        assert name in metrics and 0.0 <= metrics[name] <= 1.0, (name, metrics)
+    sparsity = tiny_results[SPARSITY_KEY]
+    assert sparsity["tokens"] > TINY_LIMIT * N_CHOICES * 10
+    # Calibrated on other text of the same corpus: close to, not exactly, the 30% target.
+    assert 0.15 < sparsity["module_sparsity"] < 0.45 and 0.15 < sparsity["param_sparsity"] < 0.45
+
+
+def test_deterministic_and_padding_free_statistics(tiny, tiny_results):
+    model, tok = tiny
+    assert evaluate_lm(model, tok, [TASK], limit=TINY_LIMIT, batch_size=8) == tiny_results
+    # batch_size=1 has no padding at all: the same tokens must be counted, with the same gates.
+    unpadded = evaluate_lm(model, tok, [TASK], limit=TINY_LIMIT, batch_size=1)
+    assert unpadded[SPARSITY_KEY]["tokens"] == tiny_results[SPARSITY_KEY]["tokens"]
+    for key in ("attn_skip", "mlp_skip", "module_sparsity", "param_sparsity"):
+        assert unpadded[SPARSITY_KEY][key] == pytest.approx(tiny_results[SPARSITY_KEY][key], abs=2e-3)
+    assert unpadded[TASK]["acc"] == tiny_results[TASK]["acc"]
+
+
+@torch.no_grad()
+def test_accuracy_equals_direct_scoring(tiny, tiny_results):
+    """Oracle: score the choices with the model directly, as lm-eval defines it (the sum of the
+    continuation's token log-probabilities, where context and context+continuation are encoded
+    separately and the continuation is the tail), and compare the accuracies."""
+    model, tok = tiny
+    correct = correct_norm = 0
+    for it in build_items("test")[:TINY_LIMIT]:
+        context = tok.encode(it["context"])
+        wholes = [tok.encode(it["context"] + "\n" + choice) for choice in it["choices"]]
+        # The 4 choices in one right-padded batch; the mask keeps padding out of the skip gates.
+        width = max(map(len, wholes)) - 1
+        ids = torch.tensor([w[:-1] + [0] * (width - len(w) + 1) for w in wholes])
+        mask = torch.tensor([[1] * (len(w) - 1) + [0] * (width - len(w) + 1) for w in wholes])
+        logprobs = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
+        scores = [
+            sum(float(logprobs[row, len(context) - 1 + i, t]) for i, t in enumerate(w[len(context):]))
+            for row, w in enumerate(wholes)
+        ]
+        correct += max(range(N_CHOICES), key=scores.__getitem__) == it["label"]
+        normed = [score / len(choice) for score, choice in zip(scores, it["choices"])]
+        correct_norm += max(range(N_CHOICES), key=normed.__getitem__) == it["label"]
+    assert tiny_results[TASK]["acc"] == pytest.approx(correct / TINY_LIMIT)
+    assert tiny_results[TASK]["acc_norm"] == pytest.approx(correct_norm / TINY_LIMIT)
+
+
+def test_clear_errors(tiny):
+    model, tok = tiny
+    with pytest.raises(ValueError, match="batch_size"):
+        evaluate_lm(model, tok, [TASK], batch_size="auto")
+    with pytest.raises(ValueError, match="non-empty"):
+        evaluate_lm(model, tok, [])
+    with pytest.raises(FileNotFoundError, match="include_path"):
+        evaluate_lm(model, tok, [TASK], include_path="/nonexistent/tasks")
+
+
+@pytest.mark.slow
+def test_smollm2_beats_chance(smollm2):
+    """The task is learnable: the real model picks the true next line well above chance (25%)."""
+    model, tok = smollm2
+    results = evaluate_lm(model, tok, [TASK], limit=40, batch_size=8)
+    assert SPARSITY_KEY not in results  # not patched: no sparsity entry
+    acc = results[TASK]
+    assert acc["acc"] >= 0.35 and acc["acc_norm"] >= 0.35, acc
