@@ -39,6 +39,7 @@ class SkipState:
         self.attn_params = torch.tensor([_numel(l.self_attn) for l in layers], dtype=torch.float64)
         self.mlp_params = torch.tensor([_numel(l.mlp) for l in layers], dtype=torch.float64)
         self.reset_cumulative()
+        self._margins: dict[int, tuple] = {}
         self._begin(None, 0, 0)
 
     # -- per forward ---------------------------------------------------------------------------
@@ -106,6 +107,23 @@ class SkipState:
             skipgpt_ext.require_kernels(device)
             return skipgpt_ext.ops
         return reference
+
+    def stacked_margins(self, layer_idx: int, ra: nn.Module, rm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both linear routers' margins as route_norm's ``[2, d]`` weight and ``[2]`` bias.
+
+        Cached per layer until any router parameter or buffer changes (in place or replaced): a
+        decode step should not pay a handful of small torch calls per layer to rebuild them.
+        """
+        tensors = [*ra.parameters(), *ra.buffers(), *rm.parameters(), *rm.buffers()]
+        key = tuple((id(t), t.data_ptr(), t._version, t.device) for t in tensors)
+        hit = self._margins.get(layer_idx)
+        if hit is not None and hit[0] == key:
+            return hit[1], hit[2]
+        with torch.no_grad():
+            (wa, ba), (wm, bm) = ra.margin_linear(), rm.margin_linear()
+            w, b = torch.stack([wa, wm]).contiguous(), torch.stack([ba, bm])
+        self._margins[layer_idx] = (key, w, b)
+        return w, b
 
     def use_gumbel(self, training: bool) -> bool:
         return self.config.gate == "gumbel" or (self.config.gate == "auto" and training)
@@ -181,10 +199,8 @@ class SkipDecoderLayerMixin:
         ra, rm = self.router_attention, self.router_mlp
         thr = st.config.threshold_logit
         if ra.router_type == "linear" and rm.router_type == "linear":
-            (wa, ba), (wm, bm) = ra.margin_linear(), rm.margin_linear()
-            return ops.route_norm(
-                h2, norm.weight, norm_eps(norm), torch.stack([wa, wm]), torch.stack([ba, bm]), thr, row_valid
-            )
+            w, b = st.stacked_margins(self.self_attn.layer_idx, ra, rm)
+            return ops.route_norm(h2, norm.weight, norm_eps(norm), w, b, thr, row_valid)
         # A non-linear router cannot fold into the norm pass: decide in torch, compact natively.
         decide = []
         for router in (ra, rm):

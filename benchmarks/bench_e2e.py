@@ -1,0 +1,81 @@
+"""End-to-end SmolLM2-135M throughput: dense HF vs the masked, reference and native modes.
+
+Prefill tokens/s: one forward over B x L prompt tokens (logits of the last position only, as
+generate() does). Decode tokens/s: greedy generate() of N new tokens minus a 1-token generate,
+over B * (N - 1) tokens. Routers are bias-calibrated to the requested skip rate (untrained
+routers: the figures are about speed, not quality). Example:
+  python benchmarks/bench_e2e.py --batch 1 4 --prompt 128 1024 --rate 0.4
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import skipgpt
+from skipgpt import SkipConfig, data, models
+
+
+def _median_time(fn, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", nargs="+", type=int, default=[1, 4])
+    ap.add_argument("--prompt", nargs="+", type=int, default=[128, 1024])
+    ap.add_argument("--rate", type=float, default=0.4, help="per-router skip rate to calibrate to")
+    ap.add_argument("--new-tokens", type=int, default=16)
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--modes", nargs="+", default=["dense", "masked", "reference", "native"])
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tok = models.load_model()
+    text = data.pack_tokens(data.load_texts("shakespeare", "test"), tok, max(args.prompt), max_blocks=max(args.batch))
+    calib = text[:1, :128]
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, rate {args.rate}, new tokens {args.new_tokens}")
+    print("mode       B     L   prefill_tok/s  decode_tok/s  param_sparsity(prefill)  param_sparsity(decode)")
+    results = {}
+    for mode in args.modes:
+        if mode != "dense" and not skipgpt.is_patched(model):
+            skipgpt.apply(model, SkipConfig(mode="masked"))
+            skipgpt.calibrate_bias(model, calib, args.rate)
+        if mode != "dense":
+            skipgpt.set_mode(model, mode)
+        for B in args.batch:
+            for L in args.prompt:
+                ids = text[:B, :L].contiguous()
+                mask = torch.ones_like(ids)
+                with torch.no_grad():
+                    t_pre = _median_time(lambda: model(input_ids=ids, attention_mask=mask, logits_to_keep=1), args.reps)
+                sp_pre = skipgpt.stats(model)["param_sparsity"] if mode != "dense" else 0.0
+                gen = dict(input_ids=ids, attention_mask=mask, do_sample=False, pad_token_id=tok.pad_token_id)
+                t1 = _median_time(lambda: model.generate(**gen, max_new_tokens=1), args.reps)
+                if mode != "dense":
+                    skipgpt.reset_stats(model)
+                tn = _median_time(lambda: model.generate(**gen, max_new_tokens=args.new_tokens,
+                                                          min_new_tokens=args.new_tokens), args.reps)
+                sp_dec = skipgpt.stats(model, cumulative=True)["param_sparsity"] if mode != "dense" else 0.0
+                pre, dec = B * L / t_pre, B * (args.new_tokens - 1) / max(tn - t1, 1e-9)
+                results[(mode, B, L)] = (pre, dec)
+                print(f"{mode:9s} {B:2d} {L:5d}  {pre:13.1f}  {dec:12.2f}  {sp_pre:23.3f}  {sp_dec:22.3f}", flush=True)
+    if "dense" in args.modes:
+        print("\nspeedup vs dense HF (prefill, decode)")
+        for (mode, B, L), (pre, dec) in results.items():
+            if mode != "dense":
+                dp, dd = results[("dense", B, L)]
+                print(f"{mode:9s} {B:2d} {L:5d}  {pre / dp:5.2f}x  {dec / dd:5.2f}x")
+
+
+if __name__ == "__main__":
+    main()

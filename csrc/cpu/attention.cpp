@@ -1,0 +1,239 @@
+// sparse_query_attention: compacted queries against the full causal KV of their own sequence.
+// Work items are (block of up to kQueryBlock compacted queries of one sequence, KV head); each
+// holds the G query heads of its KV head, so a K/V tile is loaded once for all of them (GQA).
+// Keys are visited in tiles with an online softmax: no T x T score or mask tensor exists. The
+// two tile products (Q K^T and P V) go through ATen's GEMM (MKL); masking and softmax are ours.
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "common.h"
+
+namespace skipgpt::cpu {
+namespace {
+
+constexpr int64_t kQueryBlock = 64;
+constexpr int64_t kKeyTile = 256;
+
+// exp for x <= 0 as a polynomial the compiler can vectorise (libm's expf is scalar); exactly 0
+// below -87 (masked keys are -inf). Relative error ~2e-7.
+#define SKIPGPT_CLONES __attribute__((target_clones("arch=haswell", "default")))
+[[gnu::always_inline]] inline float exp_nonpos(float x) {
+  const bool tiny = x < -87.0f;
+  x = std::max(x, -87.0f);
+  const float t = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = x - t * 0.693145751953125f - t * 1.428606765330187045e-06f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const float scale = std::bit_cast<float>((static_cast<int32_t>(t) + 127) << 23);
+  return tiny ? 0.0f : p * scale;
+}
+
+// Online-softmax step of one row over one tile: returns the rescale factor of the old state
+// and overwrites the scores with the tile's probabilities relative to the new running max
+// (all 0 when every key of the tile is masked). The reductions run in 8 lanes so that the
+// compiler vectorises them without -ffast-math; the exp loop has no reduction at all.
+SKIPGPT_CLONES float softmax_tile_row(float* s, int64_t nk, float& row_max, float& row_sum) {
+  constexpr float ninf = -std::numeric_limits<float>::infinity();
+  float lanes[8] = {ninf, ninf, ninf, ninf, ninf, ninf, ninf, ninf};
+  int64_t j = 0;
+  for (; j + 8 <= nk; j += 8)
+    for (int l = 0; l < 8; ++l) lanes[l] = lanes[l] > s[j + l] ? lanes[l] : s[j + l];
+  float mx = ninf;
+  for (int l = 0; l < 8; ++l) mx = std::max(mx, lanes[l]);
+  for (; j < nk; ++j) mx = std::max(mx, s[j]);
+  if (mx == ninf) {
+    std::fill(s, s + nk, 0.0f);
+    return 1.0f;
+  }
+  const float new_max = std::max(row_max, mx);
+  const float alpha = row_max == ninf ? 0.0f : exp_nonpos(row_max - new_max);
+  for (j = 0; j < nk; ++j) s[j] = exp_nonpos(s[j] - new_max);
+  float sums[8] = {};
+  for (j = 0; j + 8 <= nk; j += 8)
+    for (int l = 0; l < 8; ++l) sums[l] += s[j + l];
+  float sum = 0;
+  for (int l = 0; l < 8; ++l) sum += sums[l];
+  for (; j < nk; ++j) sum += s[j];
+  row_max = new_max;
+  row_sum = row_sum * alpha + sum;
+  return alpha;
+}
+
+template <typename scalar_t>
+void attend(const at::Tensor& q, const int64_t* idx, int64_t n, const at::Tensor& k, const at::Tensor& v,
+            const int64_t* q_pos, const bool* key_valid, int64_t kv_offset, int64_t seq_len, float scale,
+            int64_t window, at::Tensor& out) {
+  const int64_t Hkv = k.size(1), Lk = k.size(2), hd = k.size(3);
+  const int64_t Hq = q.size(1) / hd, G = Hq / Hkv;
+  const scalar_t* qp = q.data_ptr<scalar_t>();
+  const scalar_t* kp = k.data_ptr<scalar_t>();
+  const scalar_t* vp = v.data_ptr<scalar_t>();
+  scalar_t* op = out.data_ptr<scalar_t>();
+  const int64_t qs = q.stride(0), os = out.stride(0);
+  const int64_t ksb = k.stride(0), ksh = k.stride(1), ksl = k.stride(2);
+  const int64_t vsb = v.stride(0), vsh = v.stride(1), vsl = v.stride(2);
+
+  // Query blocks: runs of compacted queries of one sequence (idx is ascending).
+  std::vector<int64_t> block_start;
+  for (int64_t i = 0; i < n;) {
+    block_start.push_back(i);
+    const int64_t b = idx[i] / seq_len;
+    int64_t e = i + 1;
+    while (e < n && e - i < kQueryBlock && idx[e] / seq_len == b) ++e;
+    i = e;
+  }
+  block_start.push_back(n);
+  const int64_t nblocks = static_cast<int64_t>(block_start.size()) - 1;
+
+  at::parallel_for(0, nblocks * Hkv, 1, [&](int64_t wb, int64_t we) {
+    std::vector<float> Qf(kQueryBlock * G * hd), O(kQueryBlock * G * hd), S(kQueryBlock * G * kKeyTile);
+    std::vector<float> row_max(kQueryBlock * G), row_sum(kQueryBlock * G), alpha(kQueryBlock * G);
+    std::vector<int64_t> jmin(kQueryBlock), jmax(kQueryBlock);
+    const auto f32 = at::TensorOptions().dtype(at::kFloat);
+    constexpr bool is_f32 = std::is_same_v<scalar_t, float>;
+    for (int64_t w = wb; w < we; ++w) {
+      const int64_t blk = w / Hkv, g = w % Hkv;
+      const int64_t i0 = block_start[blk], m = block_start[blk + 1] - i0, R = m * G;
+      const int64_t b = idx[i0] / seq_len;
+      int64_t lo = Lk, hi = -1;
+      for (int64_t qi = 0; qi < m; ++qi) {
+        const int64_t row = idx[i0 + qi], p = q_pos[row];
+        jmax[qi] = std::min(Lk - 1, p - kv_offset);
+        jmin[qi] = window > 0 ? std::max<int64_t>(0, p - window + 1 - kv_offset) : 0;
+        lo = std::min(lo, jmin[qi]);
+        hi = std::max(hi, jmax[qi]);
+        for (int64_t gg = 0; gg < G; ++gg) {
+          const scalar_t* src = qp + (i0 + qi) * qs + (g * G + gg) * hd;  // q is compacted
+          float* dst = Qf.data() + (qi * G + gg) * hd;
+          for (int64_t d = 0; d < hd; ++d) dst[d] = static_cast<float>(src[d]) * scale;
+        }
+      }
+      std::fill(O.begin(), O.begin() + R * hd, 0.0f);
+      std::fill(row_max.begin(), row_max.begin() + R, -std::numeric_limits<float>::infinity());
+      std::fill(row_sum.begin(), row_sum.begin() + R, 0.0f);
+      const scalar_t* kb = kp + b * ksb + g * ksh;
+      const scalar_t* vb = vp + b * vsb + g * vsh;
+      const bool* kvalid = key_valid != nullptr ? key_valid + b * Lk : nullptr;
+      const auto Qt = at::from_blob(Qf.data(), {R, hd}, f32);
+      auto Ot = at::from_blob(O.data(), {R, hd}, f32);
+      for (int64_t j0 = std::max<int64_t>(lo, 0); j0 <= hi; j0 += kKeyTile) {
+        const int64_t nk = std::min(kKeyTile, hi + 1 - j0);
+        at::Tensor Kt = at::from_blob(const_cast<scalar_t*>(kb + j0 * ksl), {nk, hd}, {ksl, 1},
+                                      at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value));
+        at::Tensor Vt = at::from_blob(const_cast<scalar_t*>(vb + j0 * vsl), {nk, hd}, {vsl, 1},
+                                      at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value));
+        if (!is_f32) {
+          Kt = Kt.to(at::kFloat);
+          Vt = Vt.to(at::kFloat);
+        }
+        auto St = at::from_blob(S.data(), {R, nk}, f32);
+        at::mm_out(St, Qt, Kt.t());
+        bool any = false;
+        for (int64_t qi = 0; qi < m; ++qi) {
+          const int64_t a = std::max<int64_t>(jmin[qi] - j0, 0), e = std::min<int64_t>(jmax[qi] - j0 + 1, nk);
+          for (int64_t gg = 0; gg < G; ++gg) {
+            const int64_t r = qi * G + gg;
+            float* s = S.data() + r * nk;
+            constexpr float ninf = -std::numeric_limits<float>::infinity();
+            alpha[r] = 1.0f;
+            if (a >= e) {  // this tile lies outside the query's causal window
+              std::fill(s, s + nk, 0.0f);
+              continue;
+            }
+            for (int64_t j = 0; j < a; ++j) s[j] = ninf;
+            for (int64_t j = e; j < nk; ++j) s[j] = ninf;
+            if (kvalid != nullptr)
+              for (int64_t j = a; j < e; ++j)
+                if (!kvalid[j0 + j]) s[j] = ninf;
+            alpha[r] = softmax_tile_row(s, nk, row_max[r], row_sum[r]);
+            any = true;
+          }
+        }
+        if (!any) continue;
+        for (int64_t r = 0; r < R; ++r)
+          if (alpha[r] != 1.0f)
+            for (int64_t d = 0; d < hd; ++d) O[r * hd + d] *= alpha[r];
+        Ot.addmm_(St, Vt);
+      }
+      for (int64_t qi = 0; qi < m; ++qi) {
+        for (int64_t gg = 0; gg < G; ++gg) {
+          const int64_t r = qi * G + gg;
+          const float inv = row_sum[r] > 0 ? 1.0f / row_sum[r] : 0.0f;  // no visible key: 0
+          scalar_t* dst = op + (i0 + qi) * os + (g * G + gg) * hd;
+          const float* src = O.data() + r * hd;
+          for (int64_t d = 0; d < hd; ++d) dst[d] = static_cast<scalar_t>(src[d] * inv);
+        }
+      }
+    }
+  });
+}
+
+at::Tensor sparse_query_attention_cpu(const at::Tensor& q_in, const at::Tensor& idx, const at::Tensor& count,
+                                      const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& q_pos,
+                                      const std::optional<at::Tensor>& key_valid, int64_t kv_offset,
+                                      int64_t seq_len, double scale, int64_t window) {
+  const char* op = "skipgpt::sparse_query_attention";
+  check_cpu(q_in, op, "q");
+  check_dim(q_in, 2, op, "q");
+  check_float_dtype(q_in, op, "q");
+  check_cpu(k_in, op, "k");
+  check_cpu(v_in, op, "v");
+  check_dim(k_in, 4, op, "k");
+  check_same_dtype(k_in, q_in, op, "k", "q");
+  check_same_dtype(v_in, q_in, op, "v", "q");
+  TORCH_CHECK(v_in.sizes() == k_in.sizes(), op, ": v must have k's shape ", k_in.sizes(), ", got ", v_in.sizes());
+  const int64_t T = q_in.size(0), B = k_in.size(0), Hkv = k_in.size(1), Lk = k_in.size(2), hd = k_in.size(3);
+  TORCH_CHECK(hd > 0 && Hkv > 0, op, ": k must be [B, Hkv, Lk, head_dim] with Hkv, head_dim > 0, got ", k_in.sizes());
+  TORCH_CHECK(q_in.size(1) % (Hkv * hd) == 0, op, ": q's width ", q_in.size(1),
+              " must be a multiple of Hkv * head_dim = ", Hkv * hd, " (GQA)");
+  TORCH_CHECK(seq_len > 0 && B * seq_len == T, op, ": seq_len must satisfy B * seq_len == T (", B, " * ", seq_len,
+              " vs ", T, ")");
+  TORCH_CHECK(window >= 0, op, ": window must be >= 0 (0 = none), got ", window);
+  check_cpu(q_pos, op, "q_pos");
+  TORCH_CHECK(q_pos.scalar_type() == at::kLong, op, ": q_pos must be int64, got ", q_pos.scalar_type());
+  TORCH_CHECK(q_pos.dim() == 1 && q_pos.size(0) == T, op, ": q_pos must be [", T, "], got ", q_pos.sizes());
+  at::Tensor kv_valid;
+  if (key_valid.has_value()) {
+    check_cpu(*key_valid, op, "key_valid");
+    TORCH_CHECK(key_valid->scalar_type() == at::kBool, op, ": key_valid must be bool, got ",
+                key_valid->scalar_type());
+    TORCH_CHECK(key_valid->dim() == 2 && key_valid->size(0) == B && key_valid->size(1) == Lk, op,
+                ": key_valid must be [", B, ", ", Lk, "], got ", key_valid->sizes());
+    kv_valid = key_valid->contiguous();
+  }
+  const int64_t n = read_count_and_check_idx(idx, count, T, op);
+  auto out = at::empty({T, q_in.size(1)}, q_in.options().memory_format(at::MemoryFormat::Contiguous));
+  // Rows past count are unspecified by the contract; zero them so the output is deterministic.
+  if (n < T) out.narrow(0, n, T - n).zero_();
+  if (n == 0) return out;
+  const at::Tensor q = q_in.stride(1) == 1 ? q_in : q_in.contiguous();
+  // K/V from a cache are contiguous; a fresh transposed view is fine too (unit stride on head_dim).
+  const at::Tensor k = k_in.stride(3) == 1 ? k_in : k_in.contiguous();
+  const at::Tensor v = v_in.stride(3) == 1 ? v_in : v_in.contiguous();
+  const auto idx_c = idx.contiguous();
+  const auto pos_c = q_pos.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "sparse_query_attention", [&] {
+    attend<scalar_t>(q, idx_c.data_ptr<int64_t>(), n, k, v, pos_c.data_ptr<int64_t>(),
+                     kv_valid.defined() ? kv_valid.data_ptr<bool>() : nullptr, kv_offset, seq_len,
+                     static_cast<float>(scale), window, out);
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(skipgpt, CPU, m) { m.impl("sparse_query_attention", &sparse_query_attention_cpu); }
+
+}  // namespace skipgpt::cpu

@@ -1,0 +1,231 @@
+// The compacted GEMM ops: q_proj_rope, linear_scatter_add_ and skip_mlp_. GEMMs go through
+// ATen (MKL / oneDNN) on compacted, contiguous row blocks; the gather rides on a pass that
+// already exists (the norm) and the scatter-add is the epilogue of the last GEMM. When every
+// row executes, the last GEMM accumulates straight into h (no scatter at all).
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+#include "common.h"
+
+namespace skipgpt::cpu {
+namespace {
+
+void check_weight(const at::Tensor& w, const at::Tensor& ref, int64_t rows, int64_t cols, const char* op,
+                  const char* name, const char* ref_name) {
+  check_cpu(w, op, name);
+  check_same_dtype(w, ref, op, name, ref_name);
+  TORCH_CHECK(w.dim() == 2 && w.size(0) == rows && w.size(1) == cols, op, ": ", name, " must be [", rows, ", ",
+              cols, "], got ", w.sizes());
+}
+
+void check_inplace_target(const at::Tensor& h, const char* op) {
+  check_cpu(h, op, "h");
+  check_dim(h, 2, op, "h");
+  check_float_dtype(h, op, "h");
+  TORCH_CHECK(h.stride(1) == 1, op, ": h is updated in place and must have unit stride in its last dimension, got "
+              "strides ", h.strides());
+}
+
+// h[idx[i]] += y[i] for i < n (rows unique: no atomics).
+void scatter_add_rows(at::Tensor& h, const at::Tensor& y, const int64_t* idx, int64_t n) {
+  const int64_t d = h.size(1), rs = h.stride(0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "scatter_add_rows", [&] {
+    scalar_t* hp = h.data_ptr<scalar_t>();
+    const scalar_t* yp = y.data_ptr<scalar_t>();
+    at::parallel_for(0, n, 16, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        scalar_t* dst = hp + idx[i] * rs;
+        const scalar_t* src = yp + i * d;
+        for (int64_t j = 0; j < d; ++j) dst[j] = static_cast<scalar_t>(static_cast<float>(dst[j]) + static_cast<float>(src[j]));
+      }
+    });
+  });
+}
+
+// The last GEMM of a module, y = a @ W^T (+ bias), added into rows idx[:n] of h.
+void gemm_scatter_add(at::Tensor& h, const at::Tensor& a, const int64_t* idx, int64_t n, const at::Tensor& weight,
+                      const std::optional<at::Tensor>& bias) {
+  if (n == h.size(0)) {
+    // idx is ascending and unique, so n == T means the identity: accumulate in place.
+    h.addmm_(a, weight.t());
+    if (bias.has_value()) h.add_(*bias);
+    return;
+  }
+  const at::Tensor y = bias.has_value() ? at::addmm(*bias, a, weight.t()) : at::mm(a, weight.t());
+  scatter_add_rows(h, y, idx, n);
+}
+
+at::Tensor q_proj_rope_cpu(const at::Tensor& x_in, const at::Tensor& idx, const at::Tensor& count,
+                           const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                           const std::optional<at::Tensor>& head_norm_weight, double head_norm_eps,
+                           const at::Tensor& cos, const at::Tensor& sin) {
+  const char* op = "skipgpt::q_proj_rope";
+  check_cpu(x_in, op, "x");
+  check_dim(x_in, 2, op, "x");
+  check_float_dtype(x_in, op, "x");
+  const int64_t T = x_in.size(0), d = x_in.size(1);
+  check_cpu(weight, op, "weight");
+  check_same_dtype(weight, x_in, op, "weight", "x");
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == d, op, ": weight must be [Hq*head_dim, ", d, "], got ",
+              weight.sizes());
+  const int64_t N = weight.size(0);
+  for (auto [t, name] : {std::pair{&cos, "cos"}, std::pair{&sin, "sin"}}) {
+    check_cpu(*t, op, name);
+    check_float_dtype(*t, op, name);
+    TORCH_CHECK(t->dim() == 2 && t->size(0) == T, op, ": ", name, " must be [", T, ", head_dim], got ", t->sizes());
+  }
+  const int64_t hd = cos.size(1);
+  TORCH_CHECK(sin.size(1) == hd, op, ": sin must be [", T, ", ", hd, "] like cos, got ", sin.sizes());
+  TORCH_CHECK(hd > 0 && hd % 2 == 0 && N % hd == 0, op, ": weight's ", N,
+              " output features must be a multiple of head_dim = cos.size(1) = ", hd, " (even)");
+  if (bias.has_value()) {
+    check_cpu(*bias, op, "bias");
+    check_same_dtype(*bias, x_in, op, "bias", "x");
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, op, ": bias must be [", N, "], got ", bias->sizes());
+  }
+  at::Tensor hnw;
+  if (head_norm_weight.has_value()) {
+    check_cpu(*head_norm_weight, op, "head_norm_weight");
+    check_same_dtype(*head_norm_weight, x_in, op, "head_norm_weight", "x");
+    TORCH_CHECK(head_norm_weight->dim() == 1 && head_norm_weight->size(0) == hd, op,
+                ": head_norm_weight must be [", hd, "], got ", head_norm_weight->sizes());
+    hnw = head_norm_weight->to(at::kFloat).contiguous();
+  }
+  const int64_t n = read_count_and_check_idx(idx, count, T, op);
+  auto out = at::empty({T, N}, x_in.options());
+  if (n < T) out.narrow(0, n, T - n).zero_();
+  if (n == 0) return out;
+
+  const at::Tensor x = x_in.stride(1) == 1 ? x_in : x_in.contiguous();
+  const auto idx_c = idx.contiguous();
+  const int64_t* ip = idx_c.data_ptr<int64_t>();
+  const at::Tensor xc = n == T ? x : gather_rows(x, ip, n);
+  auto q = out.narrow(0, 0, n);
+  if (bias.has_value()) {
+    at::addmm_out(q, *bias, xc, weight.t());
+  } else {
+    at::mm_out(q, xc, weight.t());
+  }
+  const auto cf = cos.to(at::kFloat).contiguous(), sf = sin.to(at::kFloat).contiguous();
+  const float* cp = cf.data_ptr<float>();
+  const float* sp = sf.data_ptr<float>();
+  const float* hw = hnw.defined() ? hnw.data_ptr<float>() : nullptr;
+  const float heps = static_cast<float>(head_norm_eps);
+  const int64_t H = N / hd, half = hd / 2;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "q_proj_rope", [&] {
+    scalar_t* qp = out.data_ptr<scalar_t>();
+    at::parallel_for(0, n, 8, [&](int64_t b, int64_t e) {
+      std::vector<float> t(hd);
+      for (int64_t i = b; i < e; ++i) {
+        const float* c = cp + ip[i] * hd;  // RoPE at the row's true position
+        const float* s = sp + ip[i] * hd;
+        for (int64_t hh = 0; hh < H; ++hh) {
+          scalar_t* v = qp + i * N + hh * hd;
+          for (int64_t j = 0; j < hd; ++j) t[j] = static_cast<float>(v[j]);
+          if (hw != nullptr) {
+            float ss = 0;
+            for (int64_t j = 0; j < hd; ++j) ss += t[j] * t[j];
+            const float inv = 1.0f / std::sqrt(ss / hd + heps);
+            for (int64_t j = 0; j < hd; ++j)
+              t[j] = static_cast<float>(static_cast<scalar_t>(hw[j] * static_cast<float>(static_cast<scalar_t>(t[j] * inv))));
+          }
+          for (int64_t j = 0; j < half; ++j) {
+            v[j] = static_cast<scalar_t>(t[j] * c[j] - t[j + half] * s[j]);
+            v[j + half] = static_cast<scalar_t>(t[j + half] * c[j + half] + t[j] * s[j + half]);
+          }
+        }
+      }
+    });
+  });
+  return out;
+}
+
+void linear_scatter_add_cpu(at::Tensor& h, const at::Tensor& a, const at::Tensor& idx, const at::Tensor& count,
+                            const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  const char* op = "skipgpt::linear_scatter_add_";
+  check_inplace_target(h, op);
+  const int64_t T = h.size(0), d = h.size(1);
+  check_cpu(a, op, "a");
+  check_same_dtype(a, h, op, "a", "h");
+  TORCH_CHECK(a.dim() == 2 && a.size(0) == T, op, ": a must be [", T, ", in_features], got ", a.sizes());
+  check_weight(weight, h, d, a.size(1), op, "weight", "h");
+  if (bias.has_value()) {
+    check_cpu(*bias, op, "bias");
+    check_same_dtype(*bias, h, op, "bias", "h");
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == d, op, ": bias must be [", d, "], got ", bias->sizes());
+  }
+  const int64_t n = read_count_and_check_idx(idx, count, T, op);
+  if (n == 0) return;  // no weight byte is read
+  const auto idx_c = idx.contiguous();
+  gemm_scatter_add(h, a.narrow(0, 0, n), idx_c.data_ptr<int64_t>(), n, weight, bias);
+}
+
+template <typename scalar_t>
+void gather_norm_rows(const at::Tensor& h, const int64_t* idx, int64_t n, const scalar_t* w, float eps, scalar_t* x) {
+  const int64_t d = h.size(1), rs = h.stride(0);
+  const scalar_t* hp = h.data_ptr<scalar_t>();
+  at::parallel_for(0, n, 16, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const scalar_t* row = hp + idx[i] * rs;
+      float ss = 0;
+      for (int64_t j = 0; j < d; ++j) ss += static_cast<float>(row[j]) * static_cast<float>(row[j]);
+      const float inv = 1.0f / std::sqrt(ss / d + eps);
+      scalar_t* o = x + i * d;
+      for (int64_t j = 0; j < d; ++j)
+        o[j] = static_cast<scalar_t>(static_cast<float>(w[j]) * static_cast<float>(static_cast<scalar_t>(static_cast<float>(row[j]) * inv)));
+    }
+  });
+}
+
+void skip_mlp_cpu(at::Tensor& h, const at::Tensor& idx, const at::Tensor& count, const at::Tensor& norm_weight,
+                  double eps, const at::Tensor& gate_weight, const at::Tensor& up_weight,
+                  const at::Tensor& down_weight) {
+  const char* op = "skipgpt::skip_mlp_";
+  check_inplace_target(h, op);
+  const int64_t T = h.size(0), d = h.size(1);
+  check_cpu(norm_weight, op, "norm_weight");
+  check_same_dtype(norm_weight, h, op, "norm_weight", "h");
+  TORCH_CHECK(norm_weight.dim() == 1 && norm_weight.size(0) == d, op, ": norm_weight must be [", d, "], got ",
+              norm_weight.sizes());
+  check_cpu(gate_weight, op, "gate_weight");
+  TORCH_CHECK(gate_weight.dim() == 2, op, ": gate_weight must be [intermediate, ", d, "], got ", gate_weight.sizes());
+  const int64_t I = gate_weight.size(0);
+  check_weight(gate_weight, h, I, d, op, "gate_weight", "h");
+  check_weight(up_weight, h, I, d, op, "up_weight", "h");
+  check_weight(down_weight, h, d, I, op, "down_weight", "h");
+  const int64_t n = read_count_and_check_idx(idx, count, T, op);
+  if (n == 0) return;  // no weight byte is read
+  const auto idx_c = idx.contiguous();
+  const int64_t* ip = idx_c.data_ptr<int64_t>();
+  const auto nw = norm_weight.contiguous();
+  auto x = at::empty({n, d}, h.options().memory_format(at::MemoryFormat::Contiguous));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "skip_mlp_norm", [&] {
+    gather_norm_rows<scalar_t>(h, ip, n, nw.data_ptr<scalar_t>(), static_cast<float>(eps), x.data_ptr<scalar_t>());
+  });
+  auto gate = at::mm(x, gate_weight.t());
+  const auto up = at::mm(x, up_weight.t());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "skip_mlp_silu_mul", [&] {
+    scalar_t* g = gate.data_ptr<scalar_t>();
+    const scalar_t* u = up.data_ptr<scalar_t>();
+    at::parallel_for(0, n * I, 4096, [&](int64_t b, int64_t e) {
+      for (int64_t j = b; j < e; ++j) {
+        const float gv = static_cast<float>(g[j]);
+        g[j] = static_cast<scalar_t>(gv / (1.0f + std::exp(-gv)) * static_cast<float>(u[j]));
+      }
+    });
+  });
+  gemm_scatter_add(h, gate, ip, n, down_weight, std::nullopt);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(skipgpt, CPU, m) {
+  m.impl("q_proj_rope", &q_proj_rope_cpu);
+  m.impl("linear_scatter_add_", &linear_scatter_add_cpu);
+  m.impl("skip_mlp_", &skip_mlp_cpu);
+}
+
+}  // namespace skipgpt::cpu

@@ -1,0 +1,135 @@
+// route_norm: both router decisions and the attention RMSNorm in one pass over h, then the
+// in-order compaction of each module's executing rows. compact: the compaction alone.
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <tuple>
+#include <vector>
+
+#include "common.h"
+
+namespace skipgpt::cpu {
+namespace {
+
+// Executing rows first in ascending order, then the others (also ascending): a stable
+// partition, so the tail of idx is deterministic.
+int64_t compact_into(const uint8_t* execute, int64_t T, int64_t* idx) {
+  int64_t n = 0;
+  for (int64_t r = 0; r < T; ++r) n += execute[r];
+  int64_t a = 0, b = n;
+  for (int64_t r = 0; r < T; ++r) idx[execute[r] ? a++ : b++] = r;
+  return n;
+}
+
+template <typename scalar_t, typename weight_t, typename out_t>
+void route_norm_rows(const at::Tensor& h, const weight_t* nw, double eps, const float* rw, const float* rb,
+                     double threshold, const bool* valid, out_t* xn, uint8_t* ex_attn, uint8_t* ex_mlp) {
+  const int64_t T = h.size(0), d = h.size(1), rs = h.stride(0);
+  const scalar_t* hp = h.data_ptr<scalar_t>();
+  const float *w0 = rw, *w1 = rw + d;
+  at::parallel_for(0, T, 16, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      const scalar_t* row = hp + r * rs;
+      // One read of the row feeds the norm statistics and both router margins.
+      double ss = 0, m0 = 0, m1 = 0;
+      for (int64_t j = 0; j < d; ++j) {
+        const double x = static_cast<float>(row[j]);
+        ss += x * x;
+        m0 += x * w0[j];
+        m1 += x * w1[j];
+      }
+      const bool ok = valid == nullptr || valid[r];
+      ex_attn[r] = ok && (m0 + rb[0]) > threshold;
+      ex_mlp[r] = ok && (m1 + rb[1]) > threshold;
+      const float inv = 1.0f / std::sqrt(static_cast<float>(ss / d) + static_cast<float>(eps));
+      out_t* o = xn + r * d;
+      for (int64_t j = 0; j < d; ++j) {
+        // As HF: normalise in fp32, round to the input dtype, then scale by the weight.
+        const float y = static_cast<float>(static_cast<scalar_t>(static_cast<float>(row[j]) * inv));
+        o[j] = static_cast<out_t>(static_cast<float>(nw[j]) * y);
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_norm_cpu(
+    const at::Tensor& h_in, const at::Tensor& norm_weight, double eps, const at::Tensor& router_weight,
+    const at::Tensor& router_bias, double threshold, const std::optional<at::Tensor>& row_valid) {
+  const char* op = "skipgpt::route_norm";
+  check_cpu(h_in, op, "h");
+  check_dim(h_in, 2, op, "h");
+  check_float_dtype(h_in, op, "h");
+  const int64_t T = h_in.size(0), d = h_in.size(1);
+  check_cpu(norm_weight, op, "norm_weight");
+  check_dim(norm_weight, 1, op, "norm_weight");
+  TORCH_CHECK(norm_weight.size(0) == d, op, ": norm_weight must have ", d, " entries (h's width), got ",
+              norm_weight.size(0));
+  TORCH_CHECK(norm_weight.scalar_type() == h_in.scalar_type() || norm_weight.scalar_type() == at::kFloat, op,
+              ": norm_weight must have h's dtype (", h_in.scalar_type(), ") or float32, got ",
+              norm_weight.scalar_type());
+  check_cpu(router_weight, op, "router_weight");
+  check_cpu(router_bias, op, "router_bias");
+  TORCH_CHECK(router_weight.scalar_type() == at::kFloat, op, ": router_weight must be float32, got ",
+              router_weight.scalar_type());
+  TORCH_CHECK(router_bias.scalar_type() == at::kFloat, op, ": router_bias must be float32, got ",
+              router_bias.scalar_type());
+  TORCH_CHECK(router_weight.dim() == 2 && router_weight.size(0) == 2 && router_weight.size(1) == d, op,
+              ": router_weight must be [2, ", d, "], got ", router_weight.sizes());
+  TORCH_CHECK(router_bias.dim() == 1 && router_bias.size(0) == 2, op, ": router_bias must be [2], got ",
+              router_bias.sizes());
+  at::Tensor valid;
+  if (row_valid.has_value()) {
+    check_cpu(*row_valid, op, "row_valid");
+    TORCH_CHECK(row_valid->scalar_type() == at::kBool, op, ": row_valid must be bool, got ",
+                row_valid->scalar_type());
+    TORCH_CHECK(row_valid->numel() == T, op, ": row_valid must have ", T, " entries (one per row of h), got ",
+                row_valid->numel());
+    valid = row_valid->reshape({T}).contiguous();
+  }
+  // Unit column stride is what the row loop needs; any row stride is fine.
+  const at::Tensor h = h_in.stride(1) == 1 ? h_in : h_in.contiguous();
+  const auto nw = norm_weight.contiguous();
+  const auto rw = router_weight.contiguous();
+  const auto rb = router_bias.contiguous();
+  const auto out_dtype = at::promote_types(h.scalar_type(), nw.scalar_type());
+  auto x_norm = at::empty({T, d}, h.options().dtype(out_dtype));
+  std::vector<uint8_t> ex_attn(T), ex_mlp(T);
+  const bool* vp = valid.defined() ? valid.data_ptr<bool>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "route_norm", [&] {
+    if (nw.scalar_type() == h.scalar_type()) {
+      route_norm_rows<scalar_t, scalar_t, scalar_t>(h, nw.data_ptr<scalar_t>(), eps, rw.data_ptr<float>(),
+                                                    rb.data_ptr<float>(), threshold, vp,
+                                                    x_norm.data_ptr<scalar_t>(), ex_attn.data(), ex_mlp.data());
+    } else {
+      route_norm_rows<scalar_t, float, float>(h, nw.data_ptr<float>(), eps, rw.data_ptr<float>(),
+                                              rb.data_ptr<float>(), threshold, vp, x_norm.data_ptr<float>(),
+                                              ex_attn.data(), ex_mlp.data());
+    }
+  });
+  auto lopt = h.options().dtype(at::kLong);
+  auto attn_idx = at::empty({T}, lopt), mlp_idx = at::empty({T}, lopt);
+  auto attn_count = at::scalar_tensor(compact_into(ex_attn.data(), T, attn_idx.data_ptr<int64_t>()), lopt);
+  auto mlp_count = at::scalar_tensor(compact_into(ex_mlp.data(), T, mlp_idx.data_ptr<int64_t>()), lopt);
+  return {x_norm, attn_idx, attn_count, mlp_idx, mlp_count};
+}
+
+std::tuple<at::Tensor, at::Tensor> compact_cpu(const at::Tensor& mask) {
+  const char* op = "skipgpt::compact";
+  check_cpu(mask, op, "mask");
+  const auto m = mask.reshape({-1}).to(at::kBool).contiguous();
+  const int64_t T = m.numel();
+  auto lopt = mask.options().dtype(at::kLong);
+  auto idx = at::empty({T}, lopt);
+  const int64_t n = compact_into(reinterpret_cast<const uint8_t*>(m.data_ptr<bool>()), T, idx.data_ptr<int64_t>());
+  return {idx, at::scalar_tensor(n, lopt)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(skipgpt, CPU, m) {
+  m.impl("route_norm", &route_norm_cpu);
+  m.impl("compact", &compact_cpu);
+}
+
+}  // namespace skipgpt::cpu

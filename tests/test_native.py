@@ -1,0 +1,124 @@
+"""The native mode end to end against the masked dense oracle: every family and SmolLM2, in
+prefill (left padding), cached chunks and generate()."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import skipgpt
+import skipgpt_ext
+from skipgpt import SkipConfig
+from tiny_models import FAMILY_NAMES, left_padded_batch, tiny_model
+
+pytestmark = pytest.mark.skipif(not skipgpt_ext.has_kernels("cpu"), reason="native CPU kernels not built")
+TOL = 1e-4
+
+
+def _mixed_stats(model):
+    s = skipgpt.stats(model)
+    assert 0.1 < s["attn_skip"] < 0.9 and 0.1 < s["mlp_skip"] < 0.9, s  # decisions really mixed
+    return s
+
+
+def test_auto_mode_resolves_to_native_in_eval_and_masked_in_train():
+    model = tiny_model("llama")
+    skipgpt.apply(model, SkipConfig(mode="auto"))
+    st = skipgpt.state(model)
+    assert st.resolve_mode(False, torch.device("cpu")) == "native"
+    assert st.resolve_mode(True, torch.device("cpu")) == "masked"
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_native_equals_masked_prefill_and_cached_chunks(family):
+    model = tiny_model(family)
+    skipgpt.apply(model, SkipConfig(mode="masked"))
+    ids, mask = left_padded_batch()
+    new = torch.randint(3, 128, (3, 4), generator=torch.Generator().manual_seed(7))
+    mask2 = torch.cat([mask, torch.ones_like(new)], 1)
+    results = {}
+    for mode in ("masked", "native"):
+        skipgpt.set_mode(model, mode)
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+            s = _mixed_stats(model)
+            step = model(input_ids=new[:, :3], attention_mask=mask2[:, :-1], past_key_values=out.past_key_values, use_cache=True)
+            one = model(input_ids=new[:, 3:], attention_mask=mask2, past_key_values=step.past_key_values, use_cache=True)
+        results[mode] = (out.logits, step.logits, one.logits, s)
+    (pm, sm, om, stm), (pn, sn, on, stn) = results["masked"], results["native"]
+    assert (pm - pn)[mask.bool()].abs().max() <= TOL
+    assert (sm - sn).abs().max() <= TOL
+    assert (om - on).abs().max() <= TOL
+    assert stm == stn
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_native_generate_equals_masked(family):
+    model = tiny_model(family)
+    skipgpt.apply(model, SkipConfig(mode="masked"))
+    ids, mask = left_padded_batch()
+    outs = {}
+    for mode in ("masked", "native"):
+        skipgpt.set_mode(model, mode)
+        skipgpt.reset_stats(model)
+        outs[mode] = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=0)
+        outs[mode + "_sparsity"] = skipgpt.stats(model, cumulative=True)["param_sparsity"]
+    assert 0.1 < outs["native_sparsity"] < 0.9
+    assert outs["masked_sparsity"] == outs["native_sparsity"]
+    assert torch.equal(outs["masked"], outs["native"])
+
+
+@pytest.mark.parametrize("threshold", [0.0, 1.0])
+def test_native_execute_all_and_skip_all(threshold):
+    model = tiny_model("qwen3")
+    ids, mask = left_padded_batch()
+    with torch.no_grad():
+        dense = model(input_ids=ids, attention_mask=mask).logits
+        embed_only = model.lm_head(model.model.norm(model.model.embed_tokens(ids)))
+    skipgpt.apply(model, SkipConfig(threshold=threshold, mode="native"))
+    with torch.no_grad():
+        got = model(input_ids=ids, attention_mask=mask).logits
+    want = dense if threshold == 0.0 else embed_only
+    assert (got - want)[mask.bool()].abs().max() <= TOL
+
+
+def test_native_bfloat16_close_to_masked():
+    model = tiny_model("llama", dtype=torch.bfloat16)
+    skipgpt.apply(model, SkipConfig(mode="masked"))
+    ids, mask = left_padded_batch()
+    with torch.no_grad():
+        a = model(input_ids=ids, attention_mask=mask).logits.float()
+        skipgpt.set_mode(model, "native")
+        b = model(input_ids=ids, attention_mask=mask).logits.float()
+    assert (a - b)[mask.bool()].abs().max() <= 0.1
+
+
+def test_router_update_invalidates_cached_margins():
+    model = tiny_model("llama")
+    skipgpt.apply(model, SkipConfig(mode="native"))
+    ids, mask = left_padded_batch()
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+        before = skipgpt.stats(model)["attn_skip"]
+        for layer in model.model.layers:  # make every attention router execute everything
+            layer.router_attention.weight_predictor.bias.copy_(torch.tensor([100.0, -100.0]))
+        model(input_ids=ids, attention_mask=mask)
+    assert before > 0.1 and skipgpt.stats(model)["attn_skip"] == 0.0
+
+
+def test_router_buffer_update_invalidates_cached_margins():
+    model = tiny_model("llama")
+    skipgpt.apply(model, SkipConfig(mode="native"))
+    ids, mask = left_padded_batch()
+    layer = model.model.layers[0]
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+        # Any router tensor may enter the margin (e.g. an input-scale buffer): a change to a
+        # buffer must rebuild the cached margins just like a parameter change.
+        buf = next(layer.router_attention.buffers(), None)
+        if buf is None:
+            pytest.skip("this Router has no buffers")
+        buf.mul_(0.5)
+        w, b = skipgpt.state(model).stacked_margins(0, layer.router_attention, layer.router_mlp)
+        wa, ba = layer.router_attention.margin_linear()
+        assert torch.equal(w[0], wa) and torch.equal(b[0], ba)

@@ -1,0 +1,312 @@
+"""The native CPU kernels against their oracles: the pure-PyTorch reference run in float64
+(and in the kernel's dtype), plus opcheck and argument checking. Fast: bounded hypothesis runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import skipgpt_ext
+from skipgpt_ext import reference as ref
+
+pytestmark = pytest.mark.skipif(not skipgpt_ext.has_kernels("cpu"), reason="native CPU kernels not built")
+if skipgpt_ext.has_kernels("cpu"):
+    from skipgpt_ext import ops
+
+SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+DTYPES = [torch.float32, torch.bfloat16]
+# Tolerance of a kernel output against the float64 reference, relative to the output's scale.
+REL_TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
+    assert got.shape == want.shape
+    scale = max(want.abs().max().item(), 1.0) if want.numel() else 1.0
+    err = (got.double() - want.double()).abs().max().item() if want.numel() else 0.0
+    assert err <= REL_TOL[dtype] * scale, (err, scale)
+
+
+def _f64(*ts):
+    return [t.double() if t is not None and t.is_floating_point() else t for t in ts]
+
+
+def _noncontig(t: torch.Tensor) -> torch.Tensor:
+    """The same values in a row-strided layout (every other column of a wider buffer)."""
+    wide = torch.empty(t.shape[0], 2 * t.shape[1], dtype=t.dtype)
+    wide[:, ::2] = t
+    out = wide[:, ::2]
+    assert not out.is_contiguous()
+    return out
+
+
+def _rows(T: int, draw, p=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """An in-order compaction of a random row mask (all, none or a random subset)."""
+    kind = draw(st.sampled_from(["all", "none", "some"])) if p is None else p
+    if kind == "all":
+        mask = torch.ones(T, dtype=torch.bool)
+    elif kind == "none":
+        mask = torch.zeros(T, dtype=torch.bool)
+    else:
+        mask = torch.rand(T) < draw(st.floats(0.1, 0.9))
+    return ref.compact(mask)
+
+
+# -- route_norm / compact ----------------------------------------------------------------------
+@SETTINGS
+@given(data=st.data())
+def test_route_norm_matches_float64(data):
+    T = data.draw(st.sampled_from([0, 1, 2, 7, 33]))
+    d = data.draw(st.sampled_from([5, 12, 64, 67]))
+    dtype = data.draw(st.sampled_from(DTYPES))
+    thr = data.draw(st.sampled_from([-1e9, 0.0, 0.4, 1e9]))  # execute all / mixed / skip all
+    torch.manual_seed(data.draw(st.integers(0, 2**16)))
+    h = (torch.randn(T, d) * 3).to(dtype)
+    if data.draw(st.booleans()) and T > 0:
+        h = _noncontig(h)
+    nw = torch.randn(d).to(dtype)
+    rw, rb = torch.randn(2, d), torch.randn(2)
+    valid = torch.rand(T) < 0.8 if data.draw(st.booleans()) else None
+    x, ai, ac, mi, mc = ops.route_norm(h, nw, 1e-5, rw, rb, thr, valid)
+    want = ref.rms_norm(h.double(), nw.double(), 1e-5)
+    _close(x, want, dtype)
+    margin = h.double() @ rw.double().T + rb.double()
+    execute = margin > thr
+    if valid is not None:
+        execute &= valid.unsqueeze(1)
+    clear = (margin - thr).abs() > 1e-3  # rows on the boundary may round either way
+    for col, (idx, cnt) in enumerate(((ai, ac), (mi, mc))):
+        got = torch.zeros(T, dtype=torch.bool)
+        got[idx[: int(cnt)]] = True
+        assert torch.equal(got[clear[:, col]], execute[clear[:, col], col])
+        # In-order compaction of its own decisions: executing rows ascending, then the rest.
+        want_idx, want_cnt = ref.compact(got)
+        assert int(cnt) == int(want_cnt) and torch.equal(idx, want_idx)
+
+
+def test_compact_matches_reference():
+    for mask in (torch.rand(50) < 0.3, torch.ones(4, dtype=torch.bool), torch.zeros(0, dtype=torch.bool)):
+        idx, cnt = ops.compact(mask)
+        want_idx, want_cnt = ref.compact(mask)
+        assert torch.equal(idx, want_idx) and int(cnt) == int(want_cnt)
+
+
+# -- q_proj_rope --------------------------------------------------------------------------------
+@SETTINGS
+@given(data=st.data())
+def test_q_proj_rope_matches_float64(data):
+    T = data.draw(st.sampled_from([0, 1, 5, 40]))
+    d = data.draw(st.sampled_from([6, 16, 37]))
+    hd = data.draw(st.sampled_from([2, 8, 10]))
+    H = data.draw(st.integers(1, 4))
+    dtype = data.draw(st.sampled_from(DTYPES))
+    torch.manual_seed(data.draw(st.integers(0, 2**16)))
+    x = torch.randn(T, d).to(dtype)
+    if data.draw(st.booleans()) and T > 0:
+        x = _noncontig(x)
+    w = (torch.randn(H * hd, d) / d**0.5).to(dtype)
+    b = torch.randn(H * hd).to(dtype) if data.draw(st.booleans()) else None
+    hn = torch.randn(hd).to(dtype) if data.draw(st.booleans()) else None
+    ang = torch.rand(T, hd) * 6
+    cos, sin = ang.cos().to(dtype), ang.sin().to(dtype)
+    idx, cnt = _rows(T, data.draw)
+    got = ops.q_proj_rope(x, idx, cnt, w, b, hn, 1e-6, cos, sin)
+    want = ref.q_proj_rope(*_f64(x, idx, cnt, w, b, hn), 1e-6, *_f64(cos, sin))
+    n = int(cnt)
+    _close(got[:n], want[:n], dtype)
+
+
+# -- sparse_query_attention -----------------------------------------------------------------------
+@SETTINGS
+@given(data=st.data())
+def test_sparse_query_attention_matches_float64(data):
+    B = data.draw(st.integers(1, 3))
+    S = data.draw(st.sampled_from([1, 2, 9, 70]))  # 70 crosses the key tile (64)
+    past = data.draw(st.sampled_from([0, 3, 80]))  # prefill, or chunks/decode after a cache
+    Hkv = data.draw(st.integers(1, 3))
+    G = data.draw(st.sampled_from([1, 2, 3]))  # GQA ratio
+    hd = data.draw(st.sampled_from([4, 12, 64]))
+    window = data.draw(st.sampled_from([0, 1, 5, 64]))
+    dtype = data.draw(st.sampled_from(DTYPES))
+    torch.manual_seed(data.draw(st.integers(0, 2**16)))
+    Lk, T = past + S, B * S
+    # A dynamic sliding cache may return only the last keys: drop a prefix sometimes.
+    drop = data.draw(st.sampled_from([0, min(2, Lk - S)])) if Lk > S else 0
+    k = torch.randn(B, Hkv, Lk - drop, hd).to(dtype)
+    v = torch.randn(B, Hkv, Lk - drop, hd).to(dtype)
+    if data.draw(st.booleans()):  # as a fresh projection gives it: [B, S, H, hd] transposed
+        k = k.transpose(1, 2).contiguous().transpose(1, 2)
+    q = torch.randn(T, G * Hkv * hd).to(dtype)
+    q_pos = torch.arange(past, past + S).repeat(B)
+    key_valid = None
+    row_valid = torch.ones(B, S, dtype=torch.bool)
+    if data.draw(st.booleans()):  # left padding: each sequence starts at a random offset
+        key_valid = torch.ones(B, Lk - drop, dtype=torch.bool)
+        for b in range(B):
+            pad = int(torch.randint(0, Lk, ()))
+            key_valid[b, : max(pad - drop, 0)] = False
+            row_valid[b, : max(pad - past, 0)] = False
+    idx, cnt = ref.compact(row_valid.reshape(-1) & (torch.rand(T) < data.draw(st.sampled_from([0.0, 0.5, 1.0]))))
+    scale = hd**-0.5
+    got = ops.sparse_query_attention(q, idx, cnt, k, v, q_pos, key_valid, drop, S, scale, window)
+    want = ref.sparse_query_attention(*_f64(q, idx, cnt, k, v, q_pos, key_valid), drop, S, scale, window)
+    n = int(cnt)
+    assert got.shape == q.shape
+    _close(got[:n], want[:n], dtype)
+
+
+def test_attention_query_without_visible_key_gives_zero():
+    q = torch.randn(2, 8)
+    k = v = torch.randn(1, 1, 2, 8)
+    key_valid = torch.tensor([[False, True]])  # the first query sees only a padding key
+    got = ops.sparse_query_attention(q, torch.arange(2), torch.tensor(2), k, v, torch.arange(2), key_valid, 0, 2, 1.0, 0)
+    assert torch.equal(got[0], torch.zeros(8))
+    assert torch.allclose(got[1], v[0, 0, 1], atol=1e-6)
+
+
+# -- linear_scatter_add_ / skip_mlp_ ----------------------------------------------------------------
+@SETTINGS
+@given(data=st.data())
+def test_linear_scatter_add_matches_float64(data):
+    T = data.draw(st.sampled_from([0, 1, 6, 50]))
+    d = data.draw(st.sampled_from([3, 16, 45]))
+    k_in = data.draw(st.sampled_from([4, 24, 33]))
+    dtype = data.draw(st.sampled_from(DTYPES))
+    torch.manual_seed(data.draw(st.integers(0, 2**16)))
+    h = torch.randn(T, d).to(dtype)
+    a = torch.randn(T, k_in).to(dtype)
+    w = (torch.randn(d, k_in) / k_in**0.5).to(dtype)
+    b = torch.randn(d).to(dtype) if data.draw(st.booleans()) else None
+    if data.draw(st.booleans()):
+        w = w.t().contiguous().t()  # a transposed (column-major) weight
+    idx, cnt = _rows(T, data.draw)
+    got = h.clone()
+    ops.linear_scatter_add_(got, a, idx, cnt, w, b)
+    want = h.double()
+    ref.linear_scatter_add_(want, *_f64(a, idx, cnt, w, b))
+    _close(got, want, dtype)
+    skipped = torch.ones(T, dtype=torch.bool)
+    skipped[idx[: int(cnt)]] = False
+    assert torch.equal(got[skipped], h[skipped])  # skipped rows are untouched, bit for bit
+
+
+@SETTINGS
+@given(data=st.data())
+def test_skip_mlp_matches_float64(data):
+    T = data.draw(st.sampled_from([0, 1, 7, 64]))
+    d = data.draw(st.sampled_from([4, 20, 35]))
+    inter = data.draw(st.sampled_from([8, 30]))
+    dtype = data.draw(st.sampled_from(DTYPES))
+    torch.manual_seed(data.draw(st.integers(0, 2**16)))
+    h = torch.randn(T, d).to(dtype)
+    nw = torch.randn(d).to(dtype)
+    wg = (torch.randn(inter, d) / d**0.5).to(dtype)
+    wu = (torch.randn(inter, d) / d**0.5).to(dtype)
+    wd = (torch.randn(d, inter) / inter**0.5).to(dtype)
+    idx, cnt = _rows(T, data.draw)
+    got = h.clone()
+    ops.skip_mlp_(got, idx, cnt, nw, 1e-6, wg, wu, wd)
+    want = h.double()
+    ref.skip_mlp_(want, *_f64(idx, cnt, nw), 1e-6, *_f64(wg, wu, wd))
+    _close(got, want, dtype)
+    skipped = torch.ones(T, dtype=torch.bool)
+    skipped[idx[: int(cnt)]] = False
+    assert torch.equal(got[skipped], h[skipped])
+
+
+def test_float16_ops_match_float64():
+    torch.manual_seed(0)
+    T, d, inter = 9, 16, 24
+    h = torch.randn(T, d).half()
+    idx, cnt = ref.compact(torch.rand(T) < 0.5)
+    nw, wg, wu, wd = torch.randn(d).half(), torch.randn(inter, d).half() / 4, torch.randn(inter, d).half() / 4, torch.randn(d, inter).half() / 5
+    got = h.clone()
+    ops.skip_mlp_(got, idx, cnt, nw, 1e-6, wg, wu, wd)
+    want = h.double()
+    ref.skip_mlp_(want, *_f64(idx, cnt, nw), 1e-6, *_f64(wg, wu, wd))
+    _close(got, want, torch.float16)
+    q, k, v = torch.randn(T, 8).half(), torch.randn(1, 1, T, 8).half(), torch.randn(1, 1, T, 8).half()
+    got = ops.sparse_query_attention(q, idx, cnt, k, v, torch.arange(T), None, 0, T, 0.3, 0)
+    want = ref.sparse_query_attention(*_f64(q, idx, cnt, k, v), torch.arange(T), None, 0, T, 0.3, 0)
+    _close(got[: int(cnt)], want[: int(cnt)], torch.float16)
+
+
+# -- opcheck --------------------------------------------------------------------------------------
+def _samples(dtype):
+    torch.manual_seed(0)
+    B, S, d, hd, Hkv, G, inter = 2, 5, 16, 4, 2, 2, 24
+    T = B * S
+    h = torch.randn(T, d, dtype=dtype)
+    nw = torch.randn(d, dtype=dtype)
+    idx, cnt = ref.compact(torch.rand(T) < 0.6)
+    valid = torch.rand(T) < 0.9
+    cos, sin = torch.randn(T, hd, dtype=dtype), torch.randn(T, hd, dtype=dtype)
+    q = torch.randn(T, Hkv * G * hd, dtype=dtype)
+    k, v = torch.randn(B, Hkv, S + 2, hd, dtype=dtype), torch.randn(B, Hkv, S + 2, hd, dtype=dtype)
+    key_valid = torch.rand(B, S + 2) < 0.8
+    return {
+        "route_norm": (h, nw, 1e-6, torch.randn(2, d), torch.randn(2), 0.1, valid),
+        "compact": (torch.rand(T) < 0.5,),
+        "q_proj_rope": (h, idx, cnt, torch.randn(Hkv * G * hd, d, dtype=dtype), torch.randn(Hkv * G * hd, dtype=dtype),
+                        torch.randn(hd, dtype=dtype), 1e-6, cos, sin),
+        "sparse_query_attention": (q, idx, cnt, k, v, torch.arange(2, S + 2).repeat(B), key_valid, 0, S, 0.5, 3),
+        "linear_scatter_add_": (h.clone(), q, idx, cnt, torch.randn(d, Hkv * G * hd, dtype=dtype), None),
+        "skip_mlp_": (h.clone(), idx, cnt, nw, 1e-6, torch.randn(inter, d, dtype=dtype),
+                      torch.randn(inter, d, dtype=dtype), torch.randn(d, inter, dtype=dtype)),
+    }
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", skipgpt_ext.OP_NAMES)
+def test_opcheck(name, dtype):
+    torch.library.opcheck(getattr(torch.ops.skipgpt, name).default, _samples(dtype)[name])
+
+
+# -- bad inputs name the argument ---------------------------------------------------------------------
+def _raises(fn, *args, match):
+    with pytest.raises(RuntimeError, match=match):
+        fn(*args)
+
+
+def test_bad_inputs_name_the_argument():
+    s = _samples(torch.float32)
+    h, nw, eps, rw, rb, thr, valid = s["route_norm"]
+    _raises(ops.route_norm, h.double(), nw, eps, rw, rb, thr, valid, match="h must be float32")
+    _raises(ops.route_norm, h, nw[:-1], eps, rw, rb, thr, valid, match="norm_weight must have 16")
+    _raises(ops.route_norm, h, nw, eps, rw.double(), rb, thr, valid, match="router_weight must be float32")
+    _raises(ops.route_norm, h, nw, eps, rw[:1], rb, thr, valid, match=r"router_weight must be \[2, 16\]")
+    _raises(ops.route_norm, h, nw, eps, rw, rb, thr, valid[:-1], match="row_valid must have 10")
+    _raises(ops.route_norm, h, nw, eps, rw, rb, thr, valid.float(), match="row_valid must be bool")
+
+    x, idx, cnt, w, b, hn, heps, cos, sin = s["q_proj_rope"]
+    _raises(ops.q_proj_rope, x, idx, cnt, w.bfloat16(), b, hn, heps, cos, sin, match="weight must have the dtype of x")
+    _raises(ops.q_proj_rope, x, idx, cnt, w, b[:-1], hn, heps, cos, sin, match=r"bias must be \[16\]")
+    _raises(ops.q_proj_rope, x, idx, cnt, w, b, hn, heps, cos[:-1], sin, match="cos must be")
+    _raises(ops.q_proj_rope, x, idx.int(), cnt, w, b, hn, heps, cos, sin, match="idx must be int64")
+    _raises(ops.q_proj_rope, x, idx, torch.tensor(11), w, b, hn, heps, cos, sin, match=r"count must be in \[0, 10\]")
+    bad_idx = idx.clone()
+    bad_idx[0] = 10
+    _raises(ops.q_proj_rope, x, bad_idx, cnt, w, b, hn, heps, cos, sin, match="idx.*out of range")
+    dup = idx.clone()
+    dup[1] = dup[0]
+    _raises(ops.q_proj_rope, x, dup, cnt, w, b, hn, heps, cos, sin, match="not ascending")
+
+    q, idx, cnt, k, v, pos, kv, off, S, scale, win = s["sparse_query_attention"]
+    _raises(ops.sparse_query_attention, q, idx, cnt, k.bfloat16(), v, pos, kv, off, S, scale, win, match="k must have the dtype of q")
+    _raises(ops.sparse_query_attention, q, idx, cnt, k, v[:, :, 1:], pos, kv, off, S, scale, win, match="v must have k's shape")
+    _raises(ops.sparse_query_attention, q, idx, cnt, k, v, pos, kv, off, 4, scale, win, match="seq_len")
+    _raises(ops.sparse_query_attention, q, idx, cnt, k, v, pos.int(), kv, off, S, scale, win, match="q_pos must be int64")
+    _raises(ops.sparse_query_attention, q, idx, cnt, k, v, pos, kv[:, 1:], off, S, scale, win, match=r"key_valid must be \[2, 7\]")
+    _raises(ops.sparse_query_attention, q[:, :-1], idx, cnt, k, v, pos, kv, off, S, scale, win, match="q's width")
+
+    h, a, idx, cnt, w, b = s["linear_scatter_add_"]
+    _raises(ops.linear_scatter_add_, h, a, idx, cnt, w[:, :-1], b, match=r"weight must be \[16, 16\]")
+    _raises(ops.linear_scatter_add_, h.t(), a, idx, cnt, w, b, match="h is updated in place")
+    _raises(ops.linear_scatter_add_, h, a.bfloat16(), idx, cnt, w, b, match="a must have the dtype of h")
+
+    h, idx, cnt, nw, eps, wg, wu, wd = s["skip_mlp_"]
+    _raises(ops.skip_mlp_, h, idx, cnt, nw, eps, wg, wu[:-1], wd, match=r"up_weight must be \[24, 16\]")
+    _raises(ops.skip_mlp_, h, idx, cnt, nw, eps, wg, wu, wd.t(), match=r"down_weight must be \[16, 24\]")
+    _raises(ops.skip_mlp_, h, idx, cnt, nw.bfloat16(), eps, wg, wu, wd, match="norm_weight must have the dtype of h")
+    _raises(ops.skip_mlp_, h.bfloat16(), idx, cnt, nw, eps, wg, wu, wd, match="norm_weight must have the dtype of h")
