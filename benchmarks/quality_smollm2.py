@@ -116,44 +116,46 @@ def main() -> None:
             return None
         return train_routers(RouterArgs(out=str(d), sparsity=sparsity, steps=ns.rt_steps, **common, **kw))["seconds"]
 
-    # Dense, and dense + LoRA (routers that always execute: the same LoRA code path).
+    # Phases in priority order, so a time-boxed run has the key comparisons first.
     dense, _ = models.load_model(ns.model)
     evaluate("dense", None, model=dense)
-    skipgpt.apply(dense, skipgpt.SkipConfig(threshold=0.0))
-    skipgpt.save_routers(dense, out / "dense-routers")
-    lora("dense", out / "dense-routers", None, "dense")
-
-    for s in ns.sparsities:
-        tag = f"{round(s * 100)}"
-        # SkipGPT-RT and -RT-L
-        rt = out / f"skipgpt-rt-{tag}"
+    labels = {"shortgpt": "ShortGPT", "module_drop": "Static module drop", "random": "Random"}
+    tags = {s: f"{round(s * 100)}" for s in ns.sparsities}
+    for s in ns.sparsities:  # 1: SkipGPT-RT and the training-free baselines
+        rt = out / f"skipgpt-rt-{tags[s]}"
         evaluate("SkipGPT-RT", s, rt, seconds=routers(rt, s))
-        lora(f"skipgpt-rt-{tag}", rt, s, "SkipGPT-RT")
-        # MoD-D: top-k capacity routers tuned the same way
-        mod = out / f"mod-d-{tag}"
-        evaluate("MoD-D", s, mod, seconds=routers(mod, s, policy="topk"))
-        lora(f"mod-d-{tag}", mod, s, "MoD-D")
-        # Static and random baselines: routers written once, then the same evaluation and LoRA.
-        for name in ("shortgpt", "module_drop", "random"):
-            m, _ = models.load_model(ns.model)
-            info = baseline(m, name, s, calib_ids=calib)
-            d = out / f"{name}-{tag}"
-            skipgpt.save_routers(m, d)
-            if "plan" in info:
-                (d / "plan.json").write_text(json.dumps(info["plan"]))
-            label = {"shortgpt": "ShortGPT", "module_drop": "Static module drop", "random": "Random"}[name]
-            evaluate(label, s, model=m)
-            lora(f"{name}-{tag}", d, s, label)
         if ns.save_routers:
-            dest = ASSETS / f"smollm2-135m-{tag}"
+            dest = ASSETS / f"smollm2-135m-{tags[s]}"
             dest.mkdir(parents=True, exist_ok=True)
             for f in ("routers.safetensors", "skip_config.json", "train_args.json"):
                 shutil.copy(rt / f, dest / f)
+        for name in labels:
+            m, _ = models.load_model(ns.model)
+            info = baseline(m, name, s, calib_ids=calib)
+            d = out / f"{name}-{tags[s]}"
+            skipgpt.save_routers(m, d)
+            if "plan" in info:
+                (d / "plan.json").write_text(json.dumps(info["plan"]))
+            evaluate(labels[name], s, model=m)
+    for s in ns.sparsities:  # 2: MoD-D, routers tuned the same way
+        mod = out / f"mod-d-{tags[s]}"
+        evaluate("MoD-D", s, mod, seconds=routers(mod, s, policy="topk"))
+    # 3: the same LoRA budget for everyone (dense routers always execute: same code path).
+    skipgpt.apply(dense, skipgpt.SkipConfig(threshold=0.0))
+    skipgpt.save_routers(dense, out / "dense-routers")
+    lora("dense", out / "dense-routers", None, "dense")
+    for s in ns.sparsities:
+        lora(f"skipgpt-rt-{tags[s]}", out / f"skipgpt-rt-{tags[s]}", s, "SkipGPT-RT")
+        lora(f"mod-d-{tags[s]}", out / f"mod-d-{tags[s]}", s, "MoD-D")
+        for name in labels:
+            lora(f"{name}-{tags[s]}", out / f"{name}-{tags[s]}", s, labels[name])
 
     total = time.perf_counter() - t_start
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{cpu_name()}, {torch.get_num_threads()} threads",
             "torch": torch.__version__, "wall_s": total, "args": vars(ns)}
     (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    order = {"dense": 0, "dense + LoRA": 1}
+    rows.sort(key=lambda r: (r["target"] or 0, order.get(r["method"], 2), r["method"].endswith("LoRA"), r["method"]))
     lines = [
         f"SmolLM2-135M-Instruct (de-quantised Q4_1), Shakespeare test split, {rows[0]['tokens']} scored tokens, "
         f"window {ns.eval_window}; RT {ns.rt_steps} steps, LoRA {ns.lora_steps} steps, batch {ns.batch_size}x{ns.block_size}.",

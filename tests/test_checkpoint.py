@@ -87,7 +87,7 @@ def test_authors_pth_format_loads(tmp_path):
     model = skipgpt.apply(tiny_model("llama"), SkipConfig())
     skipgpt.load_routers(model, path)
     w = model.model.layers[2].router_mlp.weight_predictor.weight
-    assert w.dtype == torch.float32
+    assert w.dtype == torch.float32 and float(model.model.layers[2].router_mlp.input_scale) == 1.0
     assert torch.equal(w, sd["model.layers.2.router_mlp.weight_predictor.weight"].float())
 
 
@@ -109,3 +109,32 @@ def test_checkpoint_without_routers_raises(tmp_path):
     torch.save({"lm_head.weight": torch.zeros(2, 2)}, path)
     with pytest.raises(CheckpointMismatchError, match="no router weights"):
         skipgpt.load_routers(skipgpt.apply(tiny_model("llama"), SkipConfig()), path)
+
+
+def test_input_scale_round_trips_and_folds_into_decisions(tmp_path):
+    from tiny_models import left_padded_batch
+
+    model = skipgpt.apply(tiny_model("llama"), SkipConfig(mode="masked"))
+    ids, mask = left_padded_batch()
+    scales = skipgpt.calibrate_input_scale(model, ids, attention_mask=mask)
+    assert len(scales) == 3 and all(s > 0 for s in scales)
+    # Layer 1's input, scaled, has median RMS 1 over the valid tokens.
+    seen = {}
+    hook = model.model.layers[1].register_forward_pre_hook(
+        lambda m, a, kw: seen.update(h=kw.get("hidden_states", a[0] if a else None)), with_kwargs=True)
+    skipgpt.set_threshold(model, 0.0)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    hook.remove()
+    rms = (seen["h"][mask.bool()] * scales[1]).pow(2).mean(-1).sqrt().median()
+    assert abs(float(rms) - 1.0) < 1e-4
+    skipgpt.set_threshold(model, 0.5)
+    # The scale folds into route_norm's margin weights: skipping path == masked oracle.
+    with torch.no_grad():
+        a = model(input_ids=ids, attention_mask=mask).logits
+        skipgpt.set_mode(model, "reference")
+        b = model(input_ids=ids, attention_mask=mask).logits
+    assert (a - b)[mask.bool()].abs().max() <= 1e-4
+    skipgpt.save_routers(model, tmp_path)
+    other = skipgpt.apply(tiny_model("llama"), from_dir=tmp_path)
+    assert float(other.model.layers[2].router_mlp.input_scale) == scales[2]

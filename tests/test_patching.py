@@ -185,16 +185,22 @@ def test_unsupported_model_names_supported_classes():
         assert name in str(err.value)
 
 
-def test_native_mode_errors_clearly_until_kernels_exist():
+def test_native_mode_errors_clearly_without_kernels_for_the_device():
     import skipgpt_ext
 
+    # This build has no CUDA kernels (or no CUDA device): the error must say what to do.
+    if skipgpt_ext.has_kernels("cuda"):
+        pytest.skip("CUDA kernels are built here")
+    with pytest.raises(RuntimeError, match="mode='reference'"):
+        skipgpt_ext.require_kernels("cuda")
     model = tiny_model("llama")
     skipgpt.apply(model, SkipConfig(mode="native"))
-    ids, mask = left_padded_batch()
-    if skipgpt_ext.has_kernels("cpu"):
-        pytest.skip("native CPU kernels are built; covered by the kernel tests")
-    with pytest.raises(RuntimeError, match="reference"):
-        _logits(model, ids, mask)
+    assert skipgpt.state(model).resolve_mode(False, torch.device("cpu")) == "native"
+    assert skipgpt.state(model).resolve_mode(True, torch.device("cpu")) == "native"
+    skipgpt.set_mode(model, "auto")
+    expected = "native" if skipgpt_ext.has_kernels("cpu") else "reference"
+    assert skipgpt.state(model).resolve_mode(False, torch.device("cpu")) == expected
+    assert skipgpt.state(model).resolve_mode(True, torch.device("cpu")) == "masked"
 
 
 def test_mlp_router_variant_reference_equals_masked():

@@ -12,6 +12,7 @@ from .config import SkipConfig
 from .patch import (
     apply,
     calibrate_bias,
+    calibrate_input_scale,
     is_patched,
     remove,
     reset_stats,
@@ -38,6 +39,7 @@ __all__ = [
     "set_mode",
     "set_threshold",
     "calibrate_bias",
+    "calibrate_input_scale",
     "routers",
     "router_parameters",
     "save_routers",

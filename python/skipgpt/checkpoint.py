@@ -26,7 +26,8 @@ from .patch import state
 ROUTERS_FILE = "routers.safetensors"
 CONFIG_FILE = "skip_config.json"
 _FIT_KEYS = ("family", "num_layers", "hidden_size")
-_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.(router_attention|router_mlp)\.(weight_predictor\..+)$")
+_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.(router_attention|router_mlp)\.(weight_predictor\..+|input_scale)$")
+_OPTIONAL = {"input_scale"}  # absent from the authors' checkpoints: defaults to 1
 
 
 class CheckpointMismatchError(ValueError):
@@ -39,9 +40,7 @@ def _router_state(model: nn.Module) -> dict[str, torch.Tensor]:
     for i, layer in enumerate(st.adapter.layers(unwrap(model))):
         for kind in ("router_attention", "router_mlp"):
             for name, t in getattr(layer, kind).state_dict().items():
-                out[f"model.layers.{i}.{kind}.weight_predictor.{name.split('weight_predictor.', 1)[1]}"] = (
-                    t.detach().to("cpu").contiguous()
-                )
+                out[f"model.layers.{i}.{kind}.{name}"] = t.detach().to("cpu").contiguous()
     return out
 
 
@@ -126,7 +125,7 @@ def _assign(model: nn.Module, tensors: dict[str, torch.Tensor], where: str) -> N
     for key, t in tensors.items():
         m = _KEY.search(key)
         if m:
-            found.setdefault((int(m.group(1)), m.group(2)), {})[m.group(3).split(".", 1)[1]] = t
+            found.setdefault((int(m.group(1)), m.group(2)), {})[m.group(3)] = t
     if not found:
         raise CheckpointMismatchError(f"{where} holds no router weights (keys like 'model.layers.0.router_attention.weight_predictor.weight')")
     n_layers = max(i for i, _ in found) + 1
@@ -138,8 +137,8 @@ def _assign(model: nn.Module, tensors: dict[str, torch.Tensor], where: str) -> N
     # Validate everything before touching any weight, so a bad file loads nothing.
     for (i, kind), params in sorted(found.items()):
         router = getattr(layers[i], kind)
-        own = router.weight_predictor.state_dict()
-        if set(params) != set(own):
+        own = router.state_dict()
+        if set(params) - _OPTIONAL != set(own) - _OPTIONAL:
             raise CheckpointMismatchError(
                 f"{where}: layer {i} {kind} has parameters {sorted(params)}, the model's "
                 f"{router.router_type} router has {sorted(own)}"
@@ -151,7 +150,9 @@ def _assign(model: nn.Module, tensors: dict[str, torch.Tensor], where: str) -> N
                     f"{tuple(own[name].shape)} (hidden size mismatch?)"
                 )
     for (i, kind), params in found.items():
-        getattr(layers[i], kind).weight_predictor.load_state_dict({k: v.to(torch.float32) for k, v in params.items()})
+        router = getattr(layers[i], kind)
+        full = {"input_scale": torch.ones(()), **params}
+        router.load_state_dict({k: v.to(torch.float32) for k, v in full.items()})
 
 
 def _atomic(path: Path, write) -> None:

@@ -28,7 +28,7 @@ def _add_dataclass_args(p: argparse.ArgumentParser, cls, skip=()) -> None:
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else None
         if f.type in ("bool", bool):
-            p.add_argument(flag, action="store_true", default=default)
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
         elif f.name == "target_modules":
             p.add_argument(flag, nargs="+", default=list(default))
         else:

@@ -44,7 +44,7 @@ class SkipConfig:
     router_type: str = "linear"
     init_execute_bias: float = 0.0
     threshold: float = 0.5
-    mode: str = "masked"
+    mode: str = "auto"
     gate: str = "auto"
     tau: float = 1.0
     sparsity_target: float = 0.25

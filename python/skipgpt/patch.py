@@ -238,3 +238,40 @@ def calibrate_bias(model: nn.Module, input_ids: torch.Tensor, skip_rate: float, 
                 last.bias[1] -= float(shift) / 2
     finally:
         st.config.mode = old_mode
+
+
+@torch.no_grad()
+def calibrate_input_scale(model: nn.Module, input_ids: torch.Tensor, attention_mask=None) -> list[float]:
+    """Set each layer's routers' ``input_scale`` to 1 / RMS of that layer's input h_l.
+
+    Measured with every module executing (the dense residual stream), median over valid tokens.
+    Call it before router tuning; see :class:`skipgpt.Router` for why. Returns the scales.
+    """
+    st = state(model)
+    layers = st.adapter.layers(unwrap(model))
+    captured: dict[int, torch.Tensor] = {}
+    hooks = [
+        layer.register_forward_pre_hook(
+            lambda mod, args, kwargs, i=i: captured.__setitem__(i, kwargs.get("hidden_states", args[0] if args else None)),
+            with_kwargs=True,
+        )
+        for i, layer in enumerate(layers)
+    ]
+    old = (st.config.mode, st.config.threshold, st.config.policy)
+    try:
+        st.config.mode, st.config.threshold, st.config.policy = "masked", 0.0, "router"
+        model(input_ids=input_ids, attention_mask=attention_mask)
+    finally:
+        st.config.mode, st.config.threshold, st.config.policy = old
+        for h in hooks:
+            h.remove()
+    scales = []
+    for i, layer in enumerate(layers):
+        h = captured[i].reshape(-1, captured[i].shape[-1]).float()
+        if st.valid is not None:
+            h = h[st.valid.reshape(-1)]
+        rms = h.pow(2).mean(-1).sqrt().median().clamp_min(1e-6)
+        scales.append(float(1.0 / rms))
+        for router in (layer.router_attention, layer.router_mlp):
+            router.input_scale.fill_(scales[-1])
+    return scales

@@ -14,6 +14,13 @@ class Router(nn.Module):
 
     The parameter names (``weight_predictor.weight`` / ``.bias``) match the authors' released
     checkpoints, so their router files load without renaming.
+
+    ``input_scale`` (a buffer, 1 by default) multiplies the input. Residual-stream norms grow by
+    orders of magnitude with depth (SmolLM2: median |h| 3 at layer 0, 600 at layer 29), so with
+    one learning rate the margins of deep routers saturate the Gumbel-softmax and their
+    gradients vanish. :func:`skipgpt.calibrate_input_scale` sets it to 1/RMS(h_l), so every
+    router sees unit-RMS inputs; the scale folds into the margin weights, so the fused
+    decision costs nothing extra.
     """
 
     def __init__(
@@ -38,6 +45,7 @@ class Router(nn.Module):
             last = self.weight_predictor[2]
         else:
             raise ValueError(f"router_type must be 'linear' or 'mlp', got {router_type!r}")
+        self.register_buffer("input_scale", torch.ones((), device=device, dtype=torch.float32))
         self.reset_parameters(init_execute_bias, last)
 
     @torch.no_grad()
@@ -51,7 +59,7 @@ class Router(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """Logits ``[..., 2]`` in fp32, whatever the model dtype (or a stray ``.to(bf16)``)."""
-        x = h.to(torch.float32)
+        x = h.to(torch.float32) * self.input_scale.float()
         with torch.autocast(device_type=x.device.type, enabled=False):
             if self.router_type == "linear":
                 return F.linear(x, self.weight_predictor.weight.float(), self.weight_predictor.bias.float())
@@ -64,4 +72,4 @@ class Router(nn.Module):
         if self.router_type != "linear":
             raise ValueError("only a linear router reduces to one margin vector")
         w, b = self.weight_predictor.weight.float(), self.weight_predictor.bias.float()
-        return w[0] - w[1], b[0] - b[1]
+        return (w[0] - w[1]) * self.input_scale.float(), b[0] - b[1]

@@ -31,7 +31,7 @@ from . import data, models
 from .adapters import unwrap
 from .checkpoint import load_routers, read_config, save_routers
 from .config import SkipConfig
-from .patch import apply, router_parameters, state
+from .patch import apply, calibrate_input_scale, router_parameters, state
 
 CKPT_DIR = "checkpoints"
 LORA_TARGETS = ("q_proj", "v_proj", "gate_proj")
@@ -69,6 +69,7 @@ class RouterArgs(TrainArgs):
     tau_end: float = 1.0
     router_type: str = "linear"
     init_execute_bias: float = 0.0
+    normalize_input: bool = True  # routers see unit-RMS inputs (see skipgpt.Router); False = paper's raw h
     policy: str = "router"  # "topk" tunes MoD-D routers the same way (capacity = 1 - sparsity)
 
 
@@ -228,6 +229,8 @@ def train_routers(args: RouterArgs, model=None, blocks=None, accelerator=None) -
     cfg = router_config(args)
     if not hasattr(unwrap(model), "skipgpt_state"):
         apply(model, cfg)
+        if args.normalize_input:
+            calibrate_input_scale(model, blocks[: min(len(blocks), 8)].to(next(model.parameters()).device))
     model.requires_grad_(False)
     params = router_parameters(model)
     for p in params:
