@@ -61,7 +61,7 @@ def main() -> None:
     for shape in args.shapes:
         cfg = LlamaConfig(**SHAPES[shape], num_hidden_layers=1, vocab_size=256, max_position_embeddings=4096)
         cfg._attn_implementation = "sdpa"
-        d, inter, Hq, Hkv = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads
+        d, Hq, Hkv = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads
         hd = d // Hq
         with torch.no_grad():
             attn = LlamaAttention(cfg, 0).to(dtype).eval()

@@ -9,16 +9,9 @@ from __future__ import annotations
 
 import torch  # noqa: F401  (must precede _C: the extension has no RPATH to torch's libraries)
 
-from . import reference
+from . import ops, reference  # noqa: F401  (reference: the public pure-PyTorch op set)
 
-OP_NAMES = (
-    "route_norm",
-    "compact",
-    "q_proj_rope",
-    "sparse_query_attention",
-    "linear_scatter_add_",
-    "skip_mlp_",
-)
+OP_NAMES = tuple(ops.__all__)  # every op declared in csrc/registration.cpp
 
 try:
     from . import _C  # noqa: F401  (registers the schemas and any compiled kernels)
@@ -28,7 +21,6 @@ except ImportError as exc:  # a source checkout that was never built
 else:
     _IMPORT_ERROR = None
     from . import _fake  # noqa: F401
-    from . import ops
 
 
 def is_built() -> bool:
