@@ -267,3 +267,14 @@ def test_calibrate_bias_hits_requested_rate():
     # Layers are calibrated in order, so every router skips ~30% of these tokens.
     assert abs(s["module_sparsity"] - 0.3) < 0.03, s
     assert all(abs(l["attn_skip"] - 0.3) < 0.05 and abs(l["mlp_skip"] - 0.3) < 0.05 for l in s["layers"]), s
+
+
+def test_calibrate_threshold_hits_target_sparsity():
+    model = tiny_model("qwen2")
+    skipgpt.apply(model, SkipConfig(mode="reference"))
+    ids, mask = left_padded_batch(lengths=(40, 33, 48))
+    t = skipgpt.calibrate_threshold(model, ids, 0.4, metric="params", attention_mask=mask)
+    assert 0.0 < t < 1.0 and skipgpt.state(model).config.threshold == t
+    _logits(model, ids, mask)
+    # Decisions are per token, so the rate moves in steps of one token-module; 2 points is ample.
+    assert abs(skipgpt.stats(model)["param_sparsity"] - 0.4) < 0.02

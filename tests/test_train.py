@@ -66,6 +66,19 @@ def test_router_tuning_moves_sparsity_and_trains_only_routers(tiny_dir, tmp_path
     assert ckpts == ["step-10", "step-12"]  # keeps the last two, no temp dirs left
 
 
+def test_router_tuning_can_calibrate_the_inference_threshold(tiny_dir, tmp_path):
+    args = RouterArgs(**_common(tiny_dir, tmp_path / "rt", steps=3, lr=0.05, sparsity=0.3,
+                                sparsity_metric="modules", calibrate_threshold=True))
+    res = train_routers(args)
+    cfg = json.loads((tmp_path / "rt" / "skip_config.json").read_text())
+    assert cfg["threshold"] == res["threshold"] and 0.0 < cfg["threshold"] < 1.0
+    model, tok = load_skipgpt(args.model, tmp_path / "rt")
+    blocks = data.pack_tokens(data.load_texts(args.data, "train"), tok, 32)[-8:]
+    with torch.no_grad():
+        model(input_ids=blocks)
+    assert abs(skipgpt.stats(model)["module_sparsity"] - 0.3) < 0.02
+
+
 def test_resume_reproduces_uninterrupted_run(tiny_dir, tmp_path):
     full = RouterArgs(**_common(tiny_dir, tmp_path / "full", steps=6, lr=0.05, sparsity=0.4))
     train_routers(full)

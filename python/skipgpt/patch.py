@@ -275,3 +275,26 @@ def calibrate_input_scale(model: nn.Module, input_ids: torch.Tensor, attention_m
         for router in (layer.router_attention, layer.router_mlp):
             router.input_scale.fill_(scales[-1])
     return scales
+
+
+@torch.no_grad()
+def calibrate_threshold(
+    model: nn.Module, input_ids: torch.Tensor, target: float, metric: str = "params", attention_mask=None, iters: int = 20
+) -> float:
+    """Set the global inference threshold so the realised sparsity on these tokens is ``target``.
+
+    Router tuning meets its target on Gumbel samples; the deterministic rule p_exec > 0.5 can
+    land elsewhere (routers still unsure execute every time). Sparsity grows monotonically
+    with the threshold, so a bisection on it finds the rate. Returns the threshold (also set).
+    """
+    st = state(model)
+    lo, hi = 0.0, 1.0
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        set_threshold(model, mid)
+        model(input_ids=input_ids, attention_mask=attention_mask)
+        s = stats(model)["param_sparsity" if metric == "params" else "module_sparsity"]
+        lo, hi = (mid, hi) if s < target else (lo, mid)
+    best = (lo + hi) / 2
+    set_threshold(model, best)
+    return st.config.threshold

@@ -31,7 +31,7 @@ from . import data, models
 from .adapters import unwrap
 from .checkpoint import load_routers, read_config, save_routers
 from .config import SkipConfig
-from .patch import apply, calibrate_input_scale, router_parameters, state
+from .patch import apply, calibrate_input_scale, calibrate_threshold, router_parameters, state
 
 CKPT_DIR = "checkpoints"
 LORA_TARGETS = ("q_proj", "v_proj", "gate_proj")
@@ -70,6 +70,7 @@ class RouterArgs(TrainArgs):
     router_type: str = "linear"
     init_execute_bias: float = 0.0
     normalize_input: bool = True  # routers see unit-RMS inputs (see skipgpt.Router); False = paper's raw h
+    calibrate_threshold: bool = False  # after tuning, move the inference threshold onto the target rate
     policy: str = "router"  # "topk" tunes MoD-D routers the same way (capacity = 1 - sparsity)
 
 
@@ -263,9 +264,14 @@ def train_routers(args: RouterArgs, model=None, blocks=None, accelerator=None) -
         accelerator=accelerator,
     )
     if result["done"] and accelerator.is_main_process:
+        raw = accelerator.unwrap_model(model)
         st.config.tau = args.tau_end
         st.config.gate, st.config.mode = "auto", "auto"  # inference defaults in the saved config
-        save_routers(accelerator.unwrap_model(model), args.out)
+        if args.calibrate_threshold and args.policy == "router":
+            raw.eval()
+            with torch.no_grad():
+                result["threshold"] = calibrate_threshold(raw, blocks[-8:].to(accelerator.device), args.sparsity, args.sparsity_metric)
+        save_routers(raw, args.out)
         (Path(args.out) / "train_args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
     accelerator.wait_for_everyone()
     return result
