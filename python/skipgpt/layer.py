@@ -55,6 +55,7 @@ class SkipState:
         # inputs_embeds (layer 0), or every layer's output when hidden states are recorded.
         self.clone_first = clone_first
         self.clone_all = clone_all
+        self._rows: tuple | None = None  # per-forward row positions and RoPE rows, shared by layers
         self.exec_counts: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * self.num_layers
         self.gates: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * self.num_layers
 
@@ -124,6 +125,17 @@ class SkipState:
             w, b = torch.stack([wa, wm]).contiguous(), torch.stack([ba, bm])
         self._margins[layer_idx] = (key, w, b)
         return w, b
+
+    def row_positions(self, past: int, B: int, S: int, cos: torch.Tensor, sin: torch.Tensor):
+        """Per-row cache positions and RoPE rows ``[T]``, ``[T, hd]``: the same for every layer of
+        a forward, so they are built once (the entry holds ``cos`` itself, so a hit is exact)."""
+        hit = self._rows
+        if hit is None or hit[0] is not cos or hit[1] != (past, B, S):
+            hd = cos.shape[-1]
+            q_pos = torch.arange(past, past + S, device=cos.device).repeat(B)
+            hit = (cos, (past, B, S), q_pos, cos.expand(B, S, hd).reshape(B * S, hd), sin.expand(B, S, hd).reshape(B * S, hd))
+            self._rows = hit
+        return hit[2:]
 
     def use_gumbel(self, training: bool) -> bool:
         return self.config.gate == "gumbel" or (self.config.gate == "auto" and training)
@@ -254,14 +266,14 @@ class SkipDecoderLayerMixin:
                     f"this input hold {end}"
                 )
             key_valid = st.key_mask[:, end - Lk : end]
-        q_pos = torch.arange(past, end, device=h.device).repeat(B)
+        q_pos, cos_rows, sin_rows = st.row_positions(past, B, S, cos, sin)
 
         q_norm = ad.q_norm(attn)
         q = ops.q_proj_rope(
             x_norm, a_idx, a_cnt, attn.q_proj.weight, attn.q_proj.bias,
             q_norm.weight if q_norm is not None else None,
             norm_eps(q_norm) if q_norm is not None else 0.0,
-            cos.expand(B, S, hd).reshape(T, hd), sin.expand(B, S, hd).reshape(T, hd),
+            cos_rows, sin_rows,
         )
         o = ops.sparse_query_attention(
             q, a_idx, a_cnt, k, v, q_pos, key_valid, end - Lk, S, float(attn.scaling), ad.window(attn)
