@@ -9,7 +9,10 @@ PIP := $(PY) -m pip
 PYTEST_ARGS ?=
 NATIVE_SRC := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: all venv build test demo test-compat cmake-check clean
+.PHONY: all venv build test demo test-compat cmake-check cuda-check clean
+CUDA_HOME ?= /usr/local/cuda
+CUDA_TORCH ?= 2.14.1
+CUDA_VENV ?= .venv-cuda
 
 all: build
 
@@ -44,10 +47,25 @@ demo: build
 test-compat:
 	$(MAKE) test VENV=.venv-tf5.17 TRANSFORMERS=5.17.0 PYTEST_ARGS="tests/test_patching.py tests/test_checkpoint.py tests/test_native.py"
 
-# Standalone native build (CMake) against the venv's libtorch.
+# Standalone native build (CMake) against the venv's libtorch, plus the compile check of every
+# csrc/cuda/*.cu for sm_80 and sm_90a (needs nvcc, no GPU, no CUDA torch).
 cmake-check: build
-	cmake -S . -B build/cmake -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" -DPython3_EXECUTABLE=$(abspath $(PY))
+	cmake -S . -B build/cmake -DSKIPGPT_CUDA_CHECK=ON -DCMAKE_CUDA_COMPILER=$(CUDA_HOME)/bin/nvcc \
+	  -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" -DPython3_EXECUTABLE=$(abspath $(PY))
 	cmake --build build/cmake -j2
+
+# The CUDA build of the package (sm_80 + sm_90a) against a CUDA torch, as a wheel in its own
+# venv, then `import skipgpt_ext` on this GPU-less machine with the CUDA kernels registered.
+cuda-check:
+	test -x $(CUDA_VENV)/bin/python || $(PYTHON) -m venv $(CUDA_VENV)
+	$(CUDA_VENV)/bin/pip install -q "torch==$(CUDA_TORCH)" setuptools wheel ninja
+	rm -rf build/cuda-wheel
+	CUDA_HOME=$(CUDA_HOME) PATH=$(CUDA_HOME)/bin:$$PATH TORCH_CUDA_ARCH_LIST="8.0;9.0a" MAX_JOBS=2 \
+	  $(CUDA_VENV)/bin/pip wheel -q --no-build-isolation --no-deps -w build/cuda-wheel .
+	$(CUDA_VENV)/bin/pip install -q --no-deps --force-reinstall build/cuda-wheel/skipgpt-*.whl
+	cd /tmp && $(abspath $(CUDA_VENV))/bin/python -c "import torch, skipgpt_ext as e; \
+	  assert torch.version.cuda and e.is_built() and e.has_kernels('cuda') and e.has_kernels('cpu'), 'CUDA build incomplete'; \
+	  print('CUDA build imports: torch', torch.__version__, 'kernels: cpu + cuda,', e.__file__)"
 
 clean:
 	rm -rf build *.egg-info skipgpt_ext/_C*.so

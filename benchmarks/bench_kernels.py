@@ -7,6 +7,8 @@ For each shape, token count T and skip rate it prints, per op / module:
 T <= 16 is a decode step (T sequences, one new token each, over a 512-token cache); larger T is
 one prefill sequence. Example:
   python benchmarks/bench_kernels.py --shapes smollm2 --T 512 2048 --skip 0 0.4
+With --device cuda it runs the CUDA benchmark instead (benchmarks/bench_kernels_cuda.py: a
+Llama-3.1-8B layer in bf16, CUDA-event medians, TFLOP/s and GB/s).
 """
 
 from __future__ import annotations
@@ -44,12 +46,23 @@ def timeit(fn, reps: int, setup=None) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", nargs="+", default=["smollm2"], choices=list(SHAPES))
-    ap.add_argument("--T", nargs="+", type=int, default=[1, 16, 128, 512, 2048])
-    ap.add_argument("--skip", nargs="+", type=float, default=[0.0, 0.25, 0.4, 0.6])
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--T", nargs="+", type=int, default=None,
+                    help="default: 1 16 128 512 2048 (cpu), 1 8 64 512 4096 16384 (cuda)")
+    ap.add_argument("--skip", nargs="+", type=float, default=None,
+                    help="default: 0 0.25 0.4 0.6 (cpu), 0 0.25 0.4 (cuda)")
+    ap.add_argument("--reps", type=int, default=None, help="default: 5 (cpu), 20 (cuda)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
+    if args.device == "cuda":
+        from bench_kernels_cuda import main_cuda  # beside this script
+
+        main_cuda(args.T or [1, 8, 64, 512, 4096, 16384], args.skip or [0.0, 0.25, 0.4], args.reps or 20)
+        return
+    args.T = args.T or [1, 16, 128, 512, 2048]
+    args.skip = args.skip or [0.0, 0.25, 0.4, 0.6]
+    args.reps = args.reps or 5
     if args.threads:
         torch.set_num_threads(args.threads)
     skipgpt_ext.require_kernels("cpu")

@@ -28,12 +28,23 @@ def is_built() -> bool:
     return _C is not None
 
 
-def has_kernels(device: str | torch.device = "cpu") -> bool:
-    """True when every op has a compiled kernel for ``device``'s dispatch key."""
+# dtypes each device's kernels take (the CUDA GEMMs run on tensor cores: no float32 there).
+KERNEL_DTYPES = {
+    "cpu": (torch.float32, torch.bfloat16, torch.float16),
+    "cuda": (torch.bfloat16, torch.float16),
+}
+
+
+def has_kernels(device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> bool:
+    """True when every op has a compiled kernel for ``device``'s dispatch key (and, when
+    ``dtype`` is given, when those kernels take that dtype)."""
     if _C is None:
         return False
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(torch.device(device).type)
+    kind = torch.device(device).type
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(kind)
     if key is None:
+        return False
+    if dtype is not None and dtype not in KERNEL_DTYPES[kind]:
         return False
     return all(
         torch._C._dispatch_has_kernel_for_dispatch_key(f"skipgpt::{name}", key) for name in OP_NAMES

@@ -44,13 +44,20 @@ class SkipState:
 
     # -- per forward ---------------------------------------------------------------------------
     def _begin(
-        self, attention_mask: torch.Tensor | None, batch: int, seq: int, clone_first: bool = False, clone_all: bool = False
+        self,
+        attention_mask: torch.Tensor | None,
+        batch: int,
+        seq: int,
+        clone_first: bool = False,
+        clone_all: bool = False,
+        device: torch.device | None = None,
     ) -> None:
         """Called before the decoder runs: remember which keys and rows are real tokens."""
         self.mask_is_4d = attention_mask is not None and attention_mask.dim() != 2
         self.key_mask = attention_mask.bool() if attention_mask is not None and not self.mask_is_4d else None
         self.valid = self.key_mask[:, -seq:] if self.key_mask is not None and seq > 0 else None
-        self.n_valid = self.valid.sum() if self.valid is not None else torch.tensor(batch * seq)
+        # Made on the device (a fill, not a host-to-device copy): a CUDA graph may capture a forward.
+        self.n_valid = self.valid.sum() if self.valid is not None else torch.full((), batch * seq, device=device)
         # In-place residual updates must not reach tensors the caller can see: the caller's
         # inputs_embeds (layer 0), or every layer's output when hidden states are recorded.
         self.clone_first = clone_first
@@ -65,8 +72,10 @@ class SkipState:
             return  # e.g. a forward that stopped early; nothing consistent to accumulate
         # Stays on the device: no host sync per forward.
         counts = torch.stack([torch.stack(c) for c in self.exec_counts]).detach().to(torch.float64)
-        self.cum_exec = self.cum_exec.to(counts.device) + counts
-        self.cum_tokens = self.cum_tokens.to(counts.device) + self.n_valid.to(counts.device)
+        if self.cum_exec.device != counts.device:  # once: the totals move to the model's device
+            self.cum_exec, self.cum_tokens = self.cum_exec.to(counts.device), self.cum_tokens.to(counts.device)
+        self.cum_exec = self.cum_exec + counts
+        self.cum_tokens = self.cum_tokens + self.n_valid.to(counts.device)
 
     def reset_cumulative(self) -> None:
         self.cum_exec = torch.zeros(self.num_layers, 2, dtype=torch.float64)
@@ -85,8 +94,9 @@ class SkipState:
         )
 
     # -- backend choice --------------------------------------------------------------------------
-    def resolve_mode(self, training: bool, device: torch.device) -> str:
-        """The concrete backend ``auto`` stands for: masked when training, else native if built."""
+    def resolve_mode(self, training: bool, device: torch.device, dtype: torch.dtype | None = None) -> str:
+        """The concrete backend ``auto`` stands for: masked when training, else native when this
+        build has kernels for ``device`` and ``dtype`` (CUDA: bf16/fp16), else reference."""
         mode = self.config.mode
         if self.config.policy != "router":
             # The top-k and random baselines decide outside the routers' linear rule.
@@ -97,11 +107,11 @@ class SkipState:
             return mode
         if training:
             return "masked"
-        return "native" if skipgpt_ext.has_kernels(device) else "reference"
+        return "native" if skipgpt_ext.has_kernels(device, dtype) else "reference"
 
-    def backend(self, training: bool, device: torch.device):
+    def backend(self, training: bool, device: torch.device, dtype: torch.dtype | None = None):
         """``None`` for the masked path, else the op module that implements the skipping."""
-        mode = self.resolve_mode(training, device)
+        mode = self.resolve_mode(training, device, dtype)
         if mode == "masked":
             return None
         if mode == "native":
@@ -164,7 +174,7 @@ class SkipDecoderLayerMixin:
         **kwargs: Any,
     ) -> torch.Tensor:
         st = self.skip_state
-        ops = st.backend(self.training, hidden_states.device)
+        ops = st.backend(self.training, hidden_states.device, hidden_states.dtype)
         if ops is None:
             return self._masked_forward(hidden_states, attention_mask, position_embeddings, kwargs)
         return self._skipping_forward(ops, hidden_states, position_embeddings, kwargs)

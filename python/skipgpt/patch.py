@@ -104,7 +104,10 @@ def _make_pre_hook(st: SkipState):
         embeds = kwargs.get("inputs_embeds")
         shape = (embeds if embeds is not None else ids).shape
         record_hidden = bool(kwargs.get("output_hidden_states") or module.config.output_hidden_states)
-        st._begin(mask, shape[0], shape[1], clone_first=embeds is not None, clone_all=record_hidden)
+        st._begin(
+            mask, shape[0], shape[1], clone_first=embeds is not None, clone_all=record_hidden,
+            device=(embeds if embeds is not None else ids).device,
+        )
         return None
 
     return pre_hook

@@ -1,0 +1,115 @@
+// The CUDA kernels' launch interface: raw pointers, plain structs, no torch headers.
+//
+// The .cu files include only this header and the CUDA toolkit, so they compile in ~1 s each
+// and the CMake compile check (sm_80 and sm_90a) needs no torch at all. The op wrappers in
+// ops_cuda.cpp (host C++ with ATen) check arguments, allocate outputs and call these on the
+// current stream. Every launcher returns the launch's cudaError_t; none synchronises.
+//
+// Shared conventions (the executable spec is skipgpt_ext/reference.py):
+// - Tokens are flattened to T rows. A module's executing rows are idx[0:count) (ascending,
+//   unique); count lives on the device and every kernel reads it there: a tile whose rows all
+//   lie at or past count exits before touching any weight.
+// - Element types: kF32 / kBF16 / kF16 (the GEMM kernels take kBF16 / kF16 only).
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace skipgpt::cuda {
+
+enum class DType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
+
+// -- route_norm / compact (route_norm.cu) ------------------------------------------------------
+struct RouteNormParams {
+  const void* h = nullptr;  // [T, d], row stride h_stride, unit column stride
+  int64_t h_stride = 0;
+  const void* norm_weight = nullptr;  // [d], h's dtype
+  float eps = 0.f;
+  const float* router_weight = nullptr;  // [2, d] margins (attention row 0, MLP row 1)
+  const float* router_bias = nullptr;    // [2]
+  float threshold = 0.f;
+  const bool* row_valid = nullptr;  // [T] or null
+  const bool* mask = nullptr;       // compact(): the decisions themselves (h unused)
+  void* x_norm = nullptr;           // [T, d] contiguous, h's dtype (null for compact)
+  int64_t* attn_idx = nullptr;      // [T]
+  int64_t* attn_count = nullptr;    // 0-dim
+  int64_t* mlp_idx = nullptr;       // [T] (null for compact)
+  int64_t* mlp_count = nullptr;
+  uint64_t* workspace = nullptr;  // route_norm_workspace_words(T) zeroed words
+  int64_t T = 0, d = 0;
+};
+int64_t route_norm_workspace_words(int64_t T);
+cudaError_t launch_route_norm(const RouteNormParams& p, DType dtype, cudaStream_t stream);
+cudaError_t launch_compact(const RouteNormParams& p, cudaStream_t stream);
+
+// -- compacted GEMMs (gemm.cu) -----------------------------------------------------------------
+// C[i, :] = A[a_row(i), :] @ W^T for i < count (a_row(i) = a_idx ? a_idx[i] : i), then one of
+// the epilogues below. A row stride lda, W [N, K] contiguous; K and N multiples of 8, 16-byte
+// aligned rows.
+enum class Epilogue : int {
+  kStore = 0,       // out[i, n] = C + bias;  rows [count, M) of out are zeroed
+  kRope = 1,        // kStore, then per head: optional RMSNorm, RoPE at position row a_idx[i]
+  kScatterAdd = 2,  // out[out_idx[i], n] += C + bias (in place, rows unique: no atomics)
+  kSiluMul = 3,     // out[i, n] = silu(A W^T) * (A W1^T)  (W = gate, W1 = up)
+};
+struct GemmParams {
+  const void* A = nullptr;
+  int64_t lda = 0;
+  const int64_t* a_idx = nullptr;
+  const void* W = nullptr;
+  const void* W1 = nullptr;  // kSiluMul only
+  const void* bias = nullptr;
+  void* out = nullptr;
+  int64_t ldo = 0;
+  const int64_t* out_idx = nullptr;  // kScatterAdd
+  const int64_t* count = nullptr;    // device count; null = all M rows
+  int64_t M = 0, N = 0, K = 0;       // M: the row capacity (T)
+  // kRope: cos/sin [T, head_dim] (h's dtype), optional head-norm weight [head_dim].
+  const void* cos = nullptr;
+  const void* sin = nullptr;
+  const void* head_norm_weight = nullptr;
+  float head_norm_eps = 0.f;
+  int head_dim = 0;
+};
+cudaError_t launch_gemm(const GemmParams& p, Epilogue epi, DType dtype, cudaStream_t stream);
+// RoPE (and head norm) in place on the compacted rows when head_dim does not tile the GEMM.
+cudaError_t launch_rope_rows(const GemmParams& p, DType dtype, cudaStream_t stream);
+
+// x[i] = RMSNorm(h[idx[i]]) for i < count (the MLP's gather rides on its norm).
+struct GatherNormParams {
+  const void* h = nullptr;
+  int64_t h_stride = 0;
+  const int64_t* idx = nullptr;
+  const int64_t* count = nullptr;
+  const void* norm_weight = nullptr;
+  float eps = 0.f;
+  void* x = nullptr;  // [T, d] contiguous
+  int64_t T = 0, d = 0;
+};
+cudaError_t launch_gather_norm(const GatherNormParams& p, DType dtype, cudaStream_t stream);
+
+// -- query-sparse attention (attention.cu) -----------------------------------------------------
+struct AttentionParams {
+  const void* q = nullptr;  // [T, Hq*hd] compacted, row stride q_stride
+  int64_t q_stride = 0;
+  const int64_t* idx = nullptr;
+  const int64_t* count = nullptr;
+  const void* k = nullptr;  // [B, Hkv, Lk, hd], unit stride on hd
+  const void* v = nullptr;
+  int64_t k_strides[3] = {0, 0, 0};  // batch, head, key
+  int64_t v_strides[3] = {0, 0, 0};
+  const int64_t* q_pos = nullptr;     // [T]
+  const bool* key_valid = nullptr;    // [B, Lk] contiguous or null
+  void* out = nullptr;                // [T, Hq*hd] contiguous
+  float* partial_o = nullptr;         // split-KV scratch: [T, Hq, splits, hd]
+  float* partial_ml = nullptr;        // [T, Hq, splits, 2]
+  int64_t T = 0, B = 0, Hq = 0, Hkv = 0, Lk = 0, hd = 0;
+  int64_t kv_offset = 0, seq_len = 1, window = 0;
+  float scale = 1.f;
+  int splits = 1;
+};
+// How many KV splits launch_attention will use (the caller sizes the scratch from it).
+int attention_splits(int64_t T, int64_t Hkv, int64_t Lk, int num_sms);
+cudaError_t launch_attention(const AttentionParams& p, DType dtype, cudaStream_t stream);
+
+}  // namespace skipgpt::cuda

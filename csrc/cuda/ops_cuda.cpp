@@ -1,0 +1,431 @@
+// CUDA implementations of the skipgpt op schemas (declared in csrc/registration.cpp): argument
+// checks that name the argument, output allocation, and launches on the current stream.
+//
+// Nothing here reads a device value on the host: counts stay on the device and the kernels
+// read them, so a layer's forward can be captured in a CUDA graph. The price is that the
+// contract "idx[:count] holds ascending unique rows" is the caller's to keep on CUDA (route_norm
+// and compact produce exactly that); the CPU kernels check it, which needs the values on host.
+// The GEMM ops run on tensor cores and take bfloat16 or float16.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+
+#include "kernels.h"
+
+namespace skipgpt::cuda {
+namespace {
+
+DType dtype_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      return DType::kF32;
+    case at::kBFloat16:
+      return DType::kBF16;
+    case at::kHalf:
+      return DType::kF16;
+    default:
+      TORCH_CHECK(false, "unsupported dtype ", t.scalar_type());
+  }
+}
+
+void check_cuda(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* name) {
+  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got device ", t.device());
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " must be on ", ref.device(), " like the other inputs, got ",
+              t.device());
+}
+
+void check_dtype(const at::Tensor& t, at::ScalarType want, const char* op, const char* name, const char* why) {
+  TORCH_CHECK(t.scalar_type() == want, op, ": ", name, " must be ", want, " (", why, "), got ", t.scalar_type());
+}
+
+void check_float(const at::Tensor& t, const char* op, const char* name) {
+  const auto s = t.scalar_type();
+  TORCH_CHECK(s == at::kFloat || s == at::kBFloat16 || s == at::kHalf, op, ": ", name,
+              " must be float32, bfloat16 or float16, got ", s);
+}
+
+void check_half(const at::Tensor& t, const char* op, const char* name) {
+  const auto s = t.scalar_type();
+  TORCH_CHECK(s == at::kBFloat16 || s == at::kHalf, op, ": ", name,
+              " must be bfloat16 or float16 on CUDA (the GEMMs run on tensor cores), got ", s);
+}
+
+void check_shape(const at::Tensor& t, at::IntArrayRef want, const char* op, const char* name) {
+  TORCH_CHECK(t.sizes() == want, op, ": ", name, " must have shape ", want, ", got ", t.sizes());
+}
+
+// Row-major with unit column stride, 16-byte aligned rows (the GEMMs' async copies).
+void check_rows16(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.dim() == 2 && t.stride(1) == 1, op, ": ", name, " must be 2-D with unit stride in its last dimension, got strides ",
+              t.strides());
+  TORCH_CHECK((t.stride(0) * t.element_size()) % 16 == 0 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, op,
+              ": ", name, " rows must start on 16-byte boundaries (row stride ", t.stride(0), ")");
+}
+
+void check_idx(const at::Tensor& idx, const at::Tensor& count, int64_t T, const at::Tensor& ref, const char* op) {
+  check_cuda(idx, ref, op, "idx");
+  check_cuda(count, ref, op, "count");
+  check_dtype(idx, at::kLong, op, "idx", "row numbers");
+  check_dtype(count, at::kLong, op, "count", "a device-side row count");
+  TORCH_CHECK(count.numel() == 1, op, ": count must hold one value, got shape ", count.sizes());
+  TORCH_CHECK(idx.dim() == 1 && idx.size(0) == T, op, ": idx must have ", T, " entries (one per row), got ", idx.sizes());
+  TORCH_CHECK(idx.is_contiguous(), op, ": idx must be contiguous");
+}
+
+// ATen's CUDAContext.h needs the cuBLAS/cuSPARSE headers, which a build machine may lack;
+// the runtime API gives the one property we need.
+int num_sms(int device) {
+  int n = 0;
+  const cudaError_t e = cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device);
+  TORCH_CHECK(e == cudaSuccess, "skipgpt: cannot read the multiprocessor count: ", cudaGetErrorString(e));
+  return n;
+}
+
+void launched(cudaError_t e, const char* op) {
+  TORCH_CHECK(e == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(e));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_norm_cuda(
+    const at::Tensor& h_in, const at::Tensor& norm_weight, double eps, const at::Tensor& router_weight,
+    const at::Tensor& router_bias, double threshold, const std::optional<at::Tensor>& row_valid) {
+  const char* op = "skipgpt::route_norm";
+  TORCH_CHECK(h_in.is_cuda(), op, ": h must be a CUDA tensor, got device ", h_in.device());
+  TORCH_CHECK(h_in.dim() == 2, op, ": h must be 2-D, got shape ", h_in.sizes());
+  check_float(h_in, op, "h");
+  const c10::cuda::CUDAGuard guard(h_in.device());
+  const int64_t T = h_in.size(0), d = h_in.size(1);
+  check_cuda(norm_weight, h_in, op, "norm_weight");
+  TORCH_CHECK(norm_weight.scalar_type() == h_in.scalar_type(), op, ": norm_weight must have h's dtype (",
+              h_in.scalar_type(), ") on CUDA, got ", norm_weight.scalar_type());
+  check_shape(norm_weight, {d}, op, "norm_weight");
+  check_cuda(router_weight, h_in, op, "router_weight");
+  check_cuda(router_bias, h_in, op, "router_bias");
+  check_dtype(router_weight, at::kFloat, op, "router_weight", "fp32 router margins");
+  check_dtype(router_bias, at::kFloat, op, "router_bias", "fp32 router margins");
+  check_shape(router_weight, {2, d}, op, "router_weight");
+  check_shape(router_bias, {2}, op, "router_bias");
+  at::Tensor valid;
+  if (row_valid.has_value()) {
+    check_cuda(*row_valid, h_in, op, "row_valid");
+    check_dtype(*row_valid, at::kBool, op, "row_valid", "a padding mask");
+    TORCH_CHECK(row_valid->numel() == T, op, ": row_valid must have ", T, " entries (one per row of h), got ",
+                row_valid->numel());
+    valid = row_valid->reshape({T}).contiguous();
+  }
+  const at::Tensor h = h_in.stride(1) == 1 ? h_in : h_in.contiguous();
+  const auto nw = norm_weight.contiguous(), rw = router_weight.contiguous(), rb = router_bias.contiguous();
+  auto x_norm = at::empty({T, d}, h.options().memory_format(at::MemoryFormat::Contiguous));
+  auto lopt = h.options().dtype(at::kLong);
+  auto attn_idx = at::empty({T}, lopt), mlp_idx = at::empty({T}, lopt);
+  auto attn_count = at::empty({}, lopt), mlp_count = at::empty({}, lopt);
+  auto ws = at::zeros({route_norm_workspace_words(T)}, lopt);
+  RouteNormParams p;
+  p.h = h.data_ptr();
+  p.h_stride = h.stride(0);
+  p.norm_weight = nw.data_ptr();
+  p.eps = static_cast<float>(eps);
+  p.router_weight = rw.data_ptr<float>();
+  p.router_bias = rb.data_ptr<float>();
+  p.threshold = static_cast<float>(threshold);
+  p.row_valid = valid.defined() ? valid.data_ptr<bool>() : nullptr;
+  p.x_norm = x_norm.data_ptr();
+  p.attn_idx = attn_idx.data_ptr<int64_t>();
+  p.attn_count = attn_count.data_ptr<int64_t>();
+  p.mlp_idx = mlp_idx.data_ptr<int64_t>();
+  p.mlp_count = mlp_count.data_ptr<int64_t>();
+  p.workspace = reinterpret_cast<uint64_t*>(ws.data_ptr<int64_t>());
+  p.T = T;
+  p.d = d;
+  launched(launch_route_norm(p, dtype_of(h), c10::cuda::getCurrentCUDAStream().stream()), op);
+  return {x_norm, attn_idx, attn_count, mlp_idx, mlp_count};
+}
+
+std::tuple<at::Tensor, at::Tensor> compact_cuda(const at::Tensor& mask) {
+  const char* op = "skipgpt::compact";
+  TORCH_CHECK(mask.is_cuda(), op, ": mask must be a CUDA tensor, got device ", mask.device());
+  const c10::cuda::CUDAGuard guard(mask.device());
+  const auto m = mask.reshape({-1}).to(at::kBool).contiguous();
+  const int64_t T = m.numel();
+  auto lopt = m.options().dtype(at::kLong);
+  auto idx = at::empty({T}, lopt), count = at::empty({}, lopt);
+  auto ws = at::zeros({route_norm_workspace_words(T)}, lopt);
+  RouteNormParams p;
+  p.mask = m.data_ptr<bool>();
+  p.attn_idx = idx.data_ptr<int64_t>();
+  p.attn_count = count.data_ptr<int64_t>();
+  p.workspace = reinterpret_cast<uint64_t*>(ws.data_ptr<int64_t>());
+  p.T = T;
+  launched(launch_compact(p, c10::cuda::getCurrentCUDAStream().stream()), op);
+  return {idx, count};
+}
+
+void check_gemm_weight(const at::Tensor& w, const at::Tensor& ref, int64_t rows, int64_t cols, const char* op,
+                       const char* name, const char* ref_name) {
+  check_cuda(w, ref, op, name);
+  TORCH_CHECK(w.scalar_type() == ref.scalar_type(), op, ": ", name, " must have the dtype of ", ref_name, " (",
+              ref.scalar_type(), "), got ", w.scalar_type());
+  TORCH_CHECK(w.dim() == 2 && (rows < 0 || w.size(0) == rows) && w.size(1) == cols, op, ": ", name, " must be [",
+              rows < 0 ? std::string("out_features") : std::to_string(rows), ", ", cols, "], got ", w.sizes());
+  TORCH_CHECK(w.size(0) % 8 == 0 && w.size(1) % 8 == 0, op, ": ", name,
+              "'s dimensions must be multiples of 8 on CUDA (16-byte tensor-core tiles), got ", w.sizes());
+}
+
+void check_bias(const std::optional<at::Tensor>& bias, const at::Tensor& ref, int64_t n, const char* op) {
+  if (!bias.has_value()) return;
+  check_cuda(*bias, ref, op, "bias");
+  TORCH_CHECK(bias->scalar_type() == ref.scalar_type(), op, ": bias must have the dtype of the input (",
+              ref.scalar_type(), "), got ", bias->scalar_type());
+  check_shape(*bias, {n}, op, "bias");
+}
+
+at::Tensor q_proj_rope_cuda(const at::Tensor& x, const at::Tensor& idx, const at::Tensor& count,
+                            const at::Tensor& weight_in, const std::optional<at::Tensor>& bias,
+                            const std::optional<at::Tensor>& head_norm_weight, double head_norm_eps,
+                            const at::Tensor& cos, const at::Tensor& sin) {
+  const char* op = "skipgpt::q_proj_rope";
+  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got device ", x.device());
+  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D, got shape ", x.sizes());
+  check_half(x, op, "x");
+  const c10::cuda::CUDAGuard guard(x.device());
+  check_rows16(x, op, "x");
+  const int64_t T = x.size(0), d = x.size(1);
+  check_gemm_weight(weight_in, x, -1, d, op, "weight", "x");
+  const int64_t N = weight_in.size(0);
+  check_bias(bias, x, N, op);
+  for (auto [t, name] : {std::pair{&cos, "cos"}, std::pair{&sin, "sin"}}) {
+    check_cuda(*t, x, op, name);
+    check_float(*t, op, name);
+    TORCH_CHECK(t->dim() == 2 && t->size(0) == T, op, ": ", name, " must be [", T, ", head_dim], got ", t->sizes());
+  }
+  const int64_t hd = cos.size(1);
+  check_shape(sin, {T, hd}, op, "sin");
+  TORCH_CHECK(hd > 0 && hd % 2 == 0 && N % hd == 0, op, ": weight's ", N,
+              " output features must be a multiple of head_dim = cos.size(1) = ", hd, " (even)");
+  at::Tensor hnw;
+  if (head_norm_weight.has_value()) {
+    check_cuda(*head_norm_weight, x, op, "head_norm_weight");
+    TORCH_CHECK(head_norm_weight->scalar_type() == x.scalar_type(), op, ": head_norm_weight must have x's dtype (",
+                x.scalar_type(), "), got ", head_norm_weight->scalar_type());
+    check_shape(*head_norm_weight, {hd}, op, "head_norm_weight");
+    hnw = head_norm_weight->contiguous();
+  }
+  check_idx(idx, count, T, x, op);
+  const auto weight = weight_in.contiguous();
+  const auto cs = cos.to(x.scalar_type()).contiguous(), sn = sin.to(x.scalar_type()).contiguous();
+  const auto b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  auto out = at::empty({T, N}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  GemmParams p;
+  p.A = x.data_ptr();
+  p.lda = x.stride(0);
+  p.a_idx = idx.data_ptr<int64_t>();
+  p.W = weight.data_ptr();
+  p.bias = b.defined() ? b.data_ptr() : nullptr;
+  p.out = out.data_ptr();
+  p.ldo = N;
+  p.count = count.data_ptr<int64_t>();
+  p.M = T;
+  p.N = N;
+  p.K = d;
+  p.cos = cs.data_ptr();
+  p.sin = sn.data_ptr();
+  p.head_norm_weight = hnw.defined() ? hnw.data_ptr() : nullptr;
+  p.head_norm_eps = static_cast<float>(head_norm_eps);
+  p.head_dim = static_cast<int>(hd);
+  launched(launch_gemm(p, Epilogue::kRope, dtype_of(x), c10::cuda::getCurrentCUDAStream().stream()), op);
+  return out;
+}
+
+at::Tensor sparse_query_attention_cuda(const at::Tensor& q_in, const at::Tensor& idx, const at::Tensor& count,
+                                       const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& q_pos,
+                                       const std::optional<at::Tensor>& key_valid, int64_t kv_offset, int64_t seq_len,
+                                       double scale, int64_t window) {
+  const char* op = "skipgpt::sparse_query_attention";
+  TORCH_CHECK(q_in.is_cuda(), op, ": q must be a CUDA tensor, got device ", q_in.device());
+  TORCH_CHECK(q_in.dim() == 2, op, ": q must be 2-D, got shape ", q_in.sizes());
+  check_float(q_in, op, "q");
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  check_cuda(k_in, q_in, op, "k");
+  check_cuda(v_in, q_in, op, "v");
+  TORCH_CHECK(k_in.dim() == 4, op, ": k must be 4-D [B, Hkv, Lk, head_dim], got shape ", k_in.sizes());
+  TORCH_CHECK(k_in.scalar_type() == q_in.scalar_type(), op, ": k must have the dtype of q (", q_in.scalar_type(),
+              "), got ", k_in.scalar_type());
+  TORCH_CHECK(v_in.scalar_type() == q_in.scalar_type(), op, ": v must have the dtype of q (", q_in.scalar_type(),
+              "), got ", v_in.scalar_type());
+  check_shape(v_in, k_in.sizes(), op, "v");
+  const int64_t T = q_in.size(0), B = k_in.size(0), Hkv = k_in.size(1), Lk = k_in.size(2), hd = k_in.size(3);
+  TORCH_CHECK(hd > 0 && Hkv > 0, op, ": k must be [B, Hkv, Lk, head_dim] with Hkv, head_dim > 0, got ", k_in.sizes());
+  TORCH_CHECK(q_in.size(1) % (Hkv * hd) == 0, op, ": q's width ", q_in.size(1),
+              " must be a multiple of Hkv * head_dim = ", Hkv * hd, " (GQA)");
+  const int64_t Hq = q_in.size(1) / hd;
+  TORCH_CHECK(Hq / Hkv <= 8 && hd <= 256, op, ": the CUDA kernel supports up to 8 query heads per KV head and head_dim <= 256, got ",
+              Hq / Hkv, " and ", hd);
+  TORCH_CHECK(seq_len > 0 && B * seq_len == T, op, ": seq_len must satisfy B * seq_len == T (", B, " * ", seq_len,
+              " vs ", T, ")");
+  TORCH_CHECK(window >= 0, op, ": window must be >= 0 (0 = none), got ", window);
+  check_cuda(q_pos, q_in, op, "q_pos");
+  check_dtype(q_pos, at::kLong, op, "q_pos", "token positions");
+  check_shape(q_pos, {T}, op, "q_pos");
+  at::Tensor kv_valid;
+  if (key_valid.has_value()) {
+    check_cuda(*key_valid, q_in, op, "key_valid");
+    check_dtype(*key_valid, at::kBool, op, "key_valid", "a padding mask");
+    check_shape(*key_valid, {B, Lk}, op, "key_valid");
+    kv_valid = key_valid->contiguous();
+  }
+  check_idx(idx, count, T, q_in, op);
+  const at::Tensor q = q_in.stride(1) == 1 ? q_in : q_in.contiguous();
+  const at::Tensor k = k_in.stride(3) == 1 ? k_in : k_in.contiguous();
+  const at::Tensor v = v_in.stride(3) == 1 ? v_in : v_in.contiguous();
+  const auto pos = q_pos.contiguous();
+  auto out = at::empty({T, Hq * hd}, q.options().memory_format(at::MemoryFormat::Contiguous));
+  AttentionParams p;
+  p.q = q.data_ptr();
+  p.q_stride = q.stride(0);
+  p.idx = idx.data_ptr<int64_t>();
+  p.count = count.data_ptr<int64_t>();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  for (int i = 0; i < 3; ++i) {
+    p.k_strides[i] = k.stride(i);
+    p.v_strides[i] = v.stride(i);
+  }
+  p.q_pos = pos.data_ptr<int64_t>();
+  p.key_valid = kv_valid.defined() ? kv_valid.data_ptr<bool>() : nullptr;
+  p.out = out.data_ptr();
+  p.T = T;
+  p.B = B;
+  p.Hq = Hq;
+  p.Hkv = Hkv;
+  p.Lk = Lk;
+  p.hd = hd;
+  p.kv_offset = kv_offset;
+  p.seq_len = seq_len;
+  p.window = window;
+  p.scale = static_cast<float>(scale);
+  p.splits = attention_splits(T, Hkv, Lk, num_sms(q.get_device()));
+  at::Tensor scratch;
+  if (p.splits > 1) {
+    scratch = at::empty({T * Hq * p.splits * (hd + 2)}, q.options().dtype(at::kFloat));
+    p.partial_o = scratch.data_ptr<float>();
+    p.partial_ml = p.partial_o + T * Hq * p.splits * hd;
+  }
+  launched(launch_attention(p, dtype_of(q), c10::cuda::getCurrentCUDAStream().stream()), op);
+  return out;
+}
+
+void check_inplace(const at::Tensor& h, const char* op) {
+  TORCH_CHECK(h.is_cuda(), op, ": h must be a CUDA tensor, got device ", h.device());
+  TORCH_CHECK(h.dim() == 2, op, ": h must be 2-D, got shape ", h.sizes());
+  check_half(h, op, "h");
+  TORCH_CHECK(h.stride(1) == 1, op, ": h is updated in place and must have unit stride in its last dimension, got strides ",
+              h.strides());
+  check_rows16(h, op, "h");
+}
+
+void linear_scatter_add_cuda(at::Tensor& h, const at::Tensor& a, const at::Tensor& idx, const at::Tensor& count,
+                             const at::Tensor& weight_in, const std::optional<at::Tensor>& bias) {
+  const char* op = "skipgpt::linear_scatter_add_";
+  check_inplace(h, op);
+  const c10::cuda::CUDAGuard guard(h.device());
+  const int64_t T = h.size(0), d = h.size(1);
+  check_cuda(a, h, op, "a");
+  TORCH_CHECK(a.scalar_type() == h.scalar_type(), op, ": a must have the dtype of h (", h.scalar_type(), "), got ",
+              a.scalar_type());
+  TORCH_CHECK(a.dim() == 2 && a.size(0) == T, op, ": a must be [", T, ", in_features], got ", a.sizes());
+  check_rows16(a, op, "a");
+  check_gemm_weight(weight_in, h, d, a.size(1), op, "weight", "h");
+  check_bias(bias, h, d, op);
+  check_idx(idx, count, T, h, op);
+  const auto weight = weight_in.contiguous();
+  const auto b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  GemmParams p;
+  p.A = a.data_ptr();
+  p.lda = a.stride(0);
+  p.W = weight.data_ptr();
+  p.bias = b.defined() ? b.data_ptr() : nullptr;
+  p.out = h.data_ptr();
+  p.ldo = h.stride(0);
+  p.out_idx = idx.data_ptr<int64_t>();
+  p.count = count.data_ptr<int64_t>();
+  p.M = T;
+  p.N = d;
+  p.K = a.size(1);
+  launched(launch_gemm(p, Epilogue::kScatterAdd, dtype_of(h), c10::cuda::getCurrentCUDAStream().stream()), op);
+}
+
+void skip_mlp_cuda(at::Tensor& h, const at::Tensor& idx, const at::Tensor& count, const at::Tensor& norm_weight,
+                   double eps, const at::Tensor& gate_in, const at::Tensor& up_in, const at::Tensor& down_in) {
+  const char* op = "skipgpt::skip_mlp_";
+  check_inplace(h, op);
+  const c10::cuda::CUDAGuard guard(h.device());
+  const int64_t T = h.size(0), d = h.size(1);
+  check_cuda(norm_weight, h, op, "norm_weight");
+  TORCH_CHECK(norm_weight.scalar_type() == h.scalar_type(), op, ": norm_weight must have the dtype of h (",
+              h.scalar_type(), "), got ", norm_weight.scalar_type());
+  check_shape(norm_weight, {d}, op, "norm_weight");
+  TORCH_CHECK(gate_in.dim() == 2, op, ": gate_weight must be [intermediate, ", d, "], got ", gate_in.sizes());
+  const int64_t I = gate_in.size(0);
+  check_gemm_weight(gate_in, h, I, d, op, "gate_weight", "h");
+  check_gemm_weight(up_in, h, I, d, op, "up_weight", "h");
+  check_gemm_weight(down_in, h, d, I, op, "down_weight", "h");
+  check_idx(idx, count, T, h, op);
+  const auto nw = norm_weight.contiguous();
+  const auto gate = gate_in.contiguous(), up = up_in.contiguous(), down = down_in.contiguous();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  auto x = at::empty({T, d}, h.options().memory_format(at::MemoryFormat::Contiguous));
+  auto act = at::empty({T, I}, h.options().memory_format(at::MemoryFormat::Contiguous));
+  GatherNormParams g;
+  g.h = h.data_ptr();
+  g.h_stride = h.stride(0);
+  g.idx = idx.data_ptr<int64_t>();
+  g.count = count.data_ptr<int64_t>();
+  g.norm_weight = nw.data_ptr();
+  g.eps = static_cast<float>(eps);
+  g.x = x.data_ptr();
+  g.T = T;
+  g.d = d;
+  launched(launch_gather_norm(g, dtype_of(h), stream), op);
+  GemmParams up_p;
+  up_p.A = x.data_ptr();
+  up_p.lda = d;
+  up_p.W = gate.data_ptr();
+  up_p.W1 = up.data_ptr();
+  up_p.out = act.data_ptr();
+  up_p.ldo = I;
+  up_p.count = count.data_ptr<int64_t>();
+  up_p.M = T;
+  up_p.N = I;
+  up_p.K = d;
+  launched(launch_gemm(up_p, Epilogue::kSiluMul, dtype_of(h), stream), op);
+  GemmParams dn;
+  dn.A = act.data_ptr();
+  dn.lda = I;
+  dn.W = down.data_ptr();
+  dn.out = h.data_ptr();
+  dn.ldo = h.stride(0);
+  dn.out_idx = idx.data_ptr<int64_t>();
+  dn.count = count.data_ptr<int64_t>();
+  dn.M = T;
+  dn.N = d;
+  dn.K = I;
+  launched(launch_gemm(dn, Epilogue::kScatterAdd, dtype_of(h), stream), op);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(skipgpt, CUDA, m) {
+  m.impl("route_norm", &route_norm_cuda);
+  m.impl("compact", &compact_cuda);
+  m.impl("q_proj_rope", &q_proj_rope_cuda);
+  m.impl("sparse_query_attention", &sparse_query_attention_cuda);
+  m.impl("linear_scatter_add_", &linear_scatter_add_cuda);
+  m.impl("skip_mlp_", &skip_mlp_cuda);
+}
+
+}  // namespace skipgpt::cuda
