@@ -178,7 +178,7 @@ __global__ void __launch_bounds__(128) combine_kernel(AttentionParams p) {
 
 int attention_splits(int64_t T, int64_t Hkv, int64_t Lk, int num_sms) {
   const int64_t blocks = T * Hkv, want = 2 * static_cast<int64_t>(num_sms);
-  if (blocks >= want || Lk <= 256) return 1;
+  if (blocks == 0 || blocks >= want || Lk <= 256) return 1;
   const int64_t by_len = (Lk + 255) / 256, by_grid = (want + blocks - 1) / blocks;
   return static_cast<int>(std::min<int64_t>(std::min(by_len, by_grid), 32));
 }

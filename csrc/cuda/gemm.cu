@@ -76,7 +76,8 @@ __global__ void __launch_bounds__(C::THREADS) gemm_kernel(GemmParams p) {
   __shared__ int64_t a_row[C::BM];    // gathered A row of each tile row (-1: past count)
   __shared__ int64_t out_row[C::BM];  // destination row in out
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  const int64_t m0 = int64_t{blockIdx.y} * C::BM, n0 = int64_t{blockIdx.x} * C::BN;
+  // M tiles on x (up to 2^31 - 1 of them), N tiles on y.
+  const int64_t m0 = int64_t{blockIdx.x} * C::BM, n0 = int64_t{blockIdx.y} * C::BN;
   const int64_t cnt = load_count(p.count, p.M);
   T* out = static_cast<T*>(p.out);
   constexpr bool kZeroTail = EPI == Epilogue::kStore || EPI == Epilogue::kRope;
@@ -294,7 +295,7 @@ cudaError_t launch_cfg(const GemmParams& p, cudaStream_t stream) {
     if (e != cudaSuccess) return e;
     if (dev >= 0 && dev < 64) opted_in[dev] = true;
   }
-  const dim3 grid(static_cast<unsigned>(ceil_div(p.N, C::BN)), static_cast<unsigned>(ceil_div(p.M, C::BM)));
+  const dim3 grid(static_cast<unsigned>(ceil_div(p.M, C::BM)), static_cast<unsigned>(ceil_div(p.N, C::BN)));
   kernel<<<grid, C::THREADS, C::kSmemBytes, stream>>>(p);
   return cudaGetLastError();
 }

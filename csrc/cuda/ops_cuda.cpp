@@ -91,6 +91,19 @@ void launched(cudaError_t e, const char* op) {
   TORCH_CHECK(e == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(e));
 }
 
+// Weights feed 16-byte async copies: contiguous and 16-byte aligned (a view at an odd offset
+// into a larger buffer is copied once).
+at::Tensor aligned16(const at::Tensor& w) {
+  at::Tensor c = w.contiguous();
+  if (reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 != 0) c = c.clone(at::MemoryFormat::Contiguous);
+  return c;
+}
+
+// The compaction packs two 31-bit counts and a flag into one 64-bit status word.
+void check_rows_limit(int64_t T, const char* op) {
+  TORCH_CHECK(T < (int64_t{1} << 31), op, ": at most 2^31 - 1 rows on CUDA, got ", T);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_norm_cuda(
     const at::Tensor& h_in, const at::Tensor& norm_weight, double eps, const at::Tensor& router_weight,
     const at::Tensor& router_bias, double threshold, const std::optional<at::Tensor>& row_valid) {
@@ -100,6 +113,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_nor
   check_float(h_in, op, "h");
   const c10::cuda::CUDAGuard guard(h_in.device());
   const int64_t T = h_in.size(0), d = h_in.size(1);
+  check_rows_limit(T, op);
   check_cuda(norm_weight, h_in, op, "norm_weight");
   TORCH_CHECK(norm_weight.scalar_type() == h_in.scalar_type(), op, ": norm_weight must have h's dtype (",
               h_in.scalar_type(), ") on CUDA, got ", norm_weight.scalar_type());
@@ -152,6 +166,7 @@ std::tuple<at::Tensor, at::Tensor> compact_cuda(const at::Tensor& mask) {
   const c10::cuda::CUDAGuard guard(mask.device());
   const auto m = mask.reshape({-1}).to(at::kBool).contiguous();
   const int64_t T = m.numel();
+  check_rows_limit(T, op);
   auto lopt = m.options().dtype(at::kLong);
   auto idx = at::empty({T}, lopt), count = at::empty({}, lopt);
   auto ws = at::zeros({route_norm_workspace_words(T)}, lopt);
@@ -216,7 +231,7 @@ at::Tensor q_proj_rope_cuda(const at::Tensor& x, const at::Tensor& idx, const at
     hnw = head_norm_weight->contiguous();
   }
   check_idx(idx, count, T, x, op);
-  const auto weight = weight_in.contiguous();
+  const auto weight = aligned16(weight_in);
   const auto cs = cos.to(x.scalar_type()).contiguous(), sn = sin.to(x.scalar_type()).contiguous();
   const auto b = bias.has_value() ? bias->contiguous() : at::Tensor();
   auto out = at::empty({T, N}, x.options().memory_format(at::MemoryFormat::Contiguous));
@@ -342,7 +357,7 @@ void linear_scatter_add_cuda(at::Tensor& h, const at::Tensor& a, const at::Tenso
   check_gemm_weight(weight_in, h, d, a.size(1), op, "weight", "h");
   check_bias(bias, h, d, op);
   check_idx(idx, count, T, h, op);
-  const auto weight = weight_in.contiguous();
+  const auto weight = aligned16(weight_in);
   const auto b = bias.has_value() ? bias->contiguous() : at::Tensor();
   GemmParams p;
   p.A = a.data_ptr();
@@ -376,7 +391,7 @@ void skip_mlp_cuda(at::Tensor& h, const at::Tensor& idx, const at::Tensor& count
   check_gemm_weight(down_in, h, d, I, op, "down_weight", "h");
   check_idx(idx, count, T, h, op);
   const auto nw = norm_weight.contiguous();
-  const auto gate = gate_in.contiguous(), up = up_in.contiguous(), down = down_in.contiguous();
+  const auto gate = aligned16(gate_in), up = aligned16(up_in), down = aligned16(down_in);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   auto x = at::empty({T, d}, h.options().memory_format(at::MemoryFormat::Contiguous));
   auto act = at::empty({T, I}, h.options().memory_format(at::MemoryFormat::Contiguous));

@@ -68,9 +68,11 @@ class RouterArgs(TrainArgs):
     tau_start: float = 5.0
     tau_end: float = 1.0
     router_type: str = "linear"
-    init_execute_bias: float = 0.0
+    # Start near-dense (p_exec = sigmoid(3) = 0.95) and let the penalty pull skipping in where it
+    # costs least; 0 (p_exec = 0.5) starts from a wrecked model. Measured on SmolLM2, BENCHMARKS.md.
+    init_execute_bias: float = 3.0
     normalize_input: bool = True  # routers see unit-RMS inputs (see skipgpt.Router); False = paper's raw h
-    calibrate_threshold: bool = False  # after tuning, move the inference threshold onto the target rate
+    calibrate_threshold: bool = True  # after tuning, move the inference threshold onto the target rate
     policy: str = "router"  # "topk" tunes MoD-D routers the same way (capacity = 1 - sparsity)
 
 
