@@ -133,7 +133,10 @@ ATTN_CASES = [
     (1, 1, 1500, 8, 4, 128, 0, False),  # decode: split-KV path
     (4, 1, 700, 2, 8, 80, 0, True),  # decode, head_dim not a power of two
     (1, 600, 0, 4, 1, 128, 0, False),  # longer prefill
+    (2, 40, 0, 2, 2, 80, 0, True),  # prefill with head_dim 80: the CUDA-core kernel, not the mma one
 ]
+# Prefill with >= 64 rows, head_dim 64/128, bf16/fp16 runs the tensor-core kernel
+# (attention_mma.cu): the 2nd, 3rd and 6th cases; the others run the CUDA-core kernel.
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

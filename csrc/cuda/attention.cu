@@ -11,8 +11,8 @@
 // (later positions, outside the sliding window, padding) are never read. A block whose row is
 // at or past count reads nothing: in decode, a skipped sequence skips its whole KV read.
 //
-// This is the CUDA-core kernel: right for decode and short prefill. A tensor-core (mma/wgmma)
-// prefill kernel for long sequences is future work.
+// This is the CUDA-core kernel, for decode and short sequences; prefill of longer sequences in
+// bf16/fp16 with head_dim 64/128 goes to the tensor-core kernel in attention_mma.cu.
 #include <algorithm>
 #include <cfloat>
 
@@ -186,6 +186,8 @@ int attention_splits(int64_t T, int64_t Hkv, int64_t Lk, int num_sms) {
 cudaError_t launch_attention(const AttentionParams& p, DType dtype, cudaStream_t stream) {
   if (p.T == 0) return cudaSuccess;
   const int64_t G = p.Hq / p.Hkv;
+  if (p.splits == 1 && p.T >= 64 && p.seq_len >= 16 && attention_mma_supported(p, dtype))
+    return launch_attention_mma(p, dtype, stream);  // prefill: tensor cores
   if (G > kMaxG || p.hd > 32 * kMaxDpl || p.splits < 1) return cudaErrorInvalidValue;
   return dispatch_dtype(dtype, [&]<typename T>() {
     const size_t smem = sizeof(float) * (G * p.hd + kWarps * G * 2 + kWarps * G * p.hd);

@@ -111,5 +111,9 @@ struct AttentionParams {
 // How many KV splits launch_attention will use (the caller sizes the scratch from it).
 int attention_splits(int64_t T, int64_t Hkv, int64_t Lk, int num_sms);
 cudaError_t launch_attention(const AttentionParams& p, DType dtype, cudaStream_t stream);
+// The tensor-core prefill kernel (attention_mma.cu), chosen by launch_attention for many rows
+// of long sequences when dtype is bf16/fp16, head_dim is 64 or 128 and rows are 16-byte aligned.
+bool attention_mma_supported(const AttentionParams& p, DType dtype);
+cudaError_t launch_attention_mma(const AttentionParams& p, DType dtype, cudaStream_t stream);
 
 }  // namespace skipgpt::cuda

@@ -1,0 +1,254 @@
+// Query-sparse attention on tensor cores, for prefill (many compacted rows): flash-style.
+//
+// Grid: (64-row block of compacted queries, query head). Four warps own 16 rows each. The
+// block's Q rows (gathered from the compacted q) stay in registers as mma A fragments; K/V
+// tiles of 64 keys stream through a two-stage cp.async buffer. S = Q K^T and O += P V run as
+// mma.sync m16n8k16 (fp32 accumulate; K through ldmatrix, V through ldmatrix.trans), with the
+// online softmax on the S fragments in registers (exp2, scale folded in) and P re-packed as
+// the A operand of the second product without touching shared memory.
+//
+// Compacted rows are scattered positions, possibly of several sequences: each row keeps its
+// own visible key range [lo, hi) (causal by true position, sliding window) and the block
+// visits each sequence its rows touch, over the union of their ranges; keys outside a row's
+// range, padding keys and rows of other sequences are masked. A block whose first row is past
+// count writes zeros and reads nothing. Head dims 64 and 128; other shapes, fp32 and decode
+// (few rows) take the CUDA-core kernel in attention.cu.
+#include <cfloat>
+
+#include "common.cuh"
+#include "mma.cuh"
+
+namespace skipgpt::cuda {
+namespace {
+
+constexpr int kBQ = 64, kBK = 64, kThreads = 128;
+
+template <int HD>
+constexpr size_t mma_smem_bytes() {
+  return size_t{5} * kBQ * (HD + 8) * 2;  // Q + 2 stages of K and V, padded rows, 2-byte elements
+}
+
+template <typename T, int HD>
+__global__ void __launch_bounds__(kThreads) attention_mma_kernel(AttentionParams p) {
+  constexpr int LDS = HD + 8;  // padded row: 16-byte aligned, ldmatrix conflict-free
+  constexpr int CH = HD / 8;   // 16-byte chunks per row
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* Qs = reinterpret_cast<T*>(smem);
+  T* Ks = Qs + kBQ * LDS;      // [2][kBK][LDS]
+  T* Vs = Ks + 2 * kBK * LDS;  // [2][kBK][LDS]
+  __shared__ int64_t row_seq[kBQ], row_lo[kBQ], row_hi[kBQ];
+
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int64_t i0 = int64_t{blockIdx.x} * kBQ;
+  const int64_t h = blockIdx.y, G = p.Hq / p.Hkv, g = h / G;
+  const int64_t cnt = load_count(p.count, p.T);
+  T* out = static_cast<T*>(p.out);
+  const int64_t ostride = p.Hq * HD;
+  if (i0 >= cnt) {
+    const int64_t rows = min(int64_t{kBQ}, p.T - i0);
+    for (int64_t e = tid; e < rows * CH; e += kThreads)
+      *reinterpret_cast<uint4*>(out + (i0 + e / CH) * ostride + h * HD + (e % CH) * 8) = make_uint4(0, 0, 0, 0);
+    return;
+  }
+  const int64_t nrows = min(int64_t{kBQ}, cnt - i0);
+  for (int r = tid; r < kBQ; r += kThreads) {
+    if (r < nrows) {
+      const int64_t row = p.idx[i0 + r], pos = p.q_pos[row];
+      const int64_t lo = p.window > 0 ? max(int64_t{0}, pos - p.window + 1 - p.kv_offset) : 0;
+      row_seq[r] = row / p.seq_len;
+      row_lo[r] = lo;
+      row_hi[r] = max(lo, min(p.Lk, pos - p.kv_offset + 1));
+    } else {
+      row_seq[r] = -1;
+      row_lo[r] = row_hi[r] = 0;
+    }
+  }
+  const T* q = static_cast<const T*>(p.q);
+  for (int e = tid; e < kBQ * CH; e += kThreads) {
+    const int r = e / CH, c = (e % CH) * 8;
+    const bool ok = r < nrows;
+    cp_async_16(Qs + r * LDS + c, ok ? q + (i0 + r) * p.q_stride + h * HD + c : q, ok ? 16 : 0);
+  }
+  cp_async_commit();
+  cp_async_wait<0>();
+  __syncthreads();
+
+  uint32_t qf[HD / 16][4];
+#pragma unroll
+  for (int kk = 0; kk < HD / 16; ++kk)
+    ldmatrix_x4(qf[kk], Qs + (warp * 16 + lane % 16) * LDS + kk * 16 + (lane / 16) * 8);
+
+  // This thread's two rows (mma C layout): r0 = warp*16 + lane/4 and r0 + 8.
+  const int r0 = warp * 16 + lane / 4;
+  float o[HD / 8][4] = {};
+  float m[2] = {-FLT_MAX, -FLT_MAX}, l[2] = {0.f, 0.f};
+  const float sl2 = p.scale * 1.44269504088896341f;  // softmax in base 2
+  const T* kbase = static_cast<const T*>(p.k);
+  const T* vbase = static_cast<const T*>(p.v);
+
+  for (int64_t b = row_seq[0]; b <= row_seq[nrows - 1]; ++b) {
+    int64_t lo_b = p.Lk, hi_b = 0;
+    for (int r = 0; r < nrows; ++r)
+      if (row_seq[r] == b && row_hi[r] > row_lo[r]) {
+        lo_b = min(lo_b, row_lo[r]);
+        hi_b = max(hi_b, row_hi[r]);
+      }
+    if (hi_b <= lo_b) continue;  // no row of this sequence sees a key (uniform across the block)
+    int64_t rlo[2], rhi[2];
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      const int r = r0 + rr * 8;
+      const bool mine = row_seq[r] == b;
+      rlo[rr] = mine ? row_lo[r] : 0;
+      rhi[rr] = mine ? row_hi[r] : 0;
+    }
+    const T* kb = kbase + b * p.k_strides[0] + g * p.k_strides[1];
+    const T* vb = vbase + b * p.v_strides[0] + g * p.v_strides[1];
+    const bool* kvalid = p.key_valid != nullptr ? p.key_valid + b * p.Lk : nullptr;
+    const int64_t ntiles = (hi_b - lo_b + kBK - 1) / kBK;
+
+    auto load_tile = [&](int stage, int64_t t) {
+      const int64_t j0 = lo_b + t * kBK;
+      T* ks = Ks + stage * kBK * LDS;
+      T* vs = Vs + stage * kBK * LDS;
+      for (int e = tid; e < kBK * CH; e += kThreads) {
+        const int r = e / CH, c = (e % CH) * 8;
+        const bool ok = j0 + r < hi_b;
+        cp_async_16(ks + r * LDS + c, ok ? kb + (j0 + r) * p.k_strides[2] + c : kb, ok ? 16 : 0);
+        cp_async_16(vs + r * LDS + c, ok ? vb + (j0 + r) * p.v_strides[2] + c : vb, ok ? 16 : 0);
+      }
+    };
+    load_tile(0, 0);
+    cp_async_commit();
+    for (int64_t t = 0; t < ntiles; ++t) {
+      if (t + 1 < ntiles) load_tile(static_cast<int>((t + 1) % 2), t + 1);
+      cp_async_commit();
+      cp_async_wait<1>();  // tile t landed (tile t + 1 may still be in flight)
+      __syncthreads();
+      const int stage = static_cast<int>(t % 2);
+      const T* ks = Ks + stage * kBK * LDS;
+      const T* vs = Vs + stage * kBK * LDS;
+      const int64_t j0 = lo_b + t * kBK;
+
+      float s[kBK / 8][4] = {};
+#pragma unroll
+      for (int kk = 0; kk < HD / 16; ++kk)
+#pragma unroll
+        for (int np = 0; np < kBK / 16; ++np) {
+          uint32_t r[4];
+          ldmatrix_x4(r, ks + (np * 16 + lane % 8 + (lane / 16) * 8) * LDS + kk * 16 + ((lane / 8) % 2) * 8);
+          mma_16816<T>(s[2 * np], qf[kk], r[0], r[1]);
+          mma_16816<T>(s[2 * np + 1], qf[kk], r[2], r[3]);
+        }
+      float mx[2] = {-FLT_MAX, -FLT_MAX};
+#pragma unroll
+      for (int nt = 0; nt < kBK / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int rr = e / 2;
+          const int64_t key = j0 + nt * 8 + (lane % 4) * 2 + (e % 2);
+          const bool ok = key >= rlo[rr] && key < rhi[rr] && (kvalid == nullptr || kvalid[key]);
+          s[nt][e] = ok ? s[nt][e] * sl2 : -INFINITY;
+          mx[rr] = fmaxf(mx[rr], s[nt][e]);
+        }
+      float alpha[2];
+#pragma unroll
+      for (int rr = 0; rr < 2; ++rr) {  // the four lanes of a quad share a row
+        mx[rr] = fmaxf(mx[rr], __shfl_xor_sync(0xffffffffu, mx[rr], 1));
+        mx[rr] = fmaxf(mx[rr], __shfl_xor_sync(0xffffffffu, mx[rr], 2));
+        const float mn = fmaxf(m[rr], mx[rr]);
+        alpha[rr] = exp2f(m[rr] - mn);  // 0 on the first visible tile (m = -FLT_MAX), 1 if unchanged
+        m[rr] = mn;
+      }
+      float sum[2] = {0.f, 0.f};
+#pragma unroll
+      for (int nt = 0; nt < kBK / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int rr = e / 2;
+          s[nt][e] = exp2f(s[nt][e] - m[rr]);  // masked: exp2(-inf) = 0
+          sum[rr] += s[nt][e];
+        }
+#pragma unroll
+      for (int rr = 0; rr < 2; ++rr) {
+        sum[rr] += __shfl_xor_sync(0xffffffffu, sum[rr], 1);
+        sum[rr] += __shfl_xor_sync(0xffffffffu, sum[rr], 2);
+        l[rr] = l[rr] * alpha[rr] + sum[rr];
+      }
+#pragma unroll
+      for (int dt = 0; dt < HD / 8; ++dt) {
+        o[dt][0] *= alpha[0];
+        o[dt][1] *= alpha[0];
+        o[dt][2] *= alpha[1];
+        o[dt][3] *= alpha[1];
+      }
+#pragma unroll
+      for (int kc = 0; kc < kBK / 16; ++kc) {
+        const uint32_t pa[4] = {pack2<T>(s[2 * kc][0], s[2 * kc][1]), pack2<T>(s[2 * kc][2], s[2 * kc][3]),
+                                pack2<T>(s[2 * kc + 1][0], s[2 * kc + 1][1]),
+                                pack2<T>(s[2 * kc + 1][2], s[2 * kc + 1][3])};
+#pragma unroll
+        for (int dp = 0; dp < HD / 16; ++dp) {
+          uint32_t r[4];
+          ldmatrix_x4_trans(r, vs + (kc * 16 + lane % 8 + ((lane / 8) % 2) * 8) * LDS + dp * 16 + (lane / 16) * 8);
+          mma_16816<T>(o[2 * dp], pa, r[0], r[1]);
+          mma_16816<T>(o[2 * dp + 1], pa, r[2], r[3]);
+        }
+      }
+      __syncthreads();  // every warp is done with this stage before it is refilled
+    }
+  }
+
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    const int r = r0 + rr * 8;
+    if (r >= nrows) continue;
+    const float inv = l[rr] > 0.f ? 1.f / l[rr] : 0.f;  // no visible key: 0
+    T* dst = out + (i0 + r) * ostride + h * HD + (lane % 4) * 2;
+#pragma unroll
+    for (int dt = 0; dt < HD / 8; ++dt)
+      *reinterpret_cast<uint32_t*>(dst + dt * 8) = pack2<T>(o[dt][2 * rr] * inv, o[dt][2 * rr + 1] * inv);
+  }
+  // Rows of this block past count (a partial last block) are zeroed.
+  for (int64_t e = tid; e < (kBQ - nrows) * CH; e += kThreads) {
+    const int64_t i = i0 + nrows + e / CH;
+    if (i < p.T) *reinterpret_cast<uint4*>(out + i * ostride + h * HD + (e % CH) * 8) = make_uint4(0, 0, 0, 0);
+  }
+}
+
+template <typename T, int HD>
+cudaError_t launch_hd(const AttentionParams& p, cudaStream_t stream) {
+  auto kernel = attention_mma_kernel<T, HD>;
+  constexpr size_t smem = mma_smem_bytes<HD>();
+  static bool opted_in[64] = {};
+  int dev = 0;
+  cudaError_t e = cudaGetDevice(&dev);
+  if (e != cudaSuccess) return e;
+  if (dev < 0 || dev >= 64 || !opted_in[dev]) {
+    e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    if (e != cudaSuccess) return e;
+    if (dev >= 0 && dev < 64) opted_in[dev] = true;
+  }
+  const dim3 grid(static_cast<unsigned>(ceil_div(p.T, kBQ)), static_cast<unsigned>(p.Hq));
+  kernel<<<grid, kThreads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+bool attention_mma_supported(const AttentionParams& p, DType dtype) {
+  const bool aligned = p.q_stride % 8 == 0 && p.k_strides[2] % 8 == 0 && p.v_strides[2] % 8 == 0 &&
+                       p.k_strides[0] % 8 == 0 && p.k_strides[1] % 8 == 0 && p.v_strides[0] % 8 == 0 &&
+                       p.v_strides[1] % 8 == 0 && reinterpret_cast<uintptr_t>(p.q) % 16 == 0 &&
+                       reinterpret_cast<uintptr_t>(p.k) % 16 == 0 && reinterpret_cast<uintptr_t>(p.v) % 16 == 0;
+  return dtype != DType::kF32 && (p.hd == 64 || p.hd == 128) && aligned;
+}
+
+cudaError_t launch_attention_mma(const AttentionParams& p, DType dtype, cudaStream_t stream) {
+  if (dtype == DType::kBF16) {
+    return p.hd == 64 ? launch_hd<__nv_bfloat16, 64>(p, stream) : launch_hd<__nv_bfloat16, 128>(p, stream);
+  }
+  return p.hd == 64 ? launch_hd<__half, 64>(p, stream) : launch_hd<__half, 128>(p, stream);
+}
+
+}  // namespace skipgpt::cuda
