@@ -59,6 +59,45 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
+// One 16-byte vector of a row (kVec) or a single element: how the row-wise kernels walk rows,
+// a warp's lanes taking consecutive vectors.
+template <typename T, bool kVec>
+struct RowPack {
+  static constexpr int V = kVec ? 16 / sizeof(T) : 1;
+  union {
+    uint4 u;
+    T e[V];
+  };
+  __device__ __forceinline__ void load(const T* p) {
+    if constexpr (kVec) {
+      u = *reinterpret_cast<const uint4*>(p);
+    } else {
+      e[0] = *p;
+    }
+  }
+  __device__ __forceinline__ void store(T* p) const {
+    if constexpr (kVec) {
+      *reinterpret_cast<uint4*>(p) = u;
+    } else {
+      *p = e[0];
+    }
+  }
+};
+
+// The writing pass of an RMSNorm, as HF computes it: out = w * round_T(x * inv), per warp.
+template <typename T, bool kVec>
+__device__ __forceinline__ void write_rms_norm_row(const T* row, const T* nw, T* out, int64_t d, float inv, int lane) {
+  using P = RowPack<T, kVec>;
+  for (int64_t j = int64_t{lane} * P::V; j < d; j += 32 * P::V) {
+    P x, w, y;
+    x.load(row + j);  // an L1/L2 hit: the row was just read for its statistics
+    w.load(nw + j);
+#pragma unroll
+    for (int e = 0; e < P::V; ++e) y.e[e] = from_float<T>(to_float<T>(w.e[e]) * round_to<T>(to_float<T>(x.e[e]) * inv));
+    y.store(out + j);
+  }
+}
+
 // The count a kernel works on: the device value when given, else the capacity.
 __device__ __forceinline__ int64_t load_count(const int64_t* count, int64_t capacity) {
   return count == nullptr ? capacity : *count;

@@ -31,21 +31,13 @@ __device__ __forceinline__ void route_row(const RouteNormParams& p, int64_t r, i
   T* out = static_cast<T*>(p.x_norm) + r * p.d;
   const float* w0 = p.router_weight;
   const float* w1 = p.router_weight + p.d;
-  constexpr int V = kVec ? 16 / sizeof(T) : 1;
-  union Pack {
-    uint4 u;
-    T e[V];
-  };
+  using P = RowPack<T, kVec>;
   float ss = 0.f, m0 = 0.f, m1 = 0.f;
-  for (int64_t j = int64_t{lane} * V; j < p.d; j += 32 * V) {
-    Pack x;
-    if constexpr (kVec) {
-      x.u = *reinterpret_cast<const uint4*>(row + j);
-    } else {
-      x.e[0] = row[j];
-    }
+  for (int64_t j = int64_t{lane} * P::V; j < p.d; j += 32 * P::V) {
+    P x;
+    x.load(row + j);
 #pragma unroll
-    for (int e = 0; e < V; ++e) {
+    for (int e = 0; e < P::V; ++e) {
       const float f = to_float<T>(x.e[e]);
       ss += f * f;
       m0 += f * w0[j + e];
@@ -58,25 +50,7 @@ __device__ __forceinline__ void route_row(const RouteNormParams& p, int64_t r, i
   const bool ok = p.row_valid == nullptr || p.row_valid[r];
   ea = ok && (m0 + p.router_bias[0]) > p.threshold;
   em = ok && (m1 + p.router_bias[1]) > p.threshold;
-  const float inv = rsqrtf(ss / static_cast<float>(p.d) + p.eps);
-  for (int64_t j = int64_t{lane} * V; j < p.d; j += 32 * V) {
-    Pack x, w, y;
-    if constexpr (kVec) {
-      x.u = *reinterpret_cast<const uint4*>(row + j);  // an L1/L2 hit: the row was just read
-      w.u = *reinterpret_cast<const uint4*>(nw + j);
-    } else {
-      x.e[0] = row[j];
-      w.e[0] = nw[j];
-    }
-#pragma unroll
-    for (int e = 0; e < V; ++e)  // as HF: normalise in fp32, round to T, then scale by the weight
-      y.e[e] = from_float<T>(to_float<T>(w.e[e]) * round_to<T>(to_float<T>(x.e[e]) * inv));
-    if constexpr (kVec) {
-      *reinterpret_cast<uint4*>(out + j) = y.u;
-    } else {
-      out[j] = y.e[0];
-    }
-  }
+  write_rms_norm_row<T, kVec>(row, nw, out, p.d, rsqrtf(ss / static_cast<float>(p.d) + p.eps), lane);
 }
 
 template <typename T, bool kRoute, bool kVec>

@@ -16,41 +16,15 @@ __global__ void __launch_bounds__(kWarps * 32) gather_norm_kernel(GatherNormPara
   const T* row = static_cast<const T*>(p.h) + p.idx[i] * p.h_stride;
   const T* nw = static_cast<const T*>(p.norm_weight);
   T* out = static_cast<T*>(p.x) + i * p.d;
-  constexpr int V = kVec ? 16 / sizeof(T) : 1;
-  union Pack {
-    uint4 u;
-    T e[V];
-  };
+  using P = RowPack<T, kVec>;
   float ss = 0.f;
-  for (int64_t j = int64_t{lane} * V; j < p.d; j += 32 * V) {
-    Pack x;
-    if constexpr (kVec) {
-      x.u = *reinterpret_cast<const uint4*>(row + j);
-    } else {
-      x.e[0] = row[j];
-    }
+  for (int64_t j = int64_t{lane} * P::V; j < p.d; j += 32 * P::V) {
+    P x;
+    x.load(row + j);
 #pragma unroll
-    for (int e = 0; e < V; ++e) ss += to_float<T>(x.e[e]) * to_float<T>(x.e[e]);
+    for (int e = 0; e < P::V; ++e) ss += to_float<T>(x.e[e]) * to_float<T>(x.e[e]);
   }
-  const float inv = rsqrtf(warp_sum(ss) / static_cast<float>(p.d) + p.eps);
-  for (int64_t j = int64_t{lane} * V; j < p.d; j += 32 * V) {
-    Pack x, w, y;
-    if constexpr (kVec) {
-      x.u = *reinterpret_cast<const uint4*>(row + j);
-      w.u = *reinterpret_cast<const uint4*>(nw + j);
-    } else {
-      x.e[0] = row[j];
-      w.e[0] = nw[j];
-    }
-#pragma unroll
-    for (int e = 0; e < V; ++e)
-      y.e[e] = from_float<T>(to_float<T>(w.e[e]) * round_to<T>(to_float<T>(x.e[e]) * inv));
-    if constexpr (kVec) {
-      *reinterpret_cast<uint4*>(out + j) = y.u;
-    } else {
-      out[j] = y.e[0];
-    }
-  }
+  write_rms_norm_row<T, kVec>(row, nw, out, p.d, rsqrtf(warp_sum(ss) / static_cast<float>(p.d) + p.eps), lane);
 }
 
 // In place on out [M, N] (rows < count): per head, optional RMSNorm, then RoPE with the
