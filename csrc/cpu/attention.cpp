@@ -13,6 +13,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include "common.h"
 
 namespace skipgpt::cpu {
@@ -21,10 +25,9 @@ namespace {
 constexpr int64_t kQueryBlock = 64;
 constexpr int64_t kKeyTile = 256;
 
-// exp for x <= 0 as a polynomial the compiler can vectorise (libm's expf is scalar); exactly 0
-// below -87 (masked keys are -inf). Relative error ~2e-7.
-#define SKIPGPT_CLONES __attribute__((target_clones("arch=haswell", "default")))
-[[gnu::always_inline]] inline float exp_nonpos(float x) {
+// exp for x <= 0 (Cephes-style polynomial after range reduction); exactly 0 below -87
+// (masked keys are -inf). Relative error ~2e-7. Scalar form, and an AVX2 form for 8 lanes.
+inline float exp_nonpos(float x) {
   const bool tiny = x < -87.0f;
   x = std::max(x, -87.0f);
   const float t = std::floor(x * 1.44269504088896341f + 0.5f);
@@ -40,32 +43,98 @@ constexpr int64_t kKeyTile = 256;
   return tiny ? 0.0f : p * scale;
 }
 
+#if defined(__x86_64__)
+__attribute__((target("avx2,fma"))) inline __m256 exp_nonpos_avx2(__m256 x) {
+  const __m256 tiny = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_LT_OQ);
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  const __m256 t = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  __m256 r = _mm256_fnmadd_ps(t, _mm256_set1_ps(0.693145751953125f), x);
+  r = _mm256_fnmadd_ps(t, _mm256_set1_ps(1.428606765330187045e-06f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(t), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(tiny, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+
+// The max, exp and sum passes of softmax_tile_row, 8 lanes at a time.
+__attribute__((target("avx2,fma"))) float tile_max_avx2(const float* s, int64_t nk) {
+  __m256 m = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  int64_t j = 0;
+  for (; j + 8 <= nk; j += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(s + j));
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, m);
+  float mx = lanes[0];
+  for (int l = 1; l < 8; ++l) mx = std::max(mx, lanes[l]);
+  for (; j < nk; ++j) mx = std::max(mx, s[j]);
+  return mx;
+}
+
+__attribute__((target("avx2,fma"))) float tile_exp_sum_avx2(float* s, int64_t nk, float max) {
+  const __m256 m = _mm256_set1_ps(max);
+  __m256 acc = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= nk; j += 8) {
+    const __m256 e = exp_nonpos_avx2(_mm256_sub_ps(_mm256_loadu_ps(s + j), m));
+    _mm256_storeu_ps(s + j, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, acc);
+  float sum = 0;
+  for (int l = 0; l < 8; ++l) sum += lanes[l];
+  for (; j < nk; ++j) sum += (s[j] = exp_nonpos(s[j] - max));
+  return sum;
+}
+#endif
+
+float tile_max_scalar(const float* s, int64_t nk) {
+  float mx = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < nk; ++j) mx = std::max(mx, s[j]);
+  return mx;
+}
+
+float tile_exp_sum_scalar(float* s, int64_t nk, float max) {
+  float sum = 0;
+  for (int64_t j = 0; j < nk; ++j) sum += (s[j] = exp_nonpos(s[j] - max));
+  return sum;
+}
+
+// Chosen once by CPU feature (not CPU model: an AVX2 AMD EPYC must get the AVX2 path).
+bool use_avx2() {
+#if defined(__x86_64__)
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return yes;
+#else
+  return false;
+#endif
+}
+
 // Online-softmax step of one row over one tile: returns the rescale factor of the old state
 // and overwrites the scores with the tile's probabilities relative to the new running max
-// (all 0 when every key of the tile is masked). The reductions run in 8 lanes so that the
-// compiler vectorises them without -ffast-math; the exp loop has no reduction at all.
-SKIPGPT_CLONES float softmax_tile_row(float* s, int64_t nk, float& row_max, float& row_sum) {
+// (all 0 when every key of the tile is masked).
+float softmax_tile_row(float* s, int64_t nk, float& row_max, float& row_sum, bool avx2) {
   constexpr float ninf = -std::numeric_limits<float>::infinity();
-  float lanes[8] = {ninf, ninf, ninf, ninf, ninf, ninf, ninf, ninf};
-  int64_t j = 0;
-  for (; j + 8 <= nk; j += 8)
-    for (int l = 0; l < 8; ++l) lanes[l] = lanes[l] > s[j + l] ? lanes[l] : s[j + l];
-  float mx = ninf;
-  for (int l = 0; l < 8; ++l) mx = std::max(mx, lanes[l]);
-  for (; j < nk; ++j) mx = std::max(mx, s[j]);
+#if defined(__x86_64__)
+  const float mx = avx2 ? tile_max_avx2(s, nk) : tile_max_scalar(s, nk);
+#else
+  const float mx = tile_max_scalar(s, nk);
+#endif
   if (mx == ninf) {
     std::fill(s, s + nk, 0.0f);
     return 1.0f;
   }
   const float new_max = std::max(row_max, mx);
   const float alpha = row_max == ninf ? 0.0f : exp_nonpos(row_max - new_max);
-  for (j = 0; j < nk; ++j) s[j] = exp_nonpos(s[j] - new_max);
-  float sums[8] = {};
-  for (j = 0; j + 8 <= nk; j += 8)
-    for (int l = 0; l < 8; ++l) sums[l] += s[j + l];
-  float sum = 0;
-  for (int l = 0; l < 8; ++l) sum += sums[l];
-  for (; j < nk; ++j) sum += s[j];
+#if defined(__x86_64__)
+  const float sum = avx2 ? tile_exp_sum_avx2(s, nk, new_max) : tile_exp_sum_scalar(s, nk, new_max);
+#else
+  const float sum = tile_exp_sum_scalar(s, nk, new_max);
+#endif
   row_max = new_max;
   row_sum = row_sum * alpha + sum;
   return alpha;
@@ -97,6 +166,7 @@ void attend(const at::Tensor& q, const int64_t* idx, int64_t n, const at::Tensor
   block_start.push_back(n);
   const int64_t nblocks = static_cast<int64_t>(block_start.size()) - 1;
 
+  const bool avx2 = use_avx2();
   at::parallel_for(0, nblocks * Hkv, 1, [&](int64_t wb, int64_t we) {
     std::vector<float> Qf(kQueryBlock * G * hd), O(kQueryBlock * G * hd), S(kQueryBlock * G * kKeyTile);
     std::vector<float> row_max(kQueryBlock * G), row_sum(kQueryBlock * G), alpha(kQueryBlock * G);
@@ -157,7 +227,7 @@ void attend(const at::Tensor& q, const int64_t* idx, int64_t n, const at::Tensor
             if (kvalid != nullptr)
               for (int64_t j = a; j < e; ++j)
                 if (!kvalid[j0 + j]) s[j] = ninf;
-            alpha[r] = softmax_tile_row(s, nk, row_max[r], row_sum[r]);
+            alpha[r] = softmax_tile_row(s, nk, row_max[r], row_sum[r], avx2);
             any = true;
           }
         }
