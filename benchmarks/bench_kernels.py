@@ -105,8 +105,10 @@ def _bench_point(shape, T, B, S, past, skip, h, rw, norm1, norm2, attn, mlp, cos
     eps = norm1.variance_epsilon
     # Router biases at the skip-rate quantile of this input's margins: exact skip fractions.
     margins = h.float() @ rw.T
-    rb = torch.stack([torch.quantile(-margins[:, c], skip) if skip > 0 else torch.tensor(1e9) for c in range(2)])
-    rb = rb - 1e-4 * (skip > 0)
+    # skip >= 1 skips every row (the empty-module cost).
+    rb = torch.stack([torch.quantile(-margins[:, c], skip) if 0 < skip < 1 else torch.tensor(1e9 if skip <= 0 else -1e9)
+                      for c in range(2)])
+    rb = rb - 1e-4 * (0 < skip < 1)
     x_norm, a_idx, a_cnt, m_idx, m_cnt = ops.route_norm(h, norm1.weight, eps, rw, rb, 0.0, None)
     n_a, n_m = int(a_cnt), int(m_cnt)
     rows = []
