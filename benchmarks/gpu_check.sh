@@ -51,7 +51,7 @@ echo "| import (CUDA kernels registered) | rc=$build_rc | - | build.log |" >>"$R
 tail -n 3 "$OUT/build.log"
 
 if [ $build_rc -eq 0 ]; then
-  stage tests 150 "$OUT/tests.log" "$PY" -m pytest -q -m cuda -p no:cacheprovider tests/test_cuda.py -x -rs --junitxml="$OUT/tests.xml"
+  stage tests 150 "$OUT/tests.log" "$PY" -m pytest -q -m cuda -p no:cacheprovider tests/test_cuda.py -rs --junitxml="$OUT/tests.xml"
   tail -n 5 "$OUT/tests.log"
   if "$PY" -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     stage bench 200 "$OUT/bench_cuda.txt" "$PY" benchmarks/bench_kernels.py --device cuda --reps 20
