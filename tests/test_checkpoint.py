@@ -138,3 +138,20 @@ def test_input_scale_round_trips_and_folds_into_decisions(tmp_path):
     skipgpt.save_routers(model, tmp_path)
     other = skipgpt.apply(tiny_model("llama"), from_dir=tmp_path)
     assert float(other.model.layers[2].router_mlp.input_scale) == scales[2]
+
+
+def test_saved_threshold_comes_with_the_routers(tmp_path):
+    model = skipgpt.apply(tiny_model("llama"), SkipConfig())
+    skipgpt.set_threshold(model, 0.63)
+    skipgpt.save_routers(model, tmp_path)
+    # load_routers into a model patched with the default threshold restores the saved one ...
+    b = skipgpt.apply(tiny_model("llama"), SkipConfig())
+    skipgpt.load_routers(b, tmp_path)
+    assert skipgpt.state(b).config.threshold == pytest.approx(0.63)
+    # ... as does apply(from_dir=...) without a config; an explicit config keeps its own.
+    assert skipgpt.state(skipgpt.apply(tiny_model("llama"), from_dir=tmp_path)).config.threshold == pytest.approx(0.63)
+    c = skipgpt.apply(tiny_model("llama"), SkipConfig(threshold=0.4), from_dir=tmp_path)
+    assert skipgpt.state(c).config.threshold == pytest.approx(0.4)
+    d = skipgpt.apply(tiny_model("llama"), SkipConfig())
+    skipgpt.load_routers(d, tmp_path, restore_threshold=False)
+    assert skipgpt.state(d).config.threshold == pytest.approx(0.5)

@@ -66,16 +66,21 @@ def read_config(directory: str | Path) -> SkipConfig:
     return SkipConfig.from_dict({k: v for k, v in data.items() if k not in _FIT_KEYS})
 
 
-def load_routers(model: nn.Module, source: str | Path, strict_config: bool = True) -> nn.Module:
+def load_routers(
+    model: nn.Module, source: str | Path, strict_config: bool = True, restore_threshold: bool = True
+) -> nn.Module:
     """Load routers saved by :func:`save_routers`, or an authors' checkpoint file.
 
     ``source`` may be our directory, a ``.safetensors`` file, or a ``.pth``/``.bin`` file in
     the authors' format (read with ``weights_only=True``). Raises
     :class:`CheckpointMismatchError` when the family, layer count, hidden size or router type
-    does not fit the patched model.
+    does not fit the patched model. From a directory, the saved inference threshold (e.g. the
+    one ``calibrate_threshold`` put on target) comes with the routers unless
+    ``restore_threshold=False``; :func:`skipgpt.set_threshold` changes it afterwards.
     """
     source = Path(source)
     fit = _fit(model)
+    saved: dict = {}
     if source.is_dir():
         cfg_path = source / CONFIG_FILE
         if cfg_path.exists():
@@ -102,6 +107,10 @@ def load_routers(model: nn.Module, source: str | Path, strict_config: bool = Tru
     else:
         tensors = _read(source)
     _assign(model, tensors, str(source))
+    if restore_threshold and "threshold" in saved:
+        from .patch import set_threshold
+
+        set_threshold(model, saved["threshold"])
     return model
 
 

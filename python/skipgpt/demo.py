@@ -69,7 +69,8 @@ def run(args: DemoArgs) -> dict:
         dense_ppl = perplexity(model, held_out, window=256, progress=False)
 
         if routers:
-            apply(model, SkipConfig(mode="auto"), from_dir=routers)
+            apply(model, from_dir=routers)  # the saved config: calibrated threshold included
+            set_mode(model, "auto")
             origin = f"trained routers from {routers}"
         else:
             calib = data.pack_tokens(data.load_texts("shakespeare", "validation"), tok, 256, max_blocks=4)

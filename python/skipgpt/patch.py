@@ -55,6 +55,7 @@ def apply(model: nn.Module, config: SkipConfig | None = None, from_dir: str | Pa
     adapter = adapter_for(base)
     if is_patched(base):
         raise ValueError("SkipGPT is already applied to this model; call skipgpt.remove(model) first")
+    explicit_config = config is not None
     if config is None:
         config = read_config(from_dir) if from_dir is not None and Path(from_dir).is_dir() else SkipConfig()
     config.validate()
@@ -77,8 +78,8 @@ def apply(model: nn.Module, config: SkipConfig | None = None, from_dir: str | Pa
     )
     object.__setattr__(base, "skipgpt_state", st)
     object.__setattr__(base, "_skipgpt_hooks", hooks)
-    if from_dir is not None:
-        load_routers(model, from_dir)
+    if from_dir is not None:  # an explicit config keeps its own threshold
+        load_routers(model, from_dir, restore_threshold=not explicit_config)
     return model
 
 
