@@ -218,19 +218,11 @@ __global__ void __launch_bounds__(kThreads) attention_mma_kernel(AttentionParams
 
 template <typename T, int HD>
 cudaError_t launch_hd(const AttentionParams& p, cudaStream_t stream) {
-  auto kernel = attention_mma_kernel<T, HD>;
   constexpr size_t smem = mma_smem_bytes<HD>();
-  static bool opted_in[64] = {};
-  int dev = 0;
-  cudaError_t e = cudaGetDevice(&dev);
+  const cudaError_t e = opt_in_smem<attention_mma_kernel<T, HD>>(smem);
   if (e != cudaSuccess) return e;
-  if (dev < 0 || dev >= 64 || !opted_in[dev]) {
-    e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-    if (e != cudaSuccess) return e;
-    if (dev >= 0 && dev < 64) opted_in[dev] = true;
-  }
   const dim3 grid(static_cast<unsigned>(ceil_div(p.T, kBQ)), static_cast<unsigned>(p.Hq));
-  kernel<<<grid, kThreads, smem, stream>>>(p);
+  attention_mma_kernel<T, HD><<<grid, kThreads, smem, stream>>>(p);
   return cudaGetLastError();
 }
 

@@ -105,6 +105,19 @@ __device__ __forceinline__ int64_t load_count(const int64_t* count, int64_t capa
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Over 48 KB of dynamic shared memory needs an opt-in per kernel and device. It is not a
+// stream operation (fine while a graph is being captured); done once per kernel and device.
+template <auto kKernel>
+cudaError_t opt_in_smem(size_t bytes) {
+  static bool done[64] = {};
+  int dev = 0;
+  cudaError_t e = cudaGetDevice(&dev);
+  if (e != cudaSuccess || (dev >= 0 && dev < 64 && done[dev])) return e;
+  e = cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+  if (e == cudaSuccess && dev >= 0 && dev < 64) done[dev] = true;
+  return e;
+}
+
 // Calls f.template operator()<T>() with T the element type of dtype.
 template <typename F>
 cudaError_t dispatch_dtype(DType dtype, F&& f) {

@@ -249,20 +249,10 @@ __global__ void __launch_bounds__(C::THREADS) gemm_kernel(GemmParams p) {
 
 template <typename T, Epilogue EPI, typename C>
 cudaError_t launch_cfg(const GemmParams& p, cudaStream_t stream) {
-  auto kernel = gemm_kernel<T, EPI, C>;
-  // Over 48 KB of dynamic shared memory needs an opt-in, once per device (not a stream
-  // operation, so it is also fine while a graph is being captured).
-  static bool opted_in[64] = {};
-  int dev = 0;
-  cudaError_t e = cudaGetDevice(&dev);
+  const cudaError_t e = opt_in_smem<gemm_kernel<T, EPI, C>>(C::kSmemBytes);
   if (e != cudaSuccess) return e;
-  if (dev < 0 || dev >= 64 || !opted_in[dev]) {
-    e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(C::kSmemBytes));
-    if (e != cudaSuccess) return e;
-    if (dev >= 0 && dev < 64) opted_in[dev] = true;
-  }
   const dim3 grid(static_cast<unsigned>(ceil_div(p.M, C::BM)), static_cast<unsigned>(ceil_div(p.N, C::BN)));
-  kernel<<<grid, C::THREADS, C::kSmemBytes, stream>>>(p);
+  gemm_kernel<T, EPI, C><<<grid, C::THREADS, C::kSmemBytes, stream>>>(p);
   return cudaGetLastError();
 }
 
@@ -273,10 +263,9 @@ using CfgDual = Cfg<128, 64, 2, 4, true>;    // 8 warps of 64 x (16 gate + 16 up
 
 cudaError_t launch_gemm(const GemmParams& p, Epilogue epi, DType dtype, cudaStream_t stream) {
   if (p.M == 0 || p.N == 0) return cudaSuccess;
-  if (dtype == DType::kF32) return cudaErrorInvalidValue;  // tensor-core paths only
   return dispatch_dtype(dtype, [&]<typename T>() -> cudaError_t {
     if constexpr (std::is_same_v<T, float>) {
-      return cudaErrorInvalidValue;
+      return cudaErrorInvalidValue;  // tensor-core paths only (the op wrappers reject fp32 first)
     } else {
       switch (epi) {
         case Epilogue::kStore:

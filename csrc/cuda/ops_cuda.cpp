@@ -235,23 +235,11 @@ at::Tensor q_proj_rope_cuda(const at::Tensor& x, const at::Tensor& idx, const at
   const auto cs = cos.to(x.scalar_type()).contiguous(), sn = sin.to(x.scalar_type()).contiguous();
   const auto b = bias.has_value() ? bias->contiguous() : at::Tensor();
   auto out = at::empty({T, N}, x.options().memory_format(at::MemoryFormat::Contiguous));
-  GemmParams p;
-  p.A = x.data_ptr();
-  p.lda = x.stride(0);
-  p.a_idx = idx.data_ptr<int64_t>();
-  p.W = weight.data_ptr();
-  p.bias = b.defined() ? b.data_ptr() : nullptr;
-  p.out = out.data_ptr();
-  p.ldo = N;
-  p.count = count.data_ptr<int64_t>();
-  p.M = T;
-  p.N = N;
-  p.K = d;
-  p.cos = cs.data_ptr();
-  p.sin = sn.data_ptr();
-  p.head_norm_weight = hnw.defined() ? hnw.data_ptr() : nullptr;
-  p.head_norm_eps = static_cast<float>(head_norm_eps);
-  p.head_dim = static_cast<int>(hd);
+  const GemmParams p{.A = x.data_ptr(), .lda = x.stride(0), .a_idx = idx.data_ptr<int64_t>(), .W = weight.data_ptr(),
+                     .bias = b.defined() ? b.data_ptr() : nullptr, .out = out.data_ptr(), .ldo = N,
+                     .count = count.data_ptr<int64_t>(), .M = T, .N = N, .K = d, .cos = cs.data_ptr(),
+                     .sin = sn.data_ptr(), .head_norm_weight = hnw.defined() ? hnw.data_ptr() : nullptr,
+                     .head_norm_eps = static_cast<float>(head_norm_eps), .head_dim = static_cast<int>(hd)};
   launched(launch_gemm(p, Epilogue::kRope, dtype_of(x), c10::cuda::getCurrentCUDAStream().stream()), op);
   return out;
 }
@@ -334,6 +322,17 @@ at::Tensor sparse_query_attention_cuda(const at::Tensor& q_in, const at::Tensor&
   return out;
 }
 
+// h[idx[i]] += a[i] @ W^T (+ bias) for i < count: the O projection and the MLP's down
+// projection, one launch each.
+void gemm_scatter_add(at::Tensor& h, const void* a, int64_t lda, int64_t K, const at::Tensor& weight,
+                      const void* bias, const at::Tensor& idx, const at::Tensor& count, cudaStream_t stream,
+                      const char* op) {
+  const GemmParams p{.A = a, .lda = lda, .W = weight.data_ptr(), .bias = bias, .out = h.data_ptr(),
+                     .ldo = h.stride(0), .out_idx = idx.data_ptr<int64_t>(), .count = count.data_ptr<int64_t>(),
+                     .M = h.size(0), .N = h.size(1), .K = K};
+  launched(launch_gemm(p, Epilogue::kScatterAdd, dtype_of(h), stream), op);
+}
+
 void check_inplace(const at::Tensor& h, const char* op) {
   TORCH_CHECK(h.is_cuda(), op, ": h must be a CUDA tensor, got device ", h.device());
   TORCH_CHECK(h.dim() == 2, op, ": h must be 2-D, got shape ", h.sizes());
@@ -359,19 +358,8 @@ void linear_scatter_add_cuda(at::Tensor& h, const at::Tensor& a, const at::Tenso
   check_idx(idx, count, T, h, op);
   const auto weight = aligned16(weight_in);
   const auto b = bias.has_value() ? bias->contiguous() : at::Tensor();
-  GemmParams p;
-  p.A = a.data_ptr();
-  p.lda = a.stride(0);
-  p.W = weight.data_ptr();
-  p.bias = b.defined() ? b.data_ptr() : nullptr;
-  p.out = h.data_ptr();
-  p.ldo = h.stride(0);
-  p.out_idx = idx.data_ptr<int64_t>();
-  p.count = count.data_ptr<int64_t>();
-  p.M = T;
-  p.N = d;
-  p.K = a.size(1);
-  launched(launch_gemm(p, Epilogue::kScatterAdd, dtype_of(h), c10::cuda::getCurrentCUDAStream().stream()), op);
+  gemm_scatter_add(h, a.data_ptr(), a.stride(0), a.size(1), weight, b.defined() ? b.data_ptr() : nullptr, idx, count,
+                   c10::cuda::getCurrentCUDAStream().stream(), op);
 }
 
 void skip_mlp_cuda(at::Tensor& h, const at::Tensor& idx, const at::Tensor& count, const at::Tensor& norm_weight,
@@ -395,41 +383,14 @@ void skip_mlp_cuda(at::Tensor& h, const at::Tensor& idx, const at::Tensor& count
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   auto x = at::empty({T, d}, h.options().memory_format(at::MemoryFormat::Contiguous));
   auto act = at::empty({T, I}, h.options().memory_format(at::MemoryFormat::Contiguous));
-  GatherNormParams g;
-  g.h = h.data_ptr();
-  g.h_stride = h.stride(0);
-  g.idx = idx.data_ptr<int64_t>();
-  g.count = count.data_ptr<int64_t>();
-  g.norm_weight = nw.data_ptr();
-  g.eps = static_cast<float>(eps);
-  g.x = x.data_ptr();
-  g.T = T;
-  g.d = d;
+  const int64_t* cnt = count.data_ptr<int64_t>();
+  const GatherNormParams g{.h = h.data_ptr(), .h_stride = h.stride(0), .idx = idx.data_ptr<int64_t>(), .count = cnt,
+                           .norm_weight = nw.data_ptr(), .eps = static_cast<float>(eps), .x = x.data_ptr(), .T = T, .d = d};
   launched(launch_gather_norm(g, dtype_of(h), stream), op);
-  GemmParams up_p;
-  up_p.A = x.data_ptr();
-  up_p.lda = d;
-  up_p.W = gate.data_ptr();
-  up_p.W1 = up.data_ptr();
-  up_p.out = act.data_ptr();
-  up_p.ldo = I;
-  up_p.count = count.data_ptr<int64_t>();
-  up_p.M = T;
-  up_p.N = I;
-  up_p.K = d;
-  launched(launch_gemm(up_p, Epilogue::kSiluMul, dtype_of(h), stream), op);
-  GemmParams dn;
-  dn.A = act.data_ptr();
-  dn.lda = I;
-  dn.W = down.data_ptr();
-  dn.out = h.data_ptr();
-  dn.ldo = h.stride(0);
-  dn.out_idx = idx.data_ptr<int64_t>();
-  dn.count = count.data_ptr<int64_t>();
-  dn.M = T;
-  dn.N = d;
-  dn.K = I;
-  launched(launch_gemm(dn, Epilogue::kScatterAdd, dtype_of(h), stream), op);
+  const GemmParams gate_up{.A = x.data_ptr(), .lda = d, .W = gate.data_ptr(), .W1 = up.data_ptr(), .out = act.data_ptr(),
+                           .ldo = I, .count = cnt, .M = T, .N = I, .K = d};
+  launched(launch_gemm(gate_up, Epilogue::kSiluMul, dtype_of(h), stream), op);
+  gemm_scatter_add(h, act.data_ptr(), I, I, down, nullptr, idx, count, stream, op);
 }
 
 }  // namespace
