@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch  # noqa: F401  (must precede _C: the extension has no RPATH to torch's libraries)
 
 from . import ops, reference  # noqa: F401  (reference: the public pure-PyTorch op set)
@@ -46,9 +48,14 @@ def has_kernels(device: str | torch.device = "cpu", dtype: torch.dtype | None = 
         return False
     if dtype is not None and dtype not in KERNEL_DTYPES[kind]:
         return False
-    return all(
-        torch._C._dispatch_has_kernel_for_dispatch_key(f"skipgpt::{name}", key) for name in OP_NAMES
-    )
+    return _has_key_kernels(key)
+
+
+@functools.cache
+def _has_key_kernels(key: str) -> bool:
+    # Kernels register when _C loads and never change afterwards: ask the dispatcher once, not
+    # on every layer forward (auto mode calls has_kernels per layer).
+    return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"skipgpt::{name}", key) for name in OP_NAMES)
 
 
 def require_kernels(device: str | torch.device) -> None:

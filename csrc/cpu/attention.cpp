@@ -13,7 +13,6 @@
 #include <type_traits>
 #include <vector>
 
-
 #include "common.h"
 #include "vec_math.h"
 

@@ -103,11 +103,11 @@ def _make_pre_hook(st: SkipState):
         mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
         ids = kwargs.get("input_ids", args[0] if args else None)
         embeds = kwargs.get("inputs_embeds")
-        shape = (embeds if embeds is not None else ids).shape
+        inputs = embeds if embeds is not None else ids
         record_hidden = bool(kwargs.get("output_hidden_states") or module.config.output_hidden_states)
         st._begin(
-            mask, shape[0], shape[1], clone_first=embeds is not None, clone_all=record_hidden,
-            device=(embeds if embeds is not None else ids).device,
+            mask, inputs.shape[0], inputs.shape[1], clone_first=embeds is not None, clone_all=record_hidden,
+            device=inputs.device,
         )
         return None
 
