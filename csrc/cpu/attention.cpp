@@ -118,8 +118,30 @@ void attend(const at::Tensor& q, const int64_t* idx, int64_t n, const at::Tensor
   block_start.push_back(n);
   const int64_t nblocks = static_cast<int64_t>(block_start.size()) - 1;
 
+  // Causal work grows with the block's position, so equal counts of work items are unequal
+  // work (2 threads got 1:3 of it). Split the items into one contiguous range per thread of
+  // about equal cost (queries x visited keys), and give each thread exactly one range.
+  const int64_t nitems = nblocks * Hkv;
+  std::vector<double> cost_prefix(nitems + 1, 0.0);
+  for (int64_t w = 0; w < nitems; ++w) {
+    const int64_t blk = w / Hkv, i0 = block_start[blk], i1 = block_start[blk + 1] - 1;
+    const int64_t first = idx[i0], last = idx[i1];
+    const int64_t hi = std::min(Lk - 1, q_pos[last] - kv_offset);
+    const int64_t lo = window > 0 ? std::max<int64_t>(0, q_pos[first] - window + 1 - kv_offset) : 0;
+    cost_prefix[w + 1] = cost_prefix[w] + static_cast<double>(i1 - i0 + 1) * static_cast<double>(std::max<int64_t>(hi - lo + 1, 1));
+  }
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nitems));
+  std::vector<int64_t> part_start(parts + 1, nitems);
+  part_start[0] = 0;
+  for (int64_t p = 1, w = 0; p < parts; ++p) {
+    const double goal = cost_prefix[nitems] * static_cast<double>(p) / static_cast<double>(parts);
+    while (w < nitems && cost_prefix[w + 1] <= goal) ++w;
+    part_start[p] = std::max(w, part_start[p - 1]);
+  }
+
   const bool avx2 = use_avx2();
-  at::parallel_for(0, nblocks * Hkv, 1, [&](int64_t wb, int64_t we) {
+  at::parallel_for(0, parts, 1, [&](int64_t pb, int64_t pe) {
+    const int64_t wb = part_start[pb], we = part_start[pe];
     std::vector<float> Qf(kQueryBlock * G * hd), O(kQueryBlock * G * hd), S(kQueryBlock * G * kKeyTile);
     std::vector<float> row_max(kQueryBlock * G), row_sum(kQueryBlock * G), alpha(kQueryBlock * G);
     std::vector<int64_t> jmin(kQueryBlock), jmax(kQueryBlock);
