@@ -122,11 +122,12 @@ def test_q_proj_rope_matches_float64(data):
 @given(data=st.data())
 def test_sparse_query_attention_matches_float64(data):
     B = data.draw(st.integers(1, 3))
-    S = data.draw(st.sampled_from([1, 2, 9, 70]))  # 70 crosses the key tile (64)
+    # 70 crosses a query block (64) and a 64-key panel; with past 80, 300 crosses the key tile (256)
+    S = data.draw(st.sampled_from([1, 2, 9, 70, 300]))
     past = data.draw(st.sampled_from([0, 3, 80]))  # prefill, or chunks/decode after a cache
     Hkv = data.draw(st.integers(1, 3))
     G = data.draw(st.sampled_from([1, 2, 3]))  # GQA ratio
-    hd = data.draw(st.sampled_from([4, 12, 64]))
+    hd = data.draw(st.sampled_from([4, 12, 64, 80]))  # 80: not a multiple of the 16-lane vector
     window = data.draw(st.sampled_from([0, 1, 5, 64]))
     dtype = data.draw(st.sampled_from(DTYPES))
     torch.manual_seed(data.draw(st.integers(0, 2**16)))
@@ -154,6 +155,46 @@ def test_sparse_query_attention_matches_float64(data):
     n = int(cnt)
     assert got.shape == q.shape
     _close(got[:n], want[:n], dtype)
+
+
+_ISA_CHECK = """
+import torch
+from skipgpt_ext import ops, reference as ref
+torch.manual_seed(0)
+worst = []
+for dtype, hd, G, window in [(torch.float32, 64, 3, 0), (torch.float32, 80, 2, 100), (torch.bfloat16, 128, 4, 0)]:
+    B, S, past, Hkv = 2, 300, 40, 2
+    Lk, T = past + S, B * S
+    k, v = torch.randn(B, Hkv, Lk, hd).to(dtype), torch.randn(B, Hkv, Lk, hd).to(dtype)
+    q = torch.randn(T, G * Hkv * hd).to(dtype)
+    key_valid = torch.ones(B, Lk, dtype=torch.bool)
+    key_valid[1, :57] = False
+    idx, cnt = ref.compact(torch.rand(T) < 0.6)
+    q_pos = torch.arange(past, past + S).repeat(B)
+    got = ops.sparse_query_attention(q, idx, cnt, k, v, q_pos, key_valid, 0, S, hd**-0.5, window)
+    f64 = [t.double() if t.is_floating_point() else t for t in (q, k, v)]
+    want = ref.sparse_query_attention(f64[0], idx, cnt, f64[1], f64[2], q_pos, key_valid, 0, S, hd**-0.5, window)
+    n = int(cnt)
+    tol = 2e-5 if dtype == torch.float32 else 3e-2
+    worst.append((got[:n].double() - want[:n]).abs().max().item() / tol)
+print(*worst)
+"""
+
+
+@pytest.mark.parametrize("isa", ["generic", "avx2", "native"])
+def test_attention_each_tile_kernel_matches_float64(isa):
+    """The tile kernels are chosen once per process by CPU feature (AVX-512, AVX2, or ATen's GEMM);
+    SKIPGPT_CPU_TILES caps the choice, so each path runs in its own process (a path the CPU lacks
+    falls back to the next one down)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, SKIPGPT_CPU_TILES=isa)
+    res = subprocess.run([sys.executable, "-c", _ISA_CHECK], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    worst = [float(x) for x in res.stdout.split()]  # per case, in units of the dtype's tolerance
+    assert len(worst) == 3 and max(worst) <= 1.0, worst
 
 
 def test_attention_query_without_visible_key_gives_zero():

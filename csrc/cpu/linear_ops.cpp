@@ -200,6 +200,7 @@ __attribute__((target("avx2,fma"))) void silu_mul_avx2(float* g, const float* u,
     const __m256 sig = _mm256_blendv_ps(inv, _mm256_mul_ps(e, inv), _mm256_cmp_ps(x, zero, _CMP_LT_OQ));
     _mm256_storeu_ps(g + j, _mm256_mul_ps(_mm256_mul_ps(x, sig), _mm256_loadu_ps(u + j)));
   }
+  clear_upper_avx();  // GCC 12 omits it before this (tail) call; see vec_math.h
   silu_mul_scalar(g + j, u + j, n - j);
 }
 #endif

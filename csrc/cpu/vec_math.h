@@ -48,6 +48,12 @@ __attribute__((target("avx2,fma"))) inline __m256 exp_nonpos_avx2(__m256 x) {
   return _mm256_andnot_ps(tiny, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
 }
 
+// Leaves the upper halves of the vector registers clean (vzeroupper). Every AVX entry point
+// calls it before returning to, or tail-calling, code built for the baseline ISA: GCC 12
+// dropped the vzeroupper before a tail call, and the dirty state then made MKL's SSE GEMV path
+// (what sgemv takes on this AMD CPU) run 2x slower for the rest of the process.
+__attribute__((target("avx"))) inline void clear_upper_avx() { _mm256_zeroupper(); }
+
 #endif
 
 // Chosen once by CPU feature (not CPU model: an AVX2 AMD EPYC must get the AVX2 path).
