@@ -177,24 +177,59 @@ for dtype, hd, G, window in [(torch.float32, 64, 3, 0), (torch.float32, 80, 2, 1
     n = int(cnt)
     tol = 2e-5 if dtype == torch.float32 else 3e-2
     worst.append((got[:n].double() - want[:n]).abs().max().item() / tol)
+def rel(got, want, tol):
+    if want.numel() == 0:
+        return 0.0
+    return (got.double() - want).abs().max().item() / (tol * max(want.abs().max().item(), 1.0))
+
+
+# The compacted linear ops at decode-sized row counts (the skinny kernel: 1-16 rows, K with a
+# vector tail) and above them (ATen's GEMM), in every dtype.
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    tol = {torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}[dtype]
+    for T, d, inter in [(1, 37, 50), (6, 64, 70), (17, 40, 33), (20, 24, 16)]:
+        h = torch.randn(T, d).to(dtype)
+        idx, cnt = ref.compact(torch.rand(T) < 0.8)
+        idx, cnt = (idx, cnt) if int(cnt) else ref.compact(torch.ones(T, dtype=torch.bool))
+        nw, gw, uw = torch.rand(d).to(dtype) + 0.5, torch.randn(inter, d).to(dtype) / 4, torch.randn(inter, d).to(dtype) / 4
+        dw = torch.randn(d, inter).to(dtype) / 4
+        got = h.clone()
+        ops.skip_mlp_(got, idx, cnt, nw, 1e-6, gw, uw, dw)
+        want = h.double()
+        ref.skip_mlp_(want, idx, cnt, nw.double(), 1e-6, gw.double(), uw.double(), dw.double())
+        worst.append(rel(got, want, tol))
+        a, w, bias = torch.randn(T, inter).to(dtype), torch.randn(d, inter).to(dtype) / 4, torch.randn(d).to(dtype)
+        got = h.clone()
+        ops.linear_scatter_add_(got, a, idx, cnt, w, bias)
+        want = h.double()
+        ref.linear_scatter_add_(want, a.double(), idx, cnt, w.double(), bias.double())
+        worst.append(rel(got, want, tol))
+        hd = 8
+        qw, qb = torch.randn(2 * hd, d).to(dtype) / 4, torch.randn(2 * hd).to(dtype)
+        ang = torch.arange(T)[:, None] * torch.rand(hd // 2)
+        cos, sin = torch.cat([ang.cos()] * 2, 1).to(dtype), torch.cat([ang.sin()] * 2, 1).to(dtype)
+        got = ops.q_proj_rope(h, idx, cnt, qw, qb, None, 0.0, cos, sin)
+        want = ref.q_proj_rope(h.double(), idx, cnt, qw.double(), qb.double(), None, 0.0, cos.double(), sin.double())
+        n = int(cnt)
+        worst.append(rel(got[:n], want[:n], tol))
 print(*worst)
 """
 
 
 @pytest.mark.parametrize("isa", ["generic", "avx2", "native"])
-def test_attention_each_tile_kernel_matches_float64(isa):
-    """The tile kernels are chosen once per process by CPU feature (AVX-512, AVX2, or ATen's GEMM);
-    SKIPGPT_CPU_TILES caps the choice, so each path runs in its own process (a path the CPU lacks
-    falls back to the next one down)."""
+def test_each_vector_isa_matches_float64(isa):
+    """The attention tile kernels and the skinny (few-row) linear kernel are chosen once per
+    process by CPU feature (AVX-512, AVX2, or ATen's GEMM); SKIPGPT_CPU_ISA caps the choice, so
+    each path runs in its own process (a path the CPU lacks falls back to the next one down)."""
     import os
     import subprocess
     import sys
 
-    env = dict(os.environ, SKIPGPT_CPU_TILES=isa)
+    env = dict(os.environ, SKIPGPT_CPU_ISA=isa)
     res = subprocess.run([sys.executable, "-c", _ISA_CHECK], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     worst = [float(x) for x in res.stdout.split()]  # per case, in units of the dtype's tolerance
-    assert len(worst) == 3 and max(worst) <= 1.0, worst
+    assert len(worst) == 3 + 3 * 4 * 3 and max(worst) <= 1.0, worst
 
 
 def test_attention_query_without_visible_key_gives_zero():

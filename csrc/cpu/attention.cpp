@@ -11,13 +11,12 @@
 #include <algorithm>
 #include <bit>
 #include <cmath>
-#include <cstdlib>
-#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
 
 #include "common.h"
+#include "vec_isa.h"
 #include "vec_math.h"
 
 namespace skipgpt::cpu {
@@ -112,124 +111,29 @@ struct ItemArgs {
 
 }  // namespace
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#define SKIPGPT_X86_TILES 1
-// ---- AVX-512 (16 lanes): 6 x 64 score and 6 x 64 output accumulators (24 of 32 registers).
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma")
-// GCC 12's AVX-512 intrinsics self-initialise their "undefined" operands, which -Wall reports.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
+#if defined(SKIPGPT_X86_VEC)
+// AVX-512: 6 x 64 score and 6 x 64 output accumulators (24 of 32 registers).
+SKIPGPT_BEGIN_AVX512
 namespace avx512_tiles {
-struct Vec {
-  using reg = __m512;
-  static constexpr int kWidth = 16, kPanelVecs = 4, kPvVecs = 4;
-  static inline reg zero() { return _mm512_setzero_ps(); }
-  static inline reg load(const float* p) { return _mm512_loadu_ps(p); }
-  static inline void store(float* p, reg x) { _mm512_storeu_ps(p, x); }
-  static inline reg set1(float x) { return _mm512_set1_ps(x); }
-  static inline reg fmadd(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
-  static inline reg mul(reg a, reg b) { return _mm512_mul_ps(a, b); }
-  static inline reg add(reg a, reg b) { return _mm512_add_ps(a, b); }
-  static inline reg sub(reg a, reg b) { return _mm512_sub_ps(a, b); }
-  static inline reg max(reg a, reg b) { return _mm512_max_ps(a, b); }
-  static inline float reduce_max(reg x) { return _mm512_reduce_max_ps(x); }
-  static inline float reduce_add(reg x) { return _mm512_reduce_add_ps(x); }
-  // exp for x <= 0, the polynomial of exp_nonpos; exactly 0 below -87 (and for -inf).
-  static inline reg exp_nonpos(reg x) {
-    const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_GE_OQ);
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-    const reg t = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
-                                       _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    reg r = _mm512_fnmadd_ps(t, _mm512_set1_ps(0.693145751953125f), x);
-    r = _mm512_fnmadd_ps(t, _mm512_set1_ps(1.428606765330187045e-06f), r);
-    reg p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(t), _mm512_set1_epi32(127)), 23);
-    return _mm512_maskz_mul_ps(keep, p, _mm512_castsi512_ps(e));
-  }
+struct Vec : avx512_vec::Vec {
+  static constexpr int kPanelVecs = 4, kPvVecs = 4;
 };
 #include "attention_tile.inc"
 }  // namespace avx512_tiles
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC diagnostic pop
-#pragma GCC pop_options
-#endif
+SKIPGPT_END_ISA
 
-// ---- AVX2 (8 lanes, 16 registers): 6 x 16 score and 6 x 16 output accumulators.
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-#endif
+// AVX2 (16 registers): 6 x 16 score and 6 x 16 output accumulators.
+SKIPGPT_BEGIN_AVX2
 namespace avx2_tiles {
-struct Vec {
-  using reg = __m256;
-  static constexpr int kWidth = 8, kPanelVecs = 2, kPvVecs = 2;
-  static inline reg zero() { return _mm256_setzero_ps(); }
-  static inline reg load(const float* p) { return _mm256_loadu_ps(p); }
-  static inline void store(float* p, reg x) { _mm256_storeu_ps(p, x); }
-  static inline reg set1(float x) { return _mm256_set1_ps(x); }
-  static inline reg fmadd(reg a, reg b, reg c) { return _mm256_fmadd_ps(a, b, c); }
-  static inline reg mul(reg a, reg b) { return _mm256_mul_ps(a, b); }
-  static inline reg add(reg a, reg b) { return _mm256_add_ps(a, b); }
-  static inline reg sub(reg a, reg b) { return _mm256_sub_ps(a, b); }
-  static inline reg max(reg a, reg b) { return _mm256_max_ps(a, b); }
-  static inline float reduce_max(reg x) {
-    __m128 m = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
-    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-    m = _mm_max_ss(m, _mm_movehdup_ps(m));
-    return _mm_cvtss_f32(m);
-  }
-  static inline float reduce_add(reg x) {
-    __m128 m = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
-    m = _mm_add_ps(m, _mm_movehl_ps(m, m));
-    m = _mm_add_ss(m, _mm_movehdup_ps(m));
-    return _mm_cvtss_f32(m);
-  }
-  static inline reg exp_nonpos(reg x) { return skipgpt::cpu::exp_nonpos_avx2(x); }
+struct Vec : avx2_vec::Vec {
+  static constexpr int kPanelVecs = 2, kPvVecs = 2;
 };
 #include "attention_tile.inc"
 }  // namespace avx2_tiles
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+SKIPGPT_END_ISA
 #endif  // x86 tiles
 
 namespace {
-
-// The instruction set of the tile kernels on this CPU (by feature, not model). The environment
-// variable SKIPGPT_CPU_TILES=avx2|generic caps it, read once (the tests run each path this way).
-enum class Tiles { kGeneric, kAvx2, kAvx512 };
-Tiles tiles_isa() {
-#if defined(SKIPGPT_X86_TILES)
-  static const Tiles isa = [] {
-    Tiles best = __builtin_cpu_supports("avx512f") ? Tiles::kAvx512 : use_avx2() ? Tiles::kAvx2 : Tiles::kGeneric;
-    const char* cap = std::getenv("SKIPGPT_CPU_TILES");
-    if (cap != nullptr && std::strcmp(cap, "generic") == 0) best = Tiles::kGeneric;
-    if (cap != nullptr && std::strcmp(cap, "avx2") == 0 && best == Tiles::kAvx512) best = Tiles::kAvx2;
-    return best;
-  }();
-  return isa;
-#else
-  return Tiles::kGeneric;
-#endif
-}
 
 template <typename scalar_t>
 void attend(const at::Tensor& q, const int64_t* idx, int64_t n, const at::Tensor& k, const at::Tensor& v,
@@ -278,9 +182,9 @@ void attend(const at::Tensor& q, const int64_t* idx, int64_t n, const at::Tensor
     part_start[p] = std::max(w, part_start[p - 1]);
   }
 
-  const Tiles isa = tiles_isa();
-  if (isa != Tiles::kGeneric) {
-#if defined(SKIPGPT_X86_TILES)
+  const Isa isa = cpu_isa();
+  if (isa != Isa::kGeneric) {
+#if defined(SKIPGPT_X86_VEC)
     const ItemArgs<scalar_t> args{qp, kp, vp, op, idx, q_pos, key_valid, qs, os, ksb, ksh, ksl, vsb, vsh, vsl,
                                   hd, G, Lk, kv_offset, seq_len, window, kKeyTile, scale};
     at::parallel_for(0, parts, 1, [&](int64_t pb, int64_t pe) {
@@ -288,7 +192,7 @@ void attend(const at::Tensor& q, const int64_t* idx, int64_t n, const at::Tensor
       avx2_tiles::Scratch sc2;
       for (int64_t w = part_start[pb]; w < part_start[pe]; ++w) {
         const int64_t blk = w / Hkv, i0 = block_start[blk], m = block_start[blk + 1] - i0;
-        if (isa == Tiles::kAvx512)
+        if (isa == Isa::kAvx512)
           avx512_tiles::run_item<scalar_t>(args, i0, m, w % Hkv, sc512);
         else
           avx2_tiles::run_item<scalar_t>(args, i0, m, w % Hkv, sc2);

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "common.h"
+#include "skinny_gemm.h"
 #include "vec_math.h"
 
 namespace skipgpt::cpu {
@@ -49,6 +50,8 @@ void scatter_add_rows(at::Tensor& h, const at::Tensor& y, const int64_t* idx, in
 // The last GEMM of a module, y = a @ W^T (+ bias), added into rows idx[:n] of h.
 void gemm_scatter_add(at::Tensor& h, const at::Tensor& a, const int64_t* idx, int64_t n, const at::Tensor& weight,
                       const std::optional<at::Tensor>& bias) {
+  // A few rows (decode): the skinny kernel adds straight into h's rows.
+  if (skinny_linear(a, nullptr, n, weight, bias, h, idx, /*accumulate=*/true)) return;
   if (n == h.size(0)) {
     // idx is ascending and unique, so n == T means the identity: accumulate in place.
     h.addmm_(a, weight.t());
@@ -103,12 +106,15 @@ at::Tensor q_proj_rope_cpu(const at::Tensor& x_in, const at::Tensor& idx, const 
   const at::Tensor x = x_in.stride(1) == 1 ? x_in : x_in.contiguous();
   const auto idx_c = idx.contiguous();
   const int64_t* ip = idx_c.data_ptr<int64_t>();
-  const at::Tensor xc = n == T ? x : gather_rows(x, ip, n);
   auto q = out.narrow(0, 0, n);
-  if (bias.has_value()) {
-    at::addmm_out(q, *bias, xc, weight.t());
-  } else {
-    at::mm_out(q, xc, weight.t());
+  // A few rows (decode): the skinny kernel reads them in place; otherwise gather, then GEMM.
+  if (!skinny_linear(x, ip, n, weight, bias, q, nullptr, /*accumulate=*/false)) {
+    const at::Tensor xc = n == T ? x : gather_rows(x, ip, n);
+    if (bias.has_value()) {
+      at::addmm_out(q, *bias, xc, weight.t());
+    } else {
+      at::mm_out(q, xc, weight.t());
+    }
   }
   const auto cf = cos.to(at::kFloat).contiguous(), sf = sin.to(at::kFloat).contiguous();
   const float* cp = cf.data_ptr<float>();
@@ -230,8 +236,10 @@ void skip_mlp_cpu(at::Tensor& h, const at::Tensor& idx, const at::Tensor& count,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "skip_mlp_norm", [&] {
     gather_norm_rows<scalar_t>(h, ip, n, nw.data_ptr<scalar_t>(), static_cast<float>(eps), x.data_ptr<scalar_t>());
   });
-  auto gate = at::mm(x, gate_weight.t());
-  const auto up = at::mm(x, up_weight.t());
+  // gate and up: the skinny kernel for a few rows (decode), else ATen's GEMM.
+  auto gate = at::empty({n, I}, x.options()), up = at::empty({n, I}, x.options());
+  if (!skinny_linear(x, nullptr, n, gate_weight, std::nullopt, gate, nullptr, false)) at::mm_out(gate, x, gate_weight.t());
+  if (!skinny_linear(x, nullptr, n, up_weight, std::nullopt, up, nullptr, false)) at::mm_out(up, x, up_weight.t());
   if (h.scalar_type() == at::kFloat) {  // vectorised exp (libm's expf is scalar)
     float* g = gate.data_ptr<float>();
     const float* u = up.data_ptr<float>();
