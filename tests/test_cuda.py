@@ -105,7 +105,7 @@ def test_compact_matches_reference(T):
 
 # -- q_proj_rope ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("T,d,hd,H", [(1, 64, 16, 4), (5, 576, 64, 9), (300, 256, 128, 3), (200, 128, 96, 2), (129, 64, 32, 8)])
+@pytest.mark.parametrize("T,d,hd,H", [(1, 64, 16, 4), (5, 576, 64, 9), (8, 512, 128, 4), (300, 256, 128, 3), (200, 128, 96, 2), (129, 64, 32, 8)])
 @pytest.mark.parametrize("kind", ["all", "none", "some"])
 @pytest.mark.parametrize("extras", [False, True])  # bias + per-head norm (Qwen2 / Qwen3)
 def test_q_proj_rope_matches_float64(dtype, T, d, hd, H, kind, extras):
@@ -166,7 +166,8 @@ def test_sparse_query_attention_matches_float64(dtype, case, kind):
 
 # -- linear_scatter_add_ / skip_mlp_ ---------------------------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("T,din,dout", [(1, 64, 64), (77, 576, 576), (300, 1536, 256), (1000, 128, 4096)])
+# T <= 8 runs the GEMV kernel (gemv.cu), larger T the tiled GEMM: 8 and 9 straddle the switch.
+@pytest.mark.parametrize("T,din,dout", [(1, 64, 64), (8, 4096, 1024), (9, 256, 512), (77, 576, 576), (300, 1536, 256), (1000, 128, 4096)])
 @pytest.mark.parametrize("kind", ["all", "none", "some"])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_linear_scatter_add_matches_float64(dtype, T, din, dout, kind, with_bias):
@@ -189,7 +190,7 @@ def test_linear_scatter_add_matches_float64(dtype, T, din, dout, kind, with_bias
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("T,d,inter", [(1, 64, 96), (50, 576, 1536), (513, 256, 704), (2048, 128, 512)])
+@pytest.mark.parametrize("T,d,inter", [(1, 64, 96), (4, 1024, 2816), (50, 576, 1536), (513, 256, 704), (2048, 128, 512)])
 @pytest.mark.parametrize("kind", ["all", "none", "some"])
 def test_skip_mlp_matches_float64(dtype, T, d, inter, kind):
     gen = torch.Generator().manual_seed(T + d + inter)

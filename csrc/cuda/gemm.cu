@@ -14,6 +14,7 @@
 // whole 16-byte column chunks (and on whole heads for RoPE).
 //
 // sm_80 and sm_90a share this mainloop; a wgmma/TMA mainloop for sm_90a is future work.
+// Row capacities of at most kGemvMaxRows (decode) go to gemv.cu instead.
 #include "common.cuh"
 #include "mma.cuh"
 
@@ -263,6 +264,7 @@ using CfgDual = Cfg<128, 64, 2, 4, true>;    // 8 warps of 64 x (16 gate + 16 up
 
 cudaError_t launch_gemm(const GemmParams& p, Epilogue epi, DType dtype, cudaStream_t stream) {
   if (p.M == 0 || p.N == 0) return cudaSuccess;
+  if (p.M <= kGemvMaxRows) return launch_gemv(p, epi, dtype, stream);  // decode: bandwidth, not tiles
   return dispatch_dtype(dtype, [&]<typename T>() -> cudaError_t {
     if constexpr (std::is_same_v<T, float>) {
       return cudaErrorInvalidValue;  // tensor-core paths only (the op wrappers reject fp32 first)

@@ -71,7 +71,11 @@ struct GemmParams {
   float head_norm_eps = 0.f;
   int head_dim = 0;
 };
+// launch_gemm hands row capacities M <= kGemvMaxRows (decode batches) to launch_gemv
+// (gemv.cu): one warp per output feature, same epilogues and rounding.
+constexpr int64_t kGemvMaxRows = 8;
 cudaError_t launch_gemm(const GemmParams& p, Epilogue epi, DType dtype, cudaStream_t stream);
+cudaError_t launch_gemv(const GemmParams& p, Epilogue epi, DType dtype, cudaStream_t stream);
 // RoPE (and head norm) in place on the compacted rows when head_dim does not tile the GEMM.
 cudaError_t launch_rope_rows(const GemmParams& p, DType dtype, cudaStream_t stream);
 
