@@ -137,13 +137,17 @@ class SkipState:
         return w, b
 
     def row_positions(self, past: int, B: int, S: int, cos: torch.Tensor, sin: torch.Tensor):
-        """Per-row cache positions and RoPE rows ``[T]``, ``[T, hd]``: the same for every layer of
-        a forward, so they are built once (the entry holds ``cos`` itself, so a hit is exact)."""
+        """Per-row cache positions and RoPE rows ``[T]``, ``[T, hd]``, plus the identity
+        compaction (every row, count T) that the K projection runs with: the same for every
+        layer of a forward, so they are built once (the entry holds ``cos`` itself, so a hit is
+        exact)."""
         hit = self._rows
         if hit is None or hit[0] is not cos or hit[1] != (past, B, S):
-            hd = cos.shape[-1]
-            q_pos = torch.arange(past, past + S, device=cos.device).repeat(B)
-            hit = (cos, (past, B, S), q_pos, cos.expand(B, S, hd).reshape(B * S, hd), sin.expand(B, S, hd).reshape(B * S, hd))
+            hd, T, dev = cos.shape[-1], B * S, cos.device
+            q_pos = torch.arange(past, past + S, device=dev).repeat(B)
+            every = torch.arange(T, device=dev)
+            hit = (cos, (past, B, S), q_pos, cos.expand(B, S, hd).reshape(T, hd), sin.expand(B, S, hd).reshape(T, hd),
+                   every, torch.full((), T, dtype=torch.long, device=dev))
             self._rows = hit
         return hit[2:]
 
@@ -251,20 +255,33 @@ class SkipDecoderLayerMixin:
         x_norm, a_idx, a_cnt, m_idx, m_cnt = self._route(ops, h2)
         st.record(layer_idx, a_cnt, m_cnt)
 
-        # K/V for every token, exactly as the model computes them, then into the cache.
         cos, sin = position_embeddings
-        k = attn.k_proj(x_norm).view(B, S, -1, hd)
-        k_norm = ad.k_norm(attn)
-        if k_norm is not None:
-            k = k_norm(k)
-        k = k.transpose(1, 2)
-        k = k * cos.unsqueeze(1) + reference.rotate_half(k) * sin.unsqueeze(1)
-        v = attn.v_proj(x_norm).view(B, S, -1, hd).transpose(1, 2)
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         past = 0
         if cache is not None:
             _check_dynamic_cache(cache, layer_idx)
             past = cache.get_seq_length(layer_idx)
+        q_pos, cos_rows, sin_rows, every, n_rows = st.row_positions(past, B, S, cos, sin)
+
+        # K/V for every token, with the model's math, then into the cache. K is the Q op over
+        # every row (projection, per-head norm, RoPE in one call); a wrapped k_proj (LoRA) keeps
+        # the module path.
+        k_norm = ad.k_norm(attn)
+        if type(attn.k_proj) is nn.Linear:
+            k = ops.q_proj_rope(
+                x_norm, every, n_rows, attn.k_proj.weight, attn.k_proj.bias,
+                k_norm.weight if k_norm is not None else None,
+                norm_eps(k_norm) if k_norm is not None else 0.0,
+                cos_rows, sin_rows,
+            ).view(B, S, -1, hd).transpose(1, 2)
+        else:
+            k = attn.k_proj(x_norm).view(B, S, -1, hd)
+            if k_norm is not None:
+                k = k_norm(k)
+            k = k.transpose(1, 2)
+            k = k * cos.unsqueeze(1) + reference.rotate_half(k) * sin.unsqueeze(1)
+        v = attn.v_proj(x_norm).view(B, S, -1, hd).transpose(1, 2)
+        if cache is not None:
             k, v = cache.update(k, v, layer_idx)
         # A dynamic (sliding) cache returns the most recent Lk keys, ending at this step.
         end, Lk = past + S, k.shape[2]
@@ -276,8 +293,6 @@ class SkipDecoderLayerMixin:
                     f"this input hold {end}"
                 )
             key_valid = st.key_mask[:, end - Lk : end]
-        q_pos, cos_rows, sin_rows = st.row_positions(past, B, S, cos, sin)
-
         q_norm = ad.q_norm(attn)
         q = ops.q_proj_rope(
             x_norm, a_idx, a_cnt, attn.q_proj.weight, attn.q_proj.bias,
