@@ -212,14 +212,30 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
         want = ref.q_proj_rope(h.double(), idx, cnt, qw.double(), qb.double(), None, 0.0, cos.double(), sin.double())
         n = int(cnt)
         worst.append(rel(got[:n], want[:n], tol))
+# route_norm: the normalised rows, and the decisions of rows clear of the threshold.
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    tol = {torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}[dtype]
+    for d in (67, 576):
+        h, nw = (torch.randn(33, d) * 3).to(dtype), torch.randn(d).to(dtype)
+        rw, rb = torch.randn(2, d), torch.randn(2)
+        x, ai, ac, mi, mc = ops.route_norm(h, nw, 1e-5, rw, rb, 0.5, None)
+        err = rel(x, ref.rms_norm(h.double(), nw.double(), 1e-5), tol)
+        margin = h.double() @ rw.double().T + rb.double()
+        clear = (margin - 0.5).abs() > 1e-3
+        for col, (idx, cnt) in enumerate(((ai, ac), (mi, mc))):
+            got = torch.zeros(33, dtype=torch.bool)
+            got[idx[: int(cnt)]] = True
+            if not torch.equal(got[clear[:, col]], (margin > 0.5)[clear[:, col], col]):
+                err = float("inf")
+        worst.append(err)
 print(*worst)
 """
 
 
 @pytest.mark.parametrize("isa", ["generic", "avx2", "native"])
 def test_each_vector_isa_matches_float64(isa):
-    """The attention tile kernels and the skinny (few-row) linear kernel are chosen once per
-    process by CPU feature (AVX-512, AVX2, or ATen's GEMM); SKIPGPT_CPU_ISA caps the choice, so
+    """The attention tile kernels, the skinny (few-row) linear kernel and route_norm's row passes
+    are chosen once per process by CPU feature (AVX-512, AVX2, or ATen's GEMM); SKIPGPT_CPU_ISA caps the choice, so
     each path runs in its own process (a path the CPU lacks falls back to the next one down)."""
     import os
     import subprocess
@@ -229,7 +245,7 @@ def test_each_vector_isa_matches_float64(isa):
     res = subprocess.run([sys.executable, "-c", _ISA_CHECK], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     worst = [float(x) for x in res.stdout.split()]  # per case, in units of the dtype's tolerance
-    assert len(worst) == 3 + 3 * 4 * 3 and max(worst) <= 1.0, worst
+    assert len(worst) == 3 + 3 * 4 * 3 + 3 * 2 and max(worst) <= 1.0, worst
 
 
 def test_attention_query_without_visible_key_gives_zero():

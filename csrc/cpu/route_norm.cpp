@@ -5,11 +5,30 @@
 
 #include <cmath>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
+#include "vec_isa.h"
 
 namespace skipgpt::cpu {
+
+#if defined(SKIPGPT_X86_VEC)
+SKIPGPT_BEGIN_AVX512
+namespace avx512_rn {
+using Vec = avx512_vec::Vec;
+#include "route_norm_row.inc"
+}  // namespace avx512_rn
+SKIPGPT_END_ISA
+
+SKIPGPT_BEGIN_AVX2
+namespace avx2_rn {
+using Vec = avx2_vec::Vec;
+#include "route_norm_row.inc"
+}  // namespace avx2_rn
+SKIPGPT_END_ISA
+#endif
+
 namespace {
 
 // Executing rows first in ascending order, then the others (also ascending): a stable
@@ -28,11 +47,40 @@ void route_norm_rows(const at::Tensor& h, const weight_t* nw, double eps, const 
   const int64_t T = h.size(0), d = h.size(1), rs = h.stride(0);
   const scalar_t* hp = h.data_ptr<scalar_t>();
   const float *w0 = rw, *w1 = rw + d;
+  const Isa isa = cpu_isa();
   at::parallel_for(0, T, 16, [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
       const scalar_t* row = hp + r * rs;
-      // One read of the row feeds the norm statistics and both router margins: fp32 in 8
-      // independent lanes, so the compiler vectorises the three reductions (no -ffast-math).
+      out_t* o = xn + r * d;
+#if defined(SKIPGPT_X86_VEC)
+      if constexpr (!std::is_same_v<scalar_t, double>) {  // (the vector loads widen fp32/bf16/fp16)
+        if (isa != Isa::kGeneric) {
+          // One read of the row feeds the norm statistic and both router margins.
+          float st[3];
+          if (isa == Isa::kAvx512)
+            avx512_rn::row_stats<scalar_t>(row, w0, w1, d, st);
+          else
+            avx2_rn::row_stats<scalar_t>(row, w0, w1, d, st);
+          const bool ok = valid == nullptr || valid[r];
+          ex_attn[r] = ok && (st[1] + rb[0]) > threshold;
+          ex_mlp[r] = ok && (st[2] + rb[1]) > threshold;
+          const float inv = 1.0f / std::sqrt(st[0] / static_cast<float>(d) + static_cast<float>(eps));
+          if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<weight_t, float>) {
+            if (isa == Isa::kAvx512)
+              avx512_rn::write_norm_f32(row, nw, inv, d, o);
+            else
+              avx2_rn::write_norm_f32(row, nw, inv, d, o);
+          } else {  // as HF: normalise in fp32, round to the input dtype, then scale
+            for (int64_t j = 0; j < d; ++j)
+              o[j] = static_cast<out_t>(static_cast<float>(nw[j]) *
+                                        static_cast<float>(static_cast<scalar_t>(static_cast<float>(row[j]) * inv)));
+          }
+          continue;
+        }
+      }
+#endif
+      // Generic: fp32 in 8 independent lanes, so the compiler vectorises the three reductions
+      // (no -ffast-math).
       float ls[8] = {}, l0[8] = {}, l1[8] = {};
       int64_t j = 0;
       for (; j + 8 <= d; j += 8)
@@ -58,7 +106,6 @@ void route_norm_rows(const at::Tensor& h, const weight_t* nw, double eps, const 
       ex_attn[r] = ok && (m0 + rb[0]) > threshold;
       ex_mlp[r] = ok && (m1 + rb[1]) > threshold;
       const float inv = 1.0f / std::sqrt(ss / static_cast<float>(d) + static_cast<float>(eps));
-      out_t* o = xn + r * d;
       for (int64_t j = 0; j < d; ++j) {
         // As HF: normalise in fp32, round to the input dtype, then scale by the weight.
         const float y = static_cast<float>(static_cast<scalar_t>(static_cast<float>(row[j]) * inv));
