@@ -140,8 +140,10 @@ at::Tensor q_proj_rope_cpu(const at::Tensor& x_in, const at::Tensor& idx, const 
               t[j] = static_cast<float>(static_cast<scalar_t>(hw[j] * static_cast<float>(static_cast<scalar_t>(t[j] * inv))));
           }
           for (int64_t j = 0; j < half; ++j) {
-            v[j] = static_cast<scalar_t>(t[j] * c[j] - t[j + half] * s[j]);
-            v[j + half] = static_cast<scalar_t>(t[j + half] * c[j + half] + t[j] * s[j + half]);
+            // As HF in the model's dtype: round(x * cos) + round(rotate_half(x) * sin), rounded.
+            const auto rd = [](float x) { return static_cast<float>(static_cast<scalar_t>(x)); };
+            v[j] = static_cast<scalar_t>(rd(t[j] * c[j]) - rd(t[j + half] * s[j]));
+            v[j + half] = static_cast<scalar_t>(rd(t[j + half] * c[j + half]) + rd(t[j] * s[j + half]));
           }
         }
       }

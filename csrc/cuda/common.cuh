@@ -84,6 +84,14 @@ struct RowPack {
   }
 };
 
+// RoPE of the pair (t1, t2) = (x[j], x[j + half]) with the cos/sin of columns j and j + half,
+// rounded as HF computes it in T: round(x * cos) + round(rotate_half(x) * sin), rounded.
+template <typename T>
+__device__ __forceinline__ void rope_pair(float t1, float t2, float c1, float s1, float c2, float s2, T& o1, T& o2) {
+  o1 = from_float<T>(round_to<T>(t1 * c1) - round_to<T>(t2 * s1));
+  o2 = from_float<T>(round_to<T>(t2 * c2) + round_to<T>(t1 * s2));
+}
+
 // The writing pass of an RMSNorm, as HF computes it: out = w * round_T(x * inv), per warp.
 template <typename T, bool kVec>
 __device__ __forceinline__ void write_rms_norm_row(const T* row, const T* nw, T* out, int64_t d, float inv, int lane) {
@@ -98,9 +106,12 @@ __device__ __forceinline__ void write_rms_norm_row(const T* row, const T* nw, T*
   }
 }
 
-// The count a kernel works on: the device value when given, else the capacity.
+// The count a kernel works on: the device value when given (clamped to [0, capacity], so a
+// bad count cannot index past the row buffers), else the capacity.
 __device__ __forceinline__ int64_t load_count(const int64_t* count, int64_t capacity) {
-  return count == nullptr ? capacity : *count;
+  if (count == nullptr) return capacity;
+  const int64_t c = *count;
+  return c < 0 ? 0 : (c > capacity ? capacity : c);
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

@@ -211,8 +211,8 @@ __global__ void __launch_bounds__(C::THREADS) gemm_kernel(GemmParams p) {
         }
         const T* c = cs + row * hd;
         const T* s = sn + row * hd;
-        dst[j] = from_float<T>(t1 * to_float<T>(c[j]) - t2 * to_float<T>(s[j]));
-        dst[j + half] = from_float<T>(t2 * to_float<T>(c[j + half]) + t1 * to_float<T>(s[j + half]));
+        rope_pair<T>(t1, t2, to_float<T>(c[j]), to_float<T>(s[j]), to_float<T>(c[j + half]), to_float<T>(s[j + half]),
+                     dst[j], dst[j + half]);
       }
     }
   } else {
@@ -264,6 +264,7 @@ using CfgDual = Cfg<128, 64, 2, 4, true>;    // 8 warps of 64 x (16 gate + 16 up
 
 cudaError_t launch_gemm(const GemmParams& p, Epilogue epi, DType dtype, cudaStream_t stream) {
   if (p.M == 0 || p.N == 0) return cudaSuccess;
+  if (epi == Epilogue::kSiluMul && p.bias != nullptr) return cudaErrorInvalidValue;  // no bias there
   if (p.M <= kGemvMaxRows) return launch_gemv(p, epi, dtype, stream);  // decode: bandwidth, not tiles
   return dispatch_dtype(dtype, [&]<typename T>() -> cudaError_t {
     if constexpr (std::is_same_v<T, float>) {

@@ -34,7 +34,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(GemmParams p) {
     for (int64_t i = cnt + lane; i < p.M; i += 32) out[i * p.ldo + n] = from_float<T>(0.f);
   }
   if (cnt <= 0) return;  // an empty module: no weight byte read
-  const int rows = static_cast<int>(cnt < R ? cnt : R);  // the launcher guarantees M <= R
+  const int rows = static_cast<int>(cnt < R ? cnt : R);  // cnt <= M <= R (load_count clamps)
   const T* A = static_cast<const T*>(p.A);
   const T* a_row[R];
 #pragma unroll
@@ -48,8 +48,9 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(GemmParams p) {
 #pragma unroll 4
   for (int64_t k = int64_t{lane} * V; k < p.K; k += 32 * V) {  // K is a multiple of V
     Pack wv, wv1;
-    wv.u = __ldg(reinterpret_cast<const uint4*>(w + k));
-    if constexpr (kDual) wv1.u = __ldg(reinterpret_cast<const uint4*>(w1 + k));
+    // Streamed once: evict-first, so the reused A rows keep their place in L1.
+    wv.u = __ldcs(reinterpret_cast<const uint4*>(w + k));
+    if constexpr (kDual) wv1.u = __ldcs(reinterpret_cast<const uint4*>(w1 + k));
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       if (r < rows) {
@@ -66,8 +67,10 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(GemmParams p) {
   }
 #pragma unroll
   for (int r = 0; r < R; ++r) {
-    acc[r] = warp_sum(acc[r]);  // every lane holds the sums
-    if constexpr (kDual) acc1[r] = warp_sum(acc1[r]);
+    if (r < rows) {  // rows is the same for the whole warp
+      acc[r] = warp_sum(acc[r]);  // every lane holds the sums
+      if constexpr (kDual) acc1[r] = warp_sum(acc1[r]);
+    }
   }
 
   const T* bias = static_cast<const T*>(p.bias);

@@ -50,7 +50,7 @@ enum class Epilogue : int {
   kStore = 0,       // out[i, n] = C + bias;  rows [count, M) of out are zeroed
   kRope = 1,        // kStore, then per head: optional RMSNorm, RoPE at position row a_idx[i]
   kScatterAdd = 2,  // out[out_idx[i], n] += C + bias (in place, rows unique: no atomics)
-  kSiluMul = 3,     // out[i, n] = silu(A W^T) * (A W1^T)  (W = gate, W1 = up)
+  kSiluMul = 3,     // out[i, n] = silu(A W^T) * (A W1^T)  (W = gate, W1 = up; no bias)
 };
 struct GemmParams {
   const void* A = nullptr;

@@ -53,8 +53,8 @@ __global__ void __launch_bounds__(kWarps * 32) rope_rows_kernel(GemmParams p) {
       t1 = round_to<T>(to_float<T>(hw[j]) * round_to<T>(t1 * inv));
       t2 = round_to<T>(to_float<T>(hw[j + half]) * round_to<T>(t2 * inv));
     }
-    v[j] = from_float<T>(t1 * to_float<T>(c[j]) - t2 * to_float<T>(s[j]));
-    v[j + half] = from_float<T>(t2 * to_float<T>(c[j + half]) + t1 * to_float<T>(s[j + half]));
+    rope_pair<T>(t1, t2, to_float<T>(c[j]), to_float<T>(s[j]), to_float<T>(c[j + half]), to_float<T>(s[j + half]), v[j],
+                 v[j + half]);
   }
 }
 
