@@ -3,13 +3,15 @@
 Prefill tokens/s: one forward over B x L prompt tokens (logits of the last position only, as
 generate() does). Decode tokens/s: greedy generate() of N new tokens minus a 1-token generate,
 over B * (N - 1) tokens. Routers are bias-calibrated to the requested skip rate (untrained
-routers: the figures are about speed, not quality). Example:
+routers: the figures are about speed, not quality). Dense HF is an unpatched copy of the model,
+and the modes are timed interleaved, one round each per repetition. Example:
   python benchmarks/bench_e2e.py --batch 1 4 --prompt 128 1024 --rate 0.4
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 
@@ -19,13 +21,10 @@ import skipgpt
 from skipgpt import SkipConfig, data, models
 
 
-def _median_time(fn, reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 def main() -> None:
@@ -37,37 +36,53 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--modes", nargs="+", default=["dense", "masked", "reference", "native"])
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--seed", type=int, default=0, help="seeds the routers' random init (the sparsity pattern)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
     model, tok = models.load_model()
     text = data.pack_tokens(data.load_texts("shakespeare", "test"), tok, max(args.prompt), max_blocks=max(args.batch))
     calib = text[:1, :128]
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, rate {args.rate}, new tokens {args.new_tokens}")
+    # Dense HF is an unpatched copy, so every mode is timed in the same process, interleaved
+    # rep by rep: slow drift of the machine (a shared VM) hits all modes alike.
+    dense = copy.deepcopy(model) if "dense" in args.modes else None
+    if any(m != "dense" for m in args.modes):
+        skipgpt.apply(model, SkipConfig(mode="masked"))
+        skipgpt.calibrate_bias(model, calib, args.rate)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, rate {args.rate}, new tokens {args.new_tokens}, "
+          f"reps {args.reps} (interleaved, after one warm-up round)")
     print("mode       B     L   prefill_tok/s  decode_tok/s  param_sparsity(prefill)  param_sparsity(decode)")
     results = {}
-    for mode in args.modes:
-        if mode != "dense" and not skipgpt.is_patched(model):
-            skipgpt.apply(model, SkipConfig(mode="masked"))
-            skipgpt.calibrate_bias(model, calib, args.rate)
-        if mode != "dense":
-            skipgpt.set_mode(model, mode)
-        for B in args.batch:
-            for L in args.prompt:
-                ids = text[:B, :L].contiguous()
-                mask = torch.ones_like(ids)
-                with torch.no_grad():
-                    t_pre = _median_time(lambda: model(input_ids=ids, attention_mask=mask, logits_to_keep=1), args.reps)
-                sp_pre = skipgpt.stats(model)["param_sparsity"] if mode != "dense" else 0.0
-                gen = dict(input_ids=ids, attention_mask=mask, do_sample=False, pad_token_id=tok.pad_token_id)
-                t1 = _median_time(lambda: model.generate(**gen, max_new_tokens=1), args.reps)
-                if mode != "dense":
-                    skipgpt.reset_stats(model)
-                tn = _median_time(lambda: model.generate(**gen, max_new_tokens=args.new_tokens,
-                                                          min_new_tokens=args.new_tokens), args.reps)
-                sp_dec = skipgpt.stats(model, cumulative=True)["param_sparsity"] if mode != "dense" else 0.0
+    for B in args.batch:
+        for L in args.prompt:
+            ids = text[:B, :L].contiguous()
+            mask = torch.ones_like(ids)
+            gen = dict(input_ids=ids, attention_mask=mask, do_sample=False, pad_token_id=tok.pad_token_id)
+            times = {m: ([], [], []) for m in args.modes}
+            sparsity = {}
+            for rep in range(args.reps + 1):  # round 0 warms up
+                for mode in args.modes:
+                    m = dense if mode == "dense" else model
+                    if mode != "dense":
+                        skipgpt.set_mode(model, mode)
+                    with torch.no_grad():
+                        t_pre = _timed(lambda: m(input_ids=ids, attention_mask=mask, logits_to_keep=1))
+                    sp_pre = skipgpt.stats(model)["param_sparsity"] if mode != "dense" else 0.0
+                    t1 = _timed(lambda: m.generate(**gen, max_new_tokens=1))
+                    if mode != "dense":
+                        skipgpt.reset_stats(model)
+                    tn = _timed(lambda: m.generate(**gen, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens))
+                    sp_dec = skipgpt.stats(model, cumulative=True)["param_sparsity"] if mode != "dense" else 0.0
+                    sparsity[mode] = (sp_pre, sp_dec)
+                    if rep:
+                        for lst, t in zip(times[mode], (t_pre, t1, tn)):
+                            lst.append(t)
+            for mode in args.modes:
+                t_pre, t1, tn = (statistics.median(x) for x in times[mode])
                 pre, dec = B * L / t_pre, B * (args.new_tokens - 1) / max(tn - t1, 1e-9)
                 results[(mode, B, L)] = (pre, dec)
+                sp_pre, sp_dec = sparsity[mode]
                 print(f"{mode:9s} {B:2d} {L:5d}  {pre:13.1f}  {dec:12.2f}  {sp_pre:23.3f}  {sp_dec:22.3f}", flush=True)
     if "dense" in args.modes:
         print("\nspeedup vs dense HF (prefill, decode)")

@@ -307,6 +307,43 @@ def test_skip_mlp_matches_float64(data):
     assert torch.equal(got[skipped], h[skipped])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["all", "some"])
+def test_linear_ops_with_output_features_split_over_threads(dtype, kind):
+    """Compacted GEMMs with more rows than the skinny kernel takes run as one ATen call per
+    thread on a column block of the output (N >= 128 splits in two or more): every block, the
+    in-place accumulation into h (all rows execute) and the bias must land where they belong."""
+    torch.manual_seed(3)
+    T, d, inter, hd = 40, 320, 384, 64
+    tol = REL_TOL[dtype]
+    h = torch.randn(T, d).to(dtype)
+    idx, cnt = ref.compact(torch.ones(T, dtype=torch.bool) if kind == "all" else torch.rand(T) < 0.7)
+    assert int(cnt) > 16  # past the skinny kernel
+    nw, gw, uw = torch.rand(d).to(dtype) + 0.5, (torch.randn(inter, d) / 8).to(dtype), (torch.randn(inter, d) / 8).to(dtype)
+    dw = (torch.randn(d, inter) / 8).to(dtype)
+    for w in (nw, gw, uw, dw):
+        w.requires_grad_()  # as model parameters: the per-thread calls must stay below autograd
+    got = h.clone()
+    with torch.no_grad():
+        ops.skip_mlp_(got, idx, cnt, nw, 1e-6, gw, uw, dw)
+    want = h.double()
+    ref.skip_mlp_(want, idx, cnt, *_f64(nw.detach()), 1e-6, *_f64(gw.detach(), uw.detach(), dw.detach()))
+    _close(got, want, dtype)
+    a, w, bias = torch.randn(T, inter).to(dtype), (torch.randn(d, inter) / 8).to(dtype), torch.randn(d).to(dtype)
+    got = h.clone()
+    ops.linear_scatter_add_(got, a, idx, cnt, w, bias)
+    want = h.double()
+    ref.linear_scatter_add_(want, *_f64(a), idx, cnt, *_f64(w, bias))
+    _close(got, want, dtype)
+    qw, qb = (torch.randn(5 * hd, d) / 8).to(dtype), torch.randn(5 * hd).to(dtype)
+    ang = torch.arange(T)[:, None] * torch.rand(hd // 2)
+    cos, sin = torch.cat([ang.cos()] * 2, 1).to(dtype), torch.cat([ang.sin()] * 2, 1).to(dtype)
+    got = ops.q_proj_rope(h, idx, cnt, qw, qb, None, 0.0, cos, sin)
+    want = ref.q_proj_rope(*_f64(h), idx, cnt, *_f64(qw, qb), None, 0.0, *_f64(cos, sin))
+    n = int(cnt)
+    _close(got[:n], want[:n], dtype)
+
+
 def test_float16_ops_match_float64():
     torch.manual_seed(0)
     T, d, inter = 9, 16, 24

