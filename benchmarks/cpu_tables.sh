@@ -13,7 +13,7 @@ set -x
 $P benchmarks/bench_kernels.py --shapes smollm2 --T 512 2048 --skip 0 0.4 --reps 5 --threads 2
 $P benchmarks/bench_kernels.py --shapes smollm2 --T 1 16 --skip 0 0.4 1.0 --reps 50 --threads 2
 $P benchmarks/bench_e2e.py --batch 1 4 --prompt 128 --modes dense native --new-tokens 16 --reps 10 --threads 2
-$P benchmarks/bench_e2e.py --batch 1 --prompt 1024 --modes dense native --new-tokens 16 --reps 3 --threads 2
+$P benchmarks/bench_e2e.py --batch 1 --prompt 1024 --modes dense native --new-tokens 16 --reps 5 --threads 2
 $P benchmarks/bench_kernels.py --shapes llama7b --T 16 512 2048 --skip 0 0.4 --reps 2 --threads 2
 set +x
 date -u
