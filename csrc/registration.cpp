@@ -31,9 +31,11 @@ TORCH_LIBRARY(skipgpt, m) {
   // In-order compaction of a boolean row mask (routers that are not a single linear map).
   m.def("compact(Tensor mask) -> (Tensor idx, Tensor count)");
   // q_c[i] = rope(head_norm(x[idx[i]] @ W^T + b), cos[idx[i]], sin[idx[i]]) for i < count.
+  // Without cos/sin (both absent) it is the plain compacted projection (no head norm then):
+  // the layer's V for every row.
   m.def(
       "q_proj_rope(Tensor x, Tensor idx, Tensor count, Tensor weight, Tensor? bias, "
-      "Tensor? head_norm_weight, float head_norm_eps, Tensor cos, Tensor sin) -> Tensor");
+      "Tensor? head_norm_weight, float head_norm_eps, Tensor? cos, Tensor? sin) -> Tensor");
   // Compacted queries q [T, Hq*hd] against the full K/V [B, Hkv, Lk, hd] of their own
   // sequence (row r belongs to sequence r // seq_len). Key j has cache position kv_offset + j
   // and is visible to a query at position p iff key_valid[b, j], kv_offset + j <= p and,

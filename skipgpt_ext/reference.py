@@ -74,14 +74,23 @@ def q_proj_rope(
     bias: torch.Tensor | None,
     head_norm_weight: torch.Tensor | None,
     head_norm_eps: float,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
 ) -> torch.Tensor:
-    T, hd = x.shape[0], cos.shape[-1]
+    """Without cos/sin (both None): the plain compacted projection (no head norm allowed)."""
+    if (cos is None) != (sin is None):
+        raise ValueError("q_proj_rope: cos and sin must be given together or both omitted")
+    if cos is None and head_norm_weight is not None:
+        raise ValueError("q_proj_rope: head_norm_weight needs cos and sin")
+    T = x.shape[0]
     out = x.new_zeros(T, weight.shape[0])
     n, rows = _rows(x, idx, count)
     if n == 0:
         return out
+    if cos is None:
+        out[:n] = F.linear(x.index_select(0, rows), weight, bias)
+        return out
+    hd = cos.shape[-1]
     q = F.linear(x.index_select(0, rows), weight, bias).view(n, -1, hd)
     if head_norm_weight is not None:
         q = rms_norm(q, head_norm_weight, head_norm_eps)

@@ -107,7 +107,7 @@ def test_compact_matches_reference(T):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("T,d,hd,H", [(1, 64, 16, 4), (5, 576, 64, 9), (8, 512, 128, 4), (300, 256, 128, 3), (200, 128, 96, 2), (129, 64, 32, 8)])
 @pytest.mark.parametrize("kind", ["all", "none", "some"])
-@pytest.mark.parametrize("extras", [False, True])  # bias + per-head norm (Qwen2 / Qwen3)
+@pytest.mark.parametrize("extras", [False, True, "plain"])  # bias + per-head norm (Qwen2 / Qwen3); no RoPE (V)
 def test_q_proj_rope_matches_float64(dtype, T, d, hd, H, kind, extras):
     gen = torch.Generator().manual_seed(T + d + hd)
     x = _randn(T, d, dtype=dtype, gen=gen)
@@ -116,6 +116,8 @@ def test_q_proj_rope_matches_float64(dtype, T, d, hd, H, kind, extras):
     hn = _randn(hd, dtype=dtype, gen=gen) if extras else None
     ang = torch.rand(T, hd, generator=gen) * 6
     cos, sin = ang.cos().to(dtype).to(DEV), ang.sin().to(dtype).to(DEV)
+    if extras == "plain":
+        cos = sin = hn = None
     idx, cnt = _rows(T, kind, gen)
     got = ops.q_proj_rope(x, idx, cnt, w, b, hn, 1e-6, cos, sin)
     want = ref.q_proj_rope(*_cpu64(x, idx, cnt, w, b, hn), 1e-6, *_cpu64(cos, sin))
@@ -254,6 +256,12 @@ def test_opcheck(name, dtype):
     torch.library.opcheck(getattr(torch.ops.skipgpt, name).default, _samples(dtype)[name])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_opcheck_plain_projection(dtype):
+    x, idx, cnt, w, b, _, heps, _, _ = _samples(dtype)["q_proj_rope"]
+    torch.library.opcheck(torch.ops.skipgpt.q_proj_rope.default, (x, idx, cnt, w, b, None, heps, None, None))
+
+
 def test_bad_inputs_name_the_argument():
     s = _samples(torch.bfloat16)
     h, nw, eps, rw, rb, thr, valid = s["route_norm"]
@@ -268,6 +276,10 @@ def test_bad_inputs_name_the_argument():
         ops.q_proj_rope(x[:, :60], idx, cnt, w[:, :60], b, hn, heps, cos, sin)
     with pytest.raises(RuntimeError, match="idx must be Long"):
         ops.q_proj_rope(x, idx.int(), cnt, w, b, hn, heps, cos, sin)
+    with pytest.raises(RuntimeError, match="cos and sin must be given together"):
+        ops.q_proj_rope(x, idx, cnt, w, b, None, heps, cos, None)
+    with pytest.raises(RuntimeError, match="head_norm_weight needs cos and sin"):
+        ops.q_proj_rope(x, idx, cnt, w, b, hn, heps, None, None)
     h2, a, idx, cnt, w, b = s["linear_scatter_add_"]
     with pytest.raises(RuntimeError, match="weight must be"):
         ops.linear_scatter_add_(h2, a, idx, cnt, w[:, :-8], b)

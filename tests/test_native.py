@@ -124,14 +124,15 @@ def test_router_buffer_update_invalidates_cached_margins():
         assert torch.equal(w[0], wa) and torch.equal(b[0], ba)
 
 
-def test_native_keeps_a_wrapped_k_proj():
-    """K runs through the fused projection+RoPE op only for a plain nn.Linear; a LoRA-wrapped
-    k_proj (random, non-zero adapter) must keep the module path, so native still equals masked."""
+@pytest.mark.parametrize("target", ["k_proj", "v_proj"])
+def test_native_keeps_a_wrapped_k_or_v_proj(target):
+    """K and V run through the fused projection op only for a plain nn.Linear; a LoRA-wrapped
+    one (random, non-zero adapter) must keep the module path, so native still equals masked."""
     peft = pytest.importorskip("peft")
     model = tiny_model("qwen3")  # k_norm too
-    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["k_proj"], init_lora_weights=False)
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=[target], init_lora_weights=False)
     model = peft.get_peft_model(model, lora).base_model.model
-    assert type(model.model.layers[0].self_attn.k_proj) is not torch.nn.Linear
+    assert type(getattr(model.model.layers[0].self_attn, target)) is not torch.nn.Linear
     skipgpt.apply(model, SkipConfig(mode="masked"))
     ids, mask = left_padded_batch()
     logits = {}

@@ -110,11 +110,14 @@ def test_q_proj_rope_matches_float64(data):
     hn = torch.randn(hd).to(dtype) if data.draw(st.booleans()) else None
     ang = torch.rand(T, hd) * 6
     cos, sin = ang.cos().to(dtype), ang.sin().to(dtype)
+    if not data.draw(st.booleans()):  # the plain projection (the layer's V): no RoPE, no head norm
+        cos = sin = hn = None
     idx, cnt = _rows(T, data.draw)
     got = ops.q_proj_rope(x, idx, cnt, w, b, hn, 1e-6, cos, sin)
     want = ref.q_proj_rope(*_f64(x, idx, cnt, w, b, hn), 1e-6, *_f64(cos, sin))
     n = int(cnt)
     _close(got[:n], want[:n], dtype)
+    assert not got[n:].any()  # rows past count are zero
 
 
 # -- sparse_query_attention -----------------------------------------------------------------------
@@ -392,6 +395,13 @@ def test_opcheck(name, dtype):
     torch.library.opcheck(getattr(torch.ops.skipgpt, name).default, _samples(dtype)[name])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_opcheck_plain_projection(dtype):
+    """q_proj_rope without cos/sin (the layer's V) is a schema case of its own."""
+    x, idx, cnt, w, b, _, heps, _, _ = _samples(dtype)["q_proj_rope"]
+    torch.library.opcheck(torch.ops.skipgpt.q_proj_rope.default, (x, idx, cnt, w, b, None, heps, None, None))
+
+
 # -- bad inputs name the argument ---------------------------------------------------------------------
 def _raises(fn, *args, match):
     with pytest.raises(RuntimeError, match=match):
@@ -412,6 +422,8 @@ def test_bad_inputs_name_the_argument():
     _raises(ops.q_proj_rope, x, idx, cnt, w.bfloat16(), b, hn, heps, cos, sin, match="weight must have the dtype of x")
     _raises(ops.q_proj_rope, x, idx, cnt, w, b[:-1], hn, heps, cos, sin, match=r"bias must be \[16\]")
     _raises(ops.q_proj_rope, x, idx, cnt, w, b, hn, heps, cos[:-1], sin, match="cos must be")
+    _raises(ops.q_proj_rope, x, idx, cnt, w, b, None, heps, cos, None, match="cos and sin must be given together")
+    _raises(ops.q_proj_rope, x, idx, cnt, w, b, hn, heps, None, None, match="head_norm_weight needs cos and sin")
     _raises(ops.q_proj_rope, x, idx.int(), cnt, w, b, hn, heps, cos, sin, match="idx must be int64")
     _raises(ops.q_proj_rope, x, idx, torch.tensor(11), w, b, hn, heps, cos, sin, match=r"count must be in \[0, 10\]")
     bad_idx = idx.clone()

@@ -97,7 +97,7 @@ void gemm_scatter_add(at::Tensor& h, const at::Tensor& a, const int64_t* idx, in
 at::Tensor q_proj_rope_cpu(const at::Tensor& x_in, const at::Tensor& idx, const at::Tensor& count,
                            const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                            const std::optional<at::Tensor>& head_norm_weight, double head_norm_eps,
-                           const at::Tensor& cos, const at::Tensor& sin) {
+                           const std::optional<at::Tensor>& cos_in, const std::optional<at::Tensor>& sin_in) {
   const char* op = "skipgpt::q_proj_rope";
   check_cpu(x_in, op, "x");
   check_dim(x_in, 2, op, "x");
@@ -108,15 +108,22 @@ at::Tensor q_proj_rope_cpu(const at::Tensor& x_in, const at::Tensor& idx, const 
   TORCH_CHECK(weight.dim() == 2 && weight.size(1) == d, op, ": weight must be [Hq*head_dim, ", d, "], got ",
               weight.sizes());
   const int64_t N = weight.size(0);
-  for (auto [t, name] : {std::pair{&cos, "cos"}, std::pair{&sin, "sin"}}) {
-    check_cpu(*t, op, name);
-    check_float_dtype(*t, op, name);
-    TORCH_CHECK(t->dim() == 2 && t->size(0) == T, op, ": ", name, " must be [", T, ", head_dim], got ", t->sizes());
+  TORCH_CHECK(cos_in.has_value() == sin_in.has_value(), op, ": cos and sin must be given together (RoPE) or both "
+              "omitted (a plain projection)");
+  const bool rope = cos_in.has_value();
+  TORCH_CHECK(rope || !head_norm_weight.has_value(), op, ": head_norm_weight needs cos and sin (it normalises RoPE heads)");
+  int64_t hd = 0;
+  if (rope) {
+    for (auto [t, name] : {std::pair{&*cos_in, "cos"}, std::pair{&*sin_in, "sin"}}) {
+      check_cpu(*t, op, name);
+      check_float_dtype(*t, op, name);
+      TORCH_CHECK(t->dim() == 2 && t->size(0) == T, op, ": ", name, " must be [", T, ", head_dim], got ", t->sizes());
+    }
+    hd = cos_in->size(1);
+    TORCH_CHECK(sin_in->size(1) == hd, op, ": sin must be [", T, ", ", hd, "] like cos, got ", sin_in->sizes());
+    TORCH_CHECK(hd > 0 && hd % 2 == 0 && N % hd == 0, op, ": weight's ", N,
+                " output features must be a multiple of head_dim = cos.size(1) = ", hd, " (even)");
   }
-  const int64_t hd = cos.size(1);
-  TORCH_CHECK(sin.size(1) == hd, op, ": sin must be [", T, ", ", hd, "] like cos, got ", sin.sizes());
-  TORCH_CHECK(hd > 0 && hd % 2 == 0 && N % hd == 0, op, ": weight's ", N,
-              " output features must be a multiple of head_dim = cos.size(1) = ", hd, " (even)");
   if (bias.has_value()) {
     check_cpu(*bias, op, "bias");
     check_same_dtype(*bias, x_in, op, "bias", "x");
@@ -144,7 +151,8 @@ at::Tensor q_proj_rope_cpu(const at::Tensor& x_in, const at::Tensor& idx, const 
     const at::Tensor xc = n == T ? x : gather_rows(x, ip, n);
     gemm_split_n(q, xc, weight, bias, /*accumulate=*/false);
   }
-  const auto cf = cos.to(at::kFloat).contiguous(), sf = sin.to(at::kFloat).contiguous();
+  if (!rope) return out;
+  const auto cf = cos_in->to(at::kFloat).contiguous(), sf = sin_in->to(at::kFloat).contiguous();
   const float* cp = cf.data_ptr<float>();
   const float* sp = sf.data_ptr<float>();
   const float* hw = hnw.defined() ? hnw.data_ptr<float>() : nullptr;

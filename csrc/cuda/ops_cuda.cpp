@@ -202,7 +202,7 @@ void check_bias(const std::optional<at::Tensor>& bias, const at::Tensor& ref, in
 at::Tensor q_proj_rope_cuda(const at::Tensor& x, const at::Tensor& idx, const at::Tensor& count,
                             const at::Tensor& weight_in, const std::optional<at::Tensor>& bias,
                             const std::optional<at::Tensor>& head_norm_weight, double head_norm_eps,
-                            const at::Tensor& cos, const at::Tensor& sin) {
+                            const std::optional<at::Tensor>& cos_in, const std::optional<at::Tensor>& sin_in) {
   const char* op = "skipgpt::q_proj_rope";
   TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got device ", x.device());
   TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D, got shape ", x.sizes());
@@ -213,15 +213,22 @@ at::Tensor q_proj_rope_cuda(const at::Tensor& x, const at::Tensor& idx, const at
   check_gemm_weight(weight_in, x, -1, d, op, "weight", "x");
   const int64_t N = weight_in.size(0);
   check_bias(bias, x, N, op);
-  for (auto [t, name] : {std::pair{&cos, "cos"}, std::pair{&sin, "sin"}}) {
-    check_cuda(*t, x, op, name);
-    check_float(*t, op, name);
-    TORCH_CHECK(t->dim() == 2 && t->size(0) == T, op, ": ", name, " must be [", T, ", head_dim], got ", t->sizes());
+  TORCH_CHECK(cos_in.has_value() == sin_in.has_value(), op, ": cos and sin must be given together (RoPE) or both "
+              "omitted (a plain projection)");
+  const bool rope = cos_in.has_value();
+  TORCH_CHECK(rope || !head_norm_weight.has_value(), op, ": head_norm_weight needs cos and sin (it normalises RoPE heads)");
+  int64_t hd = 0;
+  if (rope) {
+    for (auto [t, name] : {std::pair{&*cos_in, "cos"}, std::pair{&*sin_in, "sin"}}) {
+      check_cuda(*t, x, op, name);
+      check_float(*t, op, name);
+      TORCH_CHECK(t->dim() == 2 && t->size(0) == T, op, ": ", name, " must be [", T, ", head_dim], got ", t->sizes());
+    }
+    hd = cos_in->size(1);
+    check_shape(*sin_in, {T, hd}, op, "sin");
+    TORCH_CHECK(hd > 0 && hd % 2 == 0 && N % hd == 0, op, ": weight's ", N,
+                " output features must be a multiple of head_dim = cos.size(1) = ", hd, " (even)");
   }
-  const int64_t hd = cos.size(1);
-  check_shape(sin, {T, hd}, op, "sin");
-  TORCH_CHECK(hd > 0 && hd % 2 == 0 && N % hd == 0, op, ": weight's ", N,
-              " output features must be a multiple of head_dim = cos.size(1) = ", hd, " (even)");
   at::Tensor hnw;
   if (head_norm_weight.has_value()) {
     check_cuda(*head_norm_weight, x, op, "head_norm_weight");
@@ -232,15 +239,19 @@ at::Tensor q_proj_rope_cuda(const at::Tensor& x, const at::Tensor& idx, const at
   }
   check_idx(idx, count, T, x, op);
   const auto weight = aligned16(weight_in);
-  const auto cs = cos.to(x.scalar_type()).contiguous(), sn = sin.to(x.scalar_type()).contiguous();
+  const auto cs = rope ? cos_in->to(x.scalar_type()).contiguous() : at::Tensor();
+  const auto sn = rope ? sin_in->to(x.scalar_type()).contiguous() : at::Tensor();
   const auto b = bias.has_value() ? bias->contiguous() : at::Tensor();
   auto out = at::empty({T, N}, x.options().memory_format(at::MemoryFormat::Contiguous));
   const GemmParams p{.A = x.data_ptr(), .lda = x.stride(0), .a_idx = idx.data_ptr<int64_t>(), .W = weight.data_ptr(),
                      .bias = b.defined() ? b.data_ptr() : nullptr, .out = out.data_ptr(), .ldo = N,
-                     .count = count.data_ptr<int64_t>(), .M = T, .N = N, .K = d, .cos = cs.data_ptr(),
-                     .sin = sn.data_ptr(), .head_norm_weight = hnw.defined() ? hnw.data_ptr() : nullptr,
+                     .count = count.data_ptr<int64_t>(), .M = T, .N = N, .K = d,
+                     .cos = rope ? cs.data_ptr() : nullptr, .sin = rope ? sn.data_ptr() : nullptr,
+                     .head_norm_weight = hnw.defined() ? hnw.data_ptr() : nullptr,
                      .head_norm_eps = static_cast<float>(head_norm_eps), .head_dim = static_cast<int>(hd)};
-  launched(launch_gemm(p, Epilogue::kRope, dtype_of(x), c10::cuda::getCurrentCUDAStream().stream()), op);
+  launched(launch_gemm(p, rope ? Epilogue::kRope : Epilogue::kStore, dtype_of(x),
+                       c10::cuda::getCurrentCUDAStream().stream()),
+           op);
   return out;
 }
 

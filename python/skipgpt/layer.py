@@ -264,8 +264,8 @@ class SkipDecoderLayerMixin:
         q_pos, cos_rows, sin_rows, every, n_rows = st.row_positions(past, B, S, cos, sin)
 
         # K/V for every token, with the model's math, then into the cache. K is the Q op over
-        # every row (projection, per-head norm, RoPE in one call); a wrapped k_proj (LoRA) keeps
-        # the module path.
+        # every row (projection, per-head norm, RoPE in one call), V the same op without RoPE;
+        # a wrapped projection (LoRA) keeps the module path.
         k_norm = ad.k_norm(attn)
         if type(attn.k_proj) is nn.Linear:
             k = ops.q_proj_rope(
@@ -280,7 +280,11 @@ class SkipDecoderLayerMixin:
                 k = k_norm(k)
             k = k.transpose(1, 2)
             k = k * cos.unsqueeze(1) + reference.rotate_half(k) * sin.unsqueeze(1)
-        v = attn.v_proj(x_norm).view(B, S, -1, hd).transpose(1, 2)
+        if type(attn.v_proj) is nn.Linear:
+            v = ops.q_proj_rope(x_norm, every, n_rows, attn.v_proj.weight, attn.v_proj.bias, None, 0.0, None, None)
+        else:
+            v = attn.v_proj(x_norm)
+        v = v.view(B, S, -1, hd).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(k, v, layer_idx)
         # A dynamic (sliding) cache returns the most recent Lk keys, ending at this step.
