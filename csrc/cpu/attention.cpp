@@ -24,40 +24,7 @@ namespace {
 
 constexpr int64_t kQueryBlock = 64;
 constexpr int64_t kKeyTile = 256;
-
-#if defined(__x86_64__)
-// The max, exp and sum passes of softmax_tile_row, 8 lanes at a time.
-__attribute__((target("avx2,fma"))) float tile_max_avx2(const float* s, int64_t nk) {
-  __m256 m = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-  int64_t j = 0;
-  for (; j + 8 <= nk; j += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(s + j));
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, m);
-  float mx = lanes[0];
-  for (int l = 1; l < 8; ++l) mx = std::max(mx, lanes[l]);
-  for (; j < nk; ++j) mx = std::max(mx, s[j]);
-  clear_upper_avx();
-  return mx;
-}
-
-__attribute__((target("avx2,fma"))) float tile_exp_sum_avx2(float* s, int64_t nk, float max) {
-  const __m256 m = _mm256_set1_ps(max);
-  __m256 acc = _mm256_setzero_ps();
-  int64_t j = 0;
-  for (; j + 8 <= nk; j += 8) {
-    const __m256 e = exp_nonpos_avx2(_mm256_sub_ps(_mm256_loadu_ps(s + j), m));
-    _mm256_storeu_ps(s + j, e);
-    acc = _mm256_add_ps(acc, e);
-  }
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, acc);
-  float sum = 0;
-  for (int l = 0; l < 8; ++l) sum += lanes[l];
-  for (; j < nk; ++j) sum += (s[j] = exp_nonpos(s[j] - max));
-  clear_upper_avx();
-  return sum;
-}
-#endif
+static_assert(kKeyTile % 64 == 0, "the tile kernels pack whole K panels of 64 (AVX-512) or 16 (AVX2) keys");
 
 float tile_max_scalar(const float* s, int64_t nk) {
   float mx = -std::numeric_limits<float>::infinity();
@@ -74,24 +41,16 @@ float tile_exp_sum_scalar(float* s, int64_t nk, float max) {
 // Online-softmax step of one row over one tile: returns the rescale factor of the old state
 // and overwrites the scores with the tile's probabilities relative to the new running max
 // (all 0 when every key of the tile is masked).
-float softmax_tile_row(float* s, int64_t nk, float& row_max, float& row_sum, bool avx2) {
+float softmax_tile_row(float* s, int64_t nk, float& row_max, float& row_sum) {
   constexpr float ninf = -std::numeric_limits<float>::infinity();
-#if defined(__x86_64__)
-  const float mx = avx2 ? tile_max_avx2(s, nk) : tile_max_scalar(s, nk);
-#else
   const float mx = tile_max_scalar(s, nk);
-#endif
   if (mx == ninf) {
     std::fill(s, s + nk, 0.0f);
     return 1.0f;
   }
   const float new_max = std::max(row_max, mx);
   const float alpha = row_max == ninf ? 0.0f : exp_nonpos(row_max - new_max);
-#if defined(__x86_64__)
-  const float sum = avx2 ? tile_exp_sum_avx2(s, nk, new_max) : tile_exp_sum_scalar(s, nk, new_max);
-#else
   const float sum = tile_exp_sum_scalar(s, nk, new_max);
-#endif
   row_max = new_max;
   row_sum = row_sum * alpha + sum;
   return alpha;
@@ -201,7 +160,7 @@ void attend(const at::Tensor& q, const int64_t* idx, int64_t n, const at::Tensor
 #endif
     return;
   }
-  const bool avx2 = use_avx2();
+  // Generic path (no AVX2, or SKIPGPT_CPU_ISA=generic): tile products through ATen's GEMM.
   at::parallel_for(0, parts, 1, [&](int64_t pb, int64_t pe) {
     const int64_t wb = part_start[pb], we = part_start[pe];
     std::vector<float> Qf(kQueryBlock * G * hd), O(kQueryBlock * G * hd), S(kQueryBlock * G * kKeyTile);
@@ -263,7 +222,7 @@ void attend(const at::Tensor& q, const int64_t* idx, int64_t n, const at::Tensor
             if (kvalid != nullptr)
               for (int64_t j = a; j < e; ++j)
                 if (!kvalid[j0 + j]) s[j] = ninf;
-            alpha[r] = softmax_tile_row(s, nk, row_max[r], row_sum[r], avx2);
+            alpha[r] = softmax_tile_row(s, nk, row_max[r], row_sum[r]);
             any = true;
           }
         }

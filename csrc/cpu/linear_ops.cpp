@@ -11,6 +11,7 @@
 
 #include "common.h"
 #include "skinny_gemm.h"
+#include "vec_isa.h"
 #include "vec_math.h"
 
 namespace skipgpt::cpu {
@@ -153,6 +154,7 @@ at::Tensor q_proj_rope_cpu(const at::Tensor& x_in, const at::Tensor& idx, const 
   }
   if (!rope) return out;
   const auto cf = cos_in->to(at::kFloat).contiguous(), sf = sin_in->to(at::kFloat).contiguous();
+  const bool same = cos_in->scalar_type() == x_in.scalar_type() && sin_in->scalar_type() == x_in.scalar_type();
   const float* cp = cf.data_ptr<float>();
   const float* sp = sf.data_ptr<float>();
   const float* hw = hnw.defined() ? hnw.data_ptr<float>() : nullptr;
@@ -176,8 +178,9 @@ at::Tensor q_proj_rope_cpu(const at::Tensor& x_in, const at::Tensor& idx, const 
               t[j] = static_cast<float>(static_cast<scalar_t>(hw[j] * static_cast<float>(static_cast<scalar_t>(t[j] * inv))));
           }
           for (int64_t j = 0; j < half; ++j) {
-            // As HF in the model's dtype: round(x * cos) + round(rotate_half(x) * sin), rounded.
-            const auto rd = [](float x) { return static_cast<float>(static_cast<scalar_t>(x)); };
+            // As HF in the model's dtype: round(x * cos) + round(rotate_half(x) * sin), rounded
+            // (cos/sin in another dtype promote the products, as in torch: one rounding).
+            const auto rd = [same](float x) { return same ? static_cast<float>(static_cast<scalar_t>(x)) : x; };
             v[j] = static_cast<scalar_t>(rd(t[j] * c[j]) - rd(t[j + half] * s[j]));
             v[j + half] = static_cast<scalar_t>(rd(t[j + half] * c[j + half]) + rd(t[j] * s[j + half]));
           }
@@ -283,7 +286,7 @@ void skip_mlp_cpu(at::Tensor& h, const at::Tensor& idx, const at::Tensor& count,
   if (h.scalar_type() == at::kFloat) {  // vectorised exp (libm's expf is scalar)
     float* g = gate.data_ptr<float>();
     const float* u = up.data_ptr<float>();
-    const bool avx2 = use_avx2();
+    const bool avx2 = cpu_isa() != Isa::kGeneric;  // (SKIPGPT_CPU_ISA=generic: the scalar path)
     at::parallel_for(0, n * I, 4096, [&](int64_t b, int64_t e) {
 #if defined(__x86_64__)
       if (avx2) return silu_mul_avx2(g + b, u + b, e - b);

@@ -6,6 +6,7 @@
 // clear_upper_avx() (vec_math.h).
 #pragma once
 #include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
 #include <cstdint>
@@ -115,17 +116,21 @@ namespace skipgpt::cpu {
 
 // The vector ISA the CPU kernels use (by CPU feature, not model: an AVX2 AMD EPYC gets AVX2,
 // an AVX-512 one AVX-512). The environment variable SKIPGPT_CPU_ISA=avx2|generic caps the
-// choice, read once per process (the tests run every path this way).
+// choice (native, the default, takes the best), read once per process (the tests run every
+// path this way).
 enum class Isa { kGeneric, kAvx2, kAvx512 };
 inline Isa cpu_isa() {
 #if defined(SKIPGPT_X86_VEC)
   static const Isa isa = [] {
-    Isa best = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") ? Isa::kAvx512
-               : use_avx2() && __builtin_cpu_supports("f16c")                         ? Isa::kAvx2
-                                                                                     : Isa::kGeneric;
+    const bool avx2 = use_avx2() && __builtin_cpu_supports("f16c");
+    const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+    Isa best = avx512 ? Isa::kAvx512 : avx2 ? Isa::kAvx2 : Isa::kGeneric;
     const char* cap = std::getenv("SKIPGPT_CPU_ISA");
-    if (cap != nullptr && std::strcmp(cap, "generic") == 0) best = Isa::kGeneric;
-    if (cap != nullptr && std::strcmp(cap, "avx2") == 0 && best == Isa::kAvx512) best = Isa::kAvx2;
+    if (cap == nullptr || std::strcmp(cap, "") == 0 || std::strcmp(cap, "native") == 0) return best;
+    if (std::strcmp(cap, "generic") == 0) return Isa::kGeneric;
+    if (std::strcmp(cap, "avx2") == 0) return best == Isa::kAvx512 ? Isa::kAvx2 : best;
+    TORCH_WARN("SKIPGPT_CPU_ISA=", cap, " is not one of native, avx2, generic: ignored");
     return best;
   }();
   return isa;
