@@ -15,6 +15,23 @@
 #include "vec_math.h"
 
 namespace skipgpt::cpu {
+
+#if defined(SKIPGPT_X86_VEC)
+SKIPGPT_BEGIN_AVX512
+namespace avx512_rows {
+using Vec = avx512_vec::Vec;
+#include "row_ops.inc"
+}  // namespace avx512_rows
+SKIPGPT_END_ISA
+
+SKIPGPT_BEGIN_AVX2
+namespace avx2_rows {
+using Vec = avx2_vec::Vec;
+#include "row_ops.inc"
+}  // namespace avx2_rows
+SKIPGPT_END_ISA
+#endif
+
 namespace {
 
 void check_weight(const at::Tensor& w, const at::Tensor& ref, int64_t rows, int64_t cols, const char* op,
@@ -228,29 +245,13 @@ void gather_norm_rows(const at::Tensor& h, const int64_t* idx, int64_t n, const 
   });
 }
 
-// g[j] = silu(g[j]) * u[j] in fp32, as silu(x) = x * sigmoid(x) with sigmoid from exp(-|x|).
+// g[j] = silu(g[j]) * u[j] in fp32 (the generic path; row_ops.inc has the vector one).
 void silu_mul_scalar(float* g, const float* u, int64_t n) {
   for (int64_t j = 0; j < n; ++j) {
     const float x = g[j], e = exp_nonpos(-std::fabs(x)), inv = 1.0f / (1.0f + e);
     g[j] = x * (x >= 0 ? inv : e * inv) * u[j];
   }
 }
-
-#if defined(__x86_64__)
-__attribute__((target("avx2,fma"))) void silu_mul_avx2(float* g, const float* u, int64_t n) {
-  const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f), zero = _mm256_setzero_ps();
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8) {
-    const __m256 x = _mm256_loadu_ps(g + j);
-    const __m256 e = exp_nonpos_avx2(_mm256_or_ps(x, sign));  // exp(-|x|)
-    const __m256 inv = _mm256_div_ps(one, _mm256_add_ps(one, e));
-    const __m256 sig = _mm256_blendv_ps(inv, _mm256_mul_ps(e, inv), _mm256_cmp_ps(x, zero, _CMP_LT_OQ));
-    _mm256_storeu_ps(g + j, _mm256_mul_ps(_mm256_mul_ps(x, sig), _mm256_loadu_ps(u + j)));
-  }
-  clear_upper_avx();  // GCC 12 omits it before this (tail) call; see vec_math.h
-  silu_mul_scalar(g + j, u + j, n - j);
-}
-#endif
 
 void skip_mlp_cpu(at::Tensor& h, const at::Tensor& idx, const at::Tensor& count, const at::Tensor& norm_weight,
                   double eps, const at::Tensor& gate_weight, const at::Tensor& up_weight,
@@ -286,10 +287,11 @@ void skip_mlp_cpu(at::Tensor& h, const at::Tensor& idx, const at::Tensor& count,
   if (h.scalar_type() == at::kFloat) {  // vectorised exp (libm's expf is scalar)
     float* g = gate.data_ptr<float>();
     const float* u = up.data_ptr<float>();
-    const bool avx2 = cpu_isa() != Isa::kGeneric;  // (SKIPGPT_CPU_ISA=generic: the scalar path)
+    const Isa isa = cpu_isa();
     at::parallel_for(0, n * I, 4096, [&](int64_t b, int64_t e) {
-#if defined(__x86_64__)
-      if (avx2) return silu_mul_avx2(g + b, u + b, e - b);
+#if defined(SKIPGPT_X86_VEC)
+      if (isa == Isa::kAvx512) return avx512_rows::silu_mul_f32(g + b, u + b, e - b);
+      if (isa == Isa::kAvx2) return avx2_rows::silu_mul_f32(g + b, u + b, e - b);
 #endif
       silu_mul_scalar(g + b, u + b, e - b);
     });

@@ -17,14 +17,14 @@ namespace skipgpt::cpu {
 SKIPGPT_BEGIN_AVX512
 namespace avx512_rn {
 using Vec = avx512_vec::Vec;
-#include "route_norm_row.inc"
+#include "row_ops.inc"
 }  // namespace avx512_rn
 SKIPGPT_END_ISA
 
 SKIPGPT_BEGIN_AVX2
 namespace avx2_rn {
 using Vec = avx2_vec::Vec;
-#include "route_norm_row.inc"
+#include "row_ops.inc"
 }  // namespace avx2_rn
 SKIPGPT_END_ISA
 #endif

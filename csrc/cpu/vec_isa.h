@@ -52,6 +52,11 @@ struct Vec {
   static inline reg add(reg a, reg b) { return _mm512_add_ps(a, b); }
   static inline reg sub(reg a, reg b) { return _mm512_sub_ps(a, b); }
   static inline reg max(reg a, reg b) { return _mm512_max_ps(a, b); }
+  static inline reg div(reg a, reg b) { return _mm512_div_ps(a, b); }
+  static inline reg neg_abs(reg x) { return _mm512_or_ps(x, _mm512_set1_ps(-0.0f)); }  // -|x|
+  static inline reg select_neg(reg x, reg if_neg, reg otherwise) {                    // x < 0 ? .. : ..
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ), otherwise, if_neg);
+  }
   static inline float reduce_max(reg x) { return _mm512_reduce_max_ps(x); }
   static inline float reduce_add(reg x) { return _mm512_reduce_add_ps(x); }
   // exp for x <= 0, the polynomial of exp_nonpos; exactly 0 below -87 (and for -inf).
@@ -94,6 +99,11 @@ struct Vec {
   static inline reg add(reg a, reg b) { return _mm256_add_ps(a, b); }
   static inline reg sub(reg a, reg b) { return _mm256_sub_ps(a, b); }
   static inline reg max(reg a, reg b) { return _mm256_max_ps(a, b); }
+  static inline reg div(reg a, reg b) { return _mm256_div_ps(a, b); }
+  static inline reg neg_abs(reg x) { return _mm256_or_ps(x, _mm256_set1_ps(-0.0f)); }  // -|x|
+  static inline reg select_neg(reg x, reg if_neg, reg otherwise) {                    // x < 0 ? .. : ..
+    return _mm256_blendv_ps(otherwise, if_neg, _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_LT_OQ));
+  }
   static inline float reduce_max(reg x) {
     __m128 m = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
     m = _mm_max_ps(m, _mm_movehl_ps(m, m));
@@ -106,7 +116,23 @@ struct Vec {
     m = _mm_add_ss(m, _mm_movehdup_ps(m));
     return _mm_cvtss_f32(m);
   }
-  static inline reg exp_nonpos(reg x) { return skipgpt::cpu::exp_nonpos_avx2(x); }
+  // exp for x <= 0, the polynomial of exp_nonpos; exactly 0 below -87 (and for -inf).
+  static inline reg exp_nonpos(reg x) {
+    const __m256 tiny = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_LT_OQ);
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    const __m256 t = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+    __m256 r = _mm256_fnmadd_ps(t, _mm256_set1_ps(0.693145751953125f), x);
+    r = _mm256_fnmadd_ps(t, _mm256_set1_ps(1.428606765330187045e-06f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(t), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(tiny, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+  }
 };
 }  // namespace skipgpt::cpu::avx2_vec
 SKIPGPT_END_ISA
