@@ -26,31 +26,32 @@ constexpr int64_t kQueryBlock = 64;
 constexpr int64_t kKeyTile = 256;
 static_assert(kKeyTile % 64 == 0, "the tile kernels pack whole K panels of 64 (AVX-512) or 16 (AVX2) keys");
 
-float tile_max_scalar(const float* s, int64_t nk) {
-  float mx = -std::numeric_limits<float>::infinity();
-  for (int64_t j = 0; j < nk; ++j) mx = std::max(mx, s[j]);
-  return mx;
-}
-
-float tile_exp_sum_scalar(float* s, int64_t nk, float max) {
-  float sum = 0;
-  for (int64_t j = 0; j < nk; ++j) sum += (s[j] = exp_nonpos(s[j] - max));
-  return sum;
-}
-
-// Online-softmax step of one row over one tile: returns the rescale factor of the old state
-// and overwrites the scores with the tile's probabilities relative to the new running max
-// (all 0 when every key of the tile is masked).
+// Online-softmax step of one row over one tile (the generic path): returns the rescale factor
+// of the old state and overwrites the scores with the tile's probabilities relative to the new
+// running max (all 0 when every key of the tile is masked). The reductions keep 8 lanes, so the
+// compiler vectorises them (SSE2, NEON) without -ffast-math.
 float softmax_tile_row(float* s, int64_t nk, float& row_max, float& row_sum) {
   constexpr float ninf = -std::numeric_limits<float>::infinity();
-  const float mx = tile_max_scalar(s, nk);
+  float lanes[8] = {ninf, ninf, ninf, ninf, ninf, ninf, ninf, ninf};
+  int64_t j = 0;
+  for (; j + 8 <= nk; j += 8)
+    for (int l = 0; l < 8; ++l) lanes[l] = lanes[l] > s[j + l] ? lanes[l] : s[j + l];
+  float mx = ninf;
+  for (int l = 0; l < 8; ++l) mx = std::max(mx, lanes[l]);
+  for (; j < nk; ++j) mx = std::max(mx, s[j]);
   if (mx == ninf) {
     std::fill(s, s + nk, 0.0f);
     return 1.0f;
   }
   const float new_max = std::max(row_max, mx);
   const float alpha = row_max == ninf ? 0.0f : exp_nonpos(row_max - new_max);
-  const float sum = tile_exp_sum_scalar(s, nk, new_max);
+  for (j = 0; j < nk; ++j) s[j] = exp_nonpos(s[j] - new_max);
+  float sums[8] = {};
+  for (j = 0; j + 8 <= nk; j += 8)
+    for (int l = 0; l < 8; ++l) sums[l] += s[j + l];
+  float sum = 0;
+  for (int l = 0; l < 8; ++l) sum += sums[l];
+  for (; j < nk; ++j) sum += s[j];
   row_max = new_max;
   row_sum = row_sum * alpha + sum;
   return alpha;
