@@ -138,7 +138,7 @@ class SkipState:
 
     def row_positions(self, past: int, B: int, S: int, cos: torch.Tensor, sin: torch.Tensor):
         """Per-row cache positions and RoPE rows ``[T]``, ``[T, hd]``, plus the identity
-        compaction (every row, count T) that the K projection runs with: the same for every
+        compaction (every row, count T) that the K and V projections run with: the same for every
         layer of a forward, so they are built once (the entry holds ``cos`` itself, so a hit is
         exact)."""
         hit = self._rows
