@@ -34,6 +34,11 @@ if _want_cuda():
     cuda_sources = _rel("csrc/cuda/*.cu")
     # An arch list is mandatory on a GPU-less build machine (torch otherwise probes a device).
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
+    # The wgmma GEMM (gemm_sm90.cu) exists only in sm_90a code; the host side is told so. With
+    # plain 9.0 in the list too, a 9.0 device might load the sm_90 cubin: keep mma.sync then.
+    archs = [a.removesuffix("+PTX") for a in os.environ["TORCH_CUDA_ARCH_LIST"].replace(";", " ").split()]
+    if "9.0a" in archs and "9.0" not in archs:
+        define_macros.append(("SKIPGPT_SM90A", "1"))
     ext = CUDAExtension(
         "skipgpt_ext._C",
         sources + _rel("csrc/cuda/*.cpp") + cuda_sources,

@@ -15,6 +15,7 @@ with the module skipped (count 0) and executed.
 
 from __future__ import annotations
 
+import os
 import statistics
 
 import torch
@@ -66,6 +67,8 @@ def main_cuda(T_list, skips, reps: int) -> None:
     G = Hq // Hkv
     props = torch.cuda.get_device_properties(0)
     print(f"torch {torch.__version__}, {props.name}, {props.multi_processor_count} SMs, bf16, Llama-3.1-8B layer")
+    loop = os.environ.get("SKIPGPT_CUDA_GEMM") or ("wgmma" if (props.major, props.minor) == (9, 0) else "mma.sync")
+    print(f"GEMM mainloop for T > 8: {loop} (SKIPGPT_CUDA_GEMM; wgmma needs an sm_90a build)")
     print("T      skip  op/module               native_us  dense_us    ref_us  x_dense  x_ref  ideal   eff  TFLOP/s   GB/s")
     w = lambda *s, scale=1.0: (torch.randn(*s, device=dev) * scale).to(dt)  # noqa: E731
     Wq, Wk, Wv, Wo = w(Hq * hd, d, scale=d**-0.5), w(Hkv * hd, d, scale=d**-0.5), w(Hkv * hd, d, scale=d**-0.5), w(d, Hq * hd, scale=(Hq * hd) ** -0.5)

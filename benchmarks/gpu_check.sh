@@ -2,7 +2,8 @@
 # One self-contained GPU check for a lent device machine (no network there):
 #   1. build skipgpt_ext with its CUDA kernels against the machine's torch;
 #   2. run the GPU tests (tests/test_cuda.py, marker `cuda`);
-#   3. run the CUDA kernel microbenchmarks (bench_kernels.py --device cuda);
+#   3. run the CUDA kernel microbenchmarks (bench_kernels.py --device cuda), then the GEMM rows
+#      again on the mma.sync mainloop (SKIPGPT_CUDA_GEMM=mma) beside the default wgmma one;
 #   4. write logs and a results table under $OUT (results.md last, also printed).
 # Usage on the device:   OUT=/some/dir bash benchmarks/gpu_check.sh
 # Dry run here (no GPU): the build and test collection run, GPU parts report "skipped".
@@ -55,6 +56,9 @@ if [ $build_rc -eq 0 ]; then
   tail -n 5 "$OUT/tests.log"
   if "$PY" -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     stage bench 200 "$OUT/bench_cuda.txt" "$PY" benchmarks/bench_kernels.py --device cuda --reps 20
+    # The same GEMMs on the mma.sync mainloop, side by side with the wgmma one of the run above.
+    SKIPGPT_CUDA_GEMM=mma stage bench-mma 90 "$OUT/bench_cuda_mma.txt" \
+      "$PY" benchmarks/bench_kernels.py --device cuda --reps 10 --T 512 4096 --skip 0 0.4
   else
     echo "| bench | skipped: no CUDA device | 0 s | - |" >>"$RES.stages"
   fi
@@ -73,11 +77,13 @@ fi
     echo "Tests: $(grep -E '[0-9]+ (passed|failed|skipped|error)' "$OUT/tests.log" | tail -n 1)"
     echo
   fi
-  if [ -f "$OUT/bench_cuda.txt" ]; then
-    echo '```'
-    cat "$OUT/bench_cuda.txt"
-    echo '```'
-  fi
+  for f in bench_cuda.txt bench_cuda_mma.txt; do
+    if [ -f "$OUT/$f" ]; then
+      echo '```'
+      cat "$OUT/$f"
+      echo '```'
+    fi
+  done
 } >"$RES"
 rm -f "$RES.stages"
 cat "$RES"

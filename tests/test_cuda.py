@@ -212,6 +212,73 @@ def test_skip_mlp_matches_float64(dtype, T, d, inter, kind):
     assert torch.equal(got[skipped.to(DEV)], h[skipped.to(DEV)])
 
 
+# -- both tiled GEMM mainloops ----------------------------------------------------------------------
+# launch_gemm runs the wgmma mainloop (gemm_sm90.cu) on a compute-capability 9.0 device with an
+# sm_90a build, and mma.sync (gemm.cu) elsewhere; SKIPGPT_CUDA_GEMM forces one, read per launch.
+# The cases cross every tile edge of both: M past 128 with a partial last tile and whole tiles past
+# count (kind "some"), K not a multiple of 64 and deeper than the 3-4 pipeline stages, N not a
+# multiple of 128 / 256, RoPE in the epilogue (head_dim 64 / 128, with the Qwen3 head norm) and
+# in its own pass (head_dim 96). wgmma takes 128-wide tiles while 256-wide ones would number
+# fewer than the SMs: the cases with T 4200 and N 2048 (264 wide tiles) run the 256-wide ones.
+def _wgmma_unavailable_reason() -> str | None:
+    """Why SKIPGPT_CUDA_GEMM=wgmma cannot run here (the op's own error), or None."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        return "the wgmma mainloop runs on compute capability 9.0 only"
+    x = torch.randn(16, 64, device=DEV, dtype=torch.bfloat16)
+    idx, cnt = ref.compact(torch.ones(16, dtype=torch.bool, device=DEV))
+    try:
+        ops.linear_scatter_add_(x.clone(), x, idx, cnt, torch.randn(64, 64, device=DEV, dtype=torch.bfloat16), None)
+    except RuntimeError as e:
+        if "SKIPGPT_CUDA_GEMM=wgmma needs" in str(e):
+            return "this build has no sm_90a code (TORCH_CUDA_ARCH_LIST without 9.0a)"
+        raise
+    return None
+
+
+@pytest.fixture(params=["mma", "wgmma"])
+def gemm_mainloop(request, monkeypatch):
+    monkeypatch.setenv("SKIPGPT_CUDA_GEMM", request.param)
+    if request.param == "wgmma" and (why := _wgmma_unavailable_reason()) is not None:
+        pytest.skip(why)
+    return request.param
+
+
+def test_gemm_mainloop_env_is_checked(monkeypatch):
+    x = torch.randn(16, 64, device=DEV, dtype=torch.bfloat16)
+    idx, cnt = ref.compact(torch.ones(16, dtype=torch.bool, device=DEV))
+    w = torch.randn(64, 64, device=DEV, dtype=torch.bfloat16)
+    monkeypatch.setenv("SKIPGPT_CUDA_GEMM", "wgmma2")
+    with pytest.raises(RuntimeError, match="SKIPGPT_CUDA_GEMM must be unset, auto, mma or wgmma"):
+        ops.linear_scatter_add_(x.clone(), x, idx, cnt, w, None)
+    monkeypatch.setenv("SKIPGPT_CUDA_GEMM", "auto")
+    h = x.clone()
+    ops.linear_scatter_add_(h, x, idx, cnt, w, None)
+    _close(h, x.double().cpu() + (x.double() @ w.double().T).cpu(), torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,d,hd,H,extras", [(300, 200, 64, 6, True), (600, 1000, 128, 3, False), (257, 520, 96, 3, True),
+                                             (129, 4096, 128, 2, True), (140, 256, 64, 9, "plain"),
+                                             (4200, 256, 128, 16, True), (4200, 136, 64, 32, "plain")])
+@pytest.mark.parametrize("kind", ["all", "some"])
+def test_gemm_mainloops_q_proj_rope(gemm_mainloop, dtype, T, d, hd, H, extras, kind):
+    test_q_proj_rope_matches_float64(dtype, T, d, hd, H, kind, extras)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,din,dout", [(300, 200, 520), (600, 1000, 264), (130, 4096, 4096), (4200, 328, 2048)])
+@pytest.mark.parametrize("kind", ["all", "some"])
+def test_gemm_mainloops_linear_scatter_add(gemm_mainloop, dtype, T, din, dout, kind):
+    test_linear_scatter_add_matches_float64(dtype, T, din, dout, kind, with_bias=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,d,inter", [(300, 200, 392), (513, 520, 1000), (256, 4096, 1408), (4200, 2048, 264)])
+@pytest.mark.parametrize("kind", ["all", "some"])
+def test_gemm_mainloops_skip_mlp(gemm_mainloop, dtype, T, d, inter, kind):
+    test_skip_mlp_matches_float64(dtype, T, d, inter, kind)
+
+
 def test_empty_count_reads_no_weight():
     # NaN weights: any weight read that reached h would show. count == 0 must leave h bit-exact.
     gen = torch.Generator().manual_seed(0)

@@ -13,9 +13,13 @@
 // The accumulators are staged through shared memory for the epilogue, which then works on
 // whole 16-byte column chunks (and on whole heads for RoPE).
 //
-// sm_80 and sm_90a share this mainloop; a wgmma/TMA mainloop for sm_90a is future work.
-// Row capacities of at most kGemvMaxRows (decode) go to gemv.cu instead.
-#include "common.cuh"
+// This mainloop runs on sm_80+; on an sm_90a build and a compute-capability 9.0 device
+// launch_gemm uses the wgmma mainloop of gemm_sm90.cu instead (same tiles' epilogues,
+// gemm_tile.cuh). Row capacities of at most kGemvMaxRows (decode) go to gemv.cu.
+#include <cstdlib>
+#include <string_view>
+
+#include "gemm_tile.cuh"
 #include "mma.cuh"
 
 namespace skipgpt::cuda {
@@ -30,7 +34,7 @@ struct Cfg {
   static constexpr int MI = WTM / 16, NI = WTN / 8;
   static constexpr int LDS = BK + 8;                  // padded smem row (80 B: ldmatrix conflict-free)
   static constexpr int BROWS = DUAL ? 2 * BN : BN;    // gate rows then up rows
-  static constexpr int LDC = BN + 4;                  // staged fp32 C row
+  static constexpr int LDC = BN + 8;                  // staged fp32 C row (float2 stores: no bank conflict)
   static constexpr size_t kPipeBytes = size_t{STAGES} * (BM + BROWS) * LDS * 2;
   static constexpr size_t kStageBytes = size_t{BM} * LDC * 4;
   static constexpr size_t kSmemBytes = kPipeBytes > kStageBytes ? kPipeBytes : kStageBytes;
@@ -46,26 +50,7 @@ __global__ void __launch_bounds__(C::THREADS) gemm_kernel(GemmParams p) {
   // M tiles on x (up to 2^31 - 1 of them), N tiles on y.
   const int64_t m0 = int64_t{blockIdx.x} * C::BM, n0 = int64_t{blockIdx.y} * C::BN;
   const int64_t cnt = load_count(p.count, p.M);
-  T* out = static_cast<T*>(p.out);
-  constexpr bool kZeroTail = EPI == Epilogue::kStore || EPI == Epilogue::kRope;
-
-  if (m0 >= cnt) {  // an empty tile: no load at all; only zero the output rows it owns
-    if constexpr (kZeroTail) {
-      const int64_t rows = min(int64_t{C::BM}, p.M - m0);
-      for (int64_t c = tid; c < rows * (C::BN / 8); c += C::THREADS) {
-        const int64_t i = c / (C::BN / 8), col = n0 + (c % (C::BN / 8)) * 8;
-        if (col < p.N) *reinterpret_cast<uint4*>(out + (m0 + i) * p.ldo + col) = make_uint4(0, 0, 0, 0);
-      }
-    }
-    return;
-  }
-  for (int i = tid; i < C::BM; i += C::THREADS) {
-    const int64_t gi = m0 + i;
-    const bool ok = gi < cnt;
-    a_row[i] = ok ? (p.a_idx != nullptr ? p.a_idx[gi] : gi) : -1;
-    out_row[i] = ok ? (EPI == Epilogue::kScatterAdd ? p.out_idx[gi] : gi) : -1;
-  }
-  __syncthreads();
+  if (!tile_rows<T, EPI, C::BM, C::BN, C::THREADS>(p, m0, n0, cnt, a_row, out_row)) return;
 
   T* As = reinterpret_cast<T*>(smem);
   T* Bs = As + C::STAGES * C::BM * C::LDS;
@@ -158,94 +143,15 @@ __global__ void __launch_bounds__(C::THREADS) gemm_kernel(GemmParams p) {
         const int r = wm * C::WTM + mi * 16 + lane / 4 + h2 * 8;
         const int c = wn * C::WTN + ni * 8 + (lane % 4) * 2;
         float v0 = acc[mi][ni][2 * h2], v1 = acc[mi][ni][2 * h2 + 1];
-        if constexpr (C::DUAL) {  // as HF: silu(round(gate)) rounded, times round(up), rounded
-          const float g0 = round_to<T>(v0), g1 = round_to<T>(v1);
-          const float s0 = round_to<T>(g0 / (1.f + __expf(-g0))), s1 = round_to<T>(g1 / (1.f + __expf(-g1)));
-          v0 = s0 * round_to<T>(acc1[mi][ni][2 * h2]);
-          v1 = s1 * round_to<T>(acc1[mi][ni][2 * h2 + 1]);
+        if constexpr (C::DUAL) {
+          v0 = silu_mul<T>(v0, acc1[mi][ni][2 * h2]);
+          v1 = silu_mul<T>(v1, acc1[mi][ni][2 * h2 + 1]);
         }
         *reinterpret_cast<float2*>(Cs + r * C::LDC + c) = make_float2(v0, v1);
       }
   __syncthreads();
 
-  const T* bias = static_cast<const T*>(p.bias);
-  union Pack {
-    uint4 u;
-    T e[8];
-  };
-  constexpr int CH = C::BN / 8;  // 16-byte output chunks per tile row
-  if constexpr (EPI == Epilogue::kRope) {
-    // Round to T with the bias (the projection's output), in place, before the per-head pass.
-    for (int c = tid; c < C::BM * C::BN; c += C::THREADS) {
-      const int i = c / C::BN, col = c % C::BN;
-      const float b = (bias != nullptr && n0 + col < p.N) ? to_float<T>(bias[n0 + col]) : 0.f;
-      Cs[i * C::LDC + col] = round_to<T>(Cs[i * C::LDC + col] + b);
-    }
-    __syncthreads();
-    const int hd = p.head_dim, half = hd / 2, heads = C::BN / hd;
-    const T* cs = static_cast<const T*>(p.cos);
-    const T* sn = static_cast<const T*>(p.sin);
-    const T* hw = static_cast<const T*>(p.head_norm_weight);
-    for (int item = warp; item < C::BM * heads; item += C::THREADS / 32) {
-      const int i = item / heads, hl = item % heads;
-      const int64_t gi = m0 + i, col0 = n0 + int64_t{hl} * hd;
-      if (gi >= p.M || col0 >= p.N) continue;
-      T* dst = out + gi * p.ldo + col0;
-      if (gi >= cnt) {
-        for (int j = lane; j < hd; j += 32) dst[j] = from_float<T>(0.f);
-        continue;
-      }
-      const float* src = Cs + i * C::LDC + hl * hd;
-      float inv = 1.f;
-      if (hw != nullptr) {
-        float ss = 0.f;
-        for (int j = lane; j < hd; j += 32) ss += src[j] * src[j];
-        inv = rsqrtf(warp_sum(ss) / static_cast<float>(hd) + p.head_norm_eps);
-      }
-      const int64_t row = a_row[i];  // RoPE at the token's true position
-      for (int j = lane; j < half; j += 32) {
-        float t1 = src[j], t2 = src[j + half];
-        if (hw != nullptr) {
-          t1 = round_to<T>(to_float<T>(hw[j]) * round_to<T>(t1 * inv));
-          t2 = round_to<T>(to_float<T>(hw[j + half]) * round_to<T>(t2 * inv));
-        }
-        const T* c = cs + row * hd;
-        const T* s = sn + row * hd;
-        rope_pair<T>(t1, t2, to_float<T>(c[j]), to_float<T>(s[j]), to_float<T>(c[j + half]), to_float<T>(s[j + half]),
-                     dst[j], dst[j + half]);
-      }
-    }
-  } else {
-    for (int c = tid; c < C::BM * CH; c += C::THREADS) {
-      const int i = c / CH, cc = (c % CH) * 8;
-      const int64_t gi = m0 + i, col = n0 + cc;
-      if (gi >= p.M || col >= p.N) continue;
-      if (gi >= cnt) {
-        if constexpr (kZeroTail) *reinterpret_cast<uint4*>(out + gi * p.ldo + col) = make_uint4(0, 0, 0, 0);
-        continue;
-      }
-      const float* src = Cs + i * C::LDC + cc;
-      Pack y;
-      if constexpr (EPI == Epilogue::kScatterAdd) {
-        T* dst = out + out_row[i] * p.ldo + col;
-        Pack hv;
-        hv.u = *reinterpret_cast<const uint4*>(dst);
-#pragma unroll
-        for (int e = 0; e < 8; ++e) {  // as HF: the projection rounds to T, then the residual add
-          const float b = bias != nullptr ? to_float<T>(bias[col + e]) : 0.f;
-          y.e[e] = from_float<T>(to_float<T>(hv.e[e]) + round_to<T>(src[e] + b));
-        }
-        *reinterpret_cast<uint4*>(dst) = y.u;
-      } else {
-#pragma unroll
-        for (int e = 0; e < 8; ++e) {
-          const float b = bias != nullptr ? to_float<T>(bias[col + e]) : 0.f;
-          y.e[e] = from_float<T>(src[e] + b);
-        }
-        *reinterpret_cast<uint4*>(out + gi * p.ldo + col) = y.u;
-      }
-    }
-  }
+  tile_epilogue<T, EPI, C::BM, C::BN, C::THREADS, C::LDC>(p, Cs, a_row, out_row, m0, n0, cnt);
 }
 
 template <typename T, Epilogue EPI, typename C>
@@ -257,15 +163,12 @@ cudaError_t launch_cfg(const GemmParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-using CfgMain = Cfg<128, 128, 2, 4, false>;  // 8 warps of 64 x 32
+using CfgMain = Cfg<128, 128, 2, 4, false>;  // 8 warps of 64 x 32 (BN a multiple of 128: kRope)
 using CfgDual = Cfg<128, 64, 2, 4, true>;    // 8 warps of 64 x (16 gate + 16 up)
 
 }  // namespace
 
-cudaError_t launch_gemm(const GemmParams& p, Epilogue epi, DType dtype, cudaStream_t stream) {
-  if (p.M == 0 || p.N == 0) return cudaSuccess;
-  if (epi == Epilogue::kSiluMul && p.bias != nullptr) return cudaErrorInvalidValue;  // no bias there
-  if (p.M <= kGemvMaxRows) return launch_gemv(p, epi, dtype, stream);  // decode: bandwidth, not tiles
+cudaError_t launch_gemm_mma(const GemmParams& p, Epilogue epi, DType dtype, cudaStream_t stream) {
   return dispatch_dtype(dtype, [&]<typename T>() -> cudaError_t {
     if constexpr (std::is_same_v<T, float>) {
       return cudaErrorInvalidValue;  // tensor-core paths only (the op wrappers reject fp32 first)
@@ -274,10 +177,6 @@ cudaError_t launch_gemm(const GemmParams& p, Epilogue epi, DType dtype, cudaStre
         case Epilogue::kStore:
           return launch_cfg<T, Epilogue::kStore, CfgMain>(p, stream);
         case Epilogue::kRope:
-          if (p.head_dim <= 0 || CfgMain::BN % p.head_dim != 0) {  // heads do not tile: two steps
-            const cudaError_t e = launch_cfg<T, Epilogue::kStore, CfgMain>(p, stream);
-            return e != cudaSuccess ? e : launch_rope_rows(p, dtype, stream);
-          }
           return launch_cfg<T, Epilogue::kRope, CfgMain>(p, stream);
         case Epilogue::kScatterAdd:
           return launch_cfg<T, Epilogue::kScatterAdd, CfgMain>(p, stream);
@@ -287,6 +186,40 @@ cudaError_t launch_gemm(const GemmParams& p, Epilogue epi, DType dtype, cudaStre
       return cudaErrorInvalidValue;
     }
   });
+}
+
+GemmMainloop gemm_mainloop() {
+  const char* env = std::getenv("SKIPGPT_CUDA_GEMM");
+  const std::string_view want = env != nullptr ? env : "";
+  if (want == "mma") return GemmMainloop::kMma;
+  bool sm90 = false;
+#if defined(SKIPGPT_SM90A)
+  int dev = 0, major = 0, minor = 0;
+  if (cudaGetDevice(&dev) == cudaSuccess &&
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) == cudaSuccess)
+    sm90 = major == 9 && minor == 0;
+#endif
+  if (want == "wgmma") return sm90 ? GemmMainloop::kWgmma : GemmMainloop::kUnavailable;
+  if (!want.empty() && want != "auto") return GemmMainloop::kUnknown;
+  return sm90 ? GemmMainloop::kWgmma : GemmMainloop::kMma;
+}
+
+cudaError_t launch_gemm(const GemmParams& p, Epilogue epi, DType dtype, cudaStream_t stream) {
+  if (p.M == 0 || p.N == 0) return cudaSuccess;
+  if (epi == Epilogue::kSiluMul && p.bias != nullptr) return cudaErrorInvalidValue;  // no bias there
+  if (p.M <= kGemvMaxRows) return launch_gemv(p, epi, dtype, stream);  // decode: bandwidth, not tiles
+  const GemmMainloop loop = gemm_mainloop();
+  if (loop == GemmMainloop::kUnavailable || loop == GemmMainloop::kUnknown) return cudaErrorNotSupported;
+  auto tiled = [&](Epilogue e) {
+    return loop == GemmMainloop::kWgmma ? launch_gemm_sm90(p, e, dtype, stream) : launch_gemm_mma(p, e, dtype, stream);
+  };
+  // Both mainloops' BN are multiples of 128: RoPE rides in the epilogue when heads tile that.
+  if (epi == Epilogue::kRope && (p.head_dim <= 0 || 128 % p.head_dim != 0)) {
+    const cudaError_t e = tiled(Epilogue::kStore);
+    return e != cudaSuccess ? e : launch_rope_rows(p, dtype, stream);
+  }
+  return tiled(epi);
 }
 
 }  // namespace skipgpt::cuda

@@ -3,12 +3,12 @@
 // pipeline: too few bytes in flight to approach HBM bandwidth. Here one warp owns one output
 // feature: it streams that weight row once with 16-byte read-only loads (all lanes in one
 // contiguous 512-byte span per step) and dots it with every executing row, so every SM has
-// many independent loads in flight. The epilogues are the GEMM's (gemm.cu), with the same
+// many independent loads in flight. The epilogues are the GEMM's (gemm_tile.cuh), with the same
 // rounding: kStore (+ bias, rows past count zeroed), kScatterAdd (in place into h's rows),
 // kSiluMul (gate and up rows of the same feature in one warp); kRope stores, then rotates in
 // a second pass (launch_rope_rows). The count is read on the device: a count of 0 returns
 // before any weight load, so a skipped module reads no weight byte.
-#include "common.cuh"
+#include "gemm_tile.cuh"
 
 namespace skipgpt::cuda {
 namespace {
@@ -81,10 +81,8 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(GemmParams p) {
     if constexpr (EPI == Epilogue::kScatterAdd) {
       T* dst = out + p.out_idx[r] * p.ldo + n;  // as HF: the projection rounds to T, then the add
       *dst = from_float<T>(to_float<T>(*dst) + round_to<T>(acc[r] + b));
-    } else if constexpr (kDual) {  // as HF: silu(round(gate)) rounded, times round(up), rounded
-      const float g = round_to<T>(acc[r]);
-      const float s = round_to<T>(g / (1.f + __expf(-g)));
-      out[r * p.ldo + n] = from_float<T>(s * round_to<T>(acc1[r]));
+    } else if constexpr (kDual) {
+      out[r * p.ldo + n] = from_float<T>(silu_mul<T>(acc[r], acc1[r]));
     } else {
       out[r * p.ldo + n] = from_float<T>(acc[r] + b);
     }

@@ -12,6 +12,7 @@
 #include <cuda_runtime.h>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -89,6 +90,16 @@ int num_sms(int device) {
 
 void launched(cudaError_t e, const char* op) {
   TORCH_CHECK(e == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(e));
+}
+
+// Before a GEMM launch: the mainloop SKIPGPT_CUDA_GEMM asks for can run here.
+void check_gemm_mainloop(const char* op) {
+  const GemmMainloop m = gemm_mainloop();
+  TORCH_CHECK(m != GemmMainloop::kUnknown, op, ": SKIPGPT_CUDA_GEMM must be unset, auto, mma or wgmma, got '",
+              std::getenv("SKIPGPT_CUDA_GEMM"), "'");
+  TORCH_CHECK(m != GemmMainloop::kUnavailable, op,
+              ": SKIPGPT_CUDA_GEMM=wgmma needs a compute-capability 9.0 GPU and a build with 9.0a (and not plain 9.0) in "
+              "TORCH_CUDA_ARCH_LIST; unset it, or set it to mma");
 }
 
 // Weights feed 16-byte async copies: contiguous and 16-byte aligned (a view at an odd offset
@@ -249,6 +260,7 @@ at::Tensor q_proj_rope_cuda(const at::Tensor& x, const at::Tensor& idx, const at
                      .cos = rope ? cs.data_ptr() : nullptr, .sin = rope ? sn.data_ptr() : nullptr,
                      .head_norm_weight = hnw.defined() ? hnw.data_ptr() : nullptr,
                      .head_norm_eps = static_cast<float>(head_norm_eps), .head_dim = static_cast<int>(hd)};
+  check_gemm_mainloop(op);
   launched(launch_gemm(p, rope ? Epilogue::kRope : Epilogue::kStore, dtype_of(x),
                        c10::cuda::getCurrentCUDAStream().stream()),
            op);
@@ -341,6 +353,7 @@ void gemm_scatter_add(at::Tensor& h, const void* a, int64_t lda, int64_t K, cons
   const GemmParams p{.A = a, .lda = lda, .W = weight.data_ptr(), .bias = bias, .out = h.data_ptr(),
                      .ldo = h.stride(0), .out_idx = idx.data_ptr<int64_t>(), .count = count.data_ptr<int64_t>(),
                      .M = h.size(0), .N = h.size(1), .K = K};
+  check_gemm_mainloop(op);
   launched(launch_gemm(p, Epilogue::kScatterAdd, dtype_of(h), stream), op);
 }
 
@@ -400,6 +413,7 @@ void skip_mlp_cuda(at::Tensor& h, const at::Tensor& idx, const at::Tensor& count
   launched(launch_gather_norm(g, dtype_of(h), stream), op);
   const GemmParams gate_up{.A = x.data_ptr(), .lda = d, .W = gate.data_ptr(), .W1 = up.data_ptr(), .out = act.data_ptr(),
                            .ldo = I, .count = cnt, .M = T, .N = I, .K = d};
+  check_gemm_mainloop(op);
   launched(launch_gemm(gate_up, Epilogue::kSiluMul, dtype_of(h), stream), op);
   gemm_scatter_add(h, act.data_ptr(), I, I, down, nullptr, idx, count, stream, op);
 }

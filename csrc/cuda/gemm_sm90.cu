@@ -1,0 +1,196 @@
+// Compacted-row GEMMs on Hopper's warpgroup MMA (wgmma, sm_90a): the contract, epilogues and
+// rounding of gemm.cu (kernels.h; gemm_tile.cuh), on the tensor-core path Hopper runs at full
+// rate (mma.sync, gemm.cu, peaks well below it there). launch_gemm chooses this mainloop on a
+// compute-capability 9.0 device when the build holds sm_90a code (SKIPGPT_SM90A), unless
+// SKIPGPT_CUDA_GEMM=mma.
+//
+// Block tile 128 x BN x 64 for two warpgroups, 64 rows each. A 4-stage cp.async pipeline fills
+// 128-byte-swizzled shared tiles, the layout the wgmma descriptors read; A rows are gathered
+// per row (a_idx) as they load, which TMA cannot do on sm_90, and rows past count load as
+// zeros. One wgmma group stays in flight while the next stage is requested.
+//   kStore, kRope, kScatterAdd: BN 256, one m64n256k16 per warpgroup and 16 of K
+//                               (128 fp32 accumulators per thread); BN 128 when 256-wide
+//                               tiles would number fewer than the SMs (small M or N);
+//   kSiluMul:                   BN 128 features, gate and up tiles, two m64n128k16 (64 + 64).
+#include "gemm_tile.cuh"
+#include "mma.cuh"
+#include "wgmma.cuh"
+
+namespace skipgpt::cuda {
+namespace {
+
+template <int BN_, bool DUAL_>
+struct Sm90Cfg {
+  static constexpr int BM = 128, BN = BN_, BK = 64, STAGES = 4, THREADS = 256;
+  static constexpr bool DUAL = DUAL_;
+  static constexpr int BROWS = DUAL ? 2 * BN : BN;  // gate rows then up rows
+  static constexpr int REGS = BN / 2;               // accumulators of one 64 x BN tile per thread
+  static_assert(REGS * 128 == 64 * BN, "m64nBN: BN / 2 fp32 accumulators per thread");
+  static constexpr int LDC = BN + 8;                // staged fp32 C row (float2 stores: no bank conflict)
+  static constexpr size_t kABytes = size_t{BM} * BK * 2, kBBytes = size_t{BROWS} * BK * 2;
+  static constexpr size_t kStageBytes = kABytes + kBBytes;
+  static constexpr size_t kPipeBytes = STAGES * kStageBytes, kCBytes = size_t{BM} * LDC * 4;
+  static constexpr size_t kSmemBytes = (kPipeBytes > kCBytes ? kPipeBytes : kCBytes) + 1024;  // + alignment
+  static_assert(BK * 2 == 128, "one 128-byte swizzle row per tile row");
+  static_assert(kABytes % 1024 == 0 && kStageBytes % 1024 == 0, "tiles stay 1024-byte aligned");
+  static_assert(BN == 128 || BN == 256, "wgmma N (and a multiple of 128: see launch_gemm's kRope)");
+  static_assert(BM * 8 % THREADS == 0 && BROWS * 8 % THREADS == 0, "whole copy rounds");
+};
+
+template <typename T, Epilogue EPI, typename C>
+__global__ void __launch_bounds__(C::THREADS, 1) gemm_sm90_kernel(GemmParams p) {
+#if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  __trap();  // only sm_90a code holds this kernel; launch_gemm never picks it elsewhere
+#else
+  extern __shared__ unsigned char smem_raw[];
+  __shared__ int64_t a_row[C::BM];
+  __shared__ int64_t out_row[C::BM];
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, wg = warp / 4;
+  const int64_t m0 = int64_t{blockIdx.x} * C::BM, n0 = int64_t{blockIdx.y} * C::BN;
+  const int64_t cnt = load_count(p.count, p.M);
+  if (!tile_rows<T, EPI, C::BM, C::BN, C::THREADS>(p, m0, n0, cnt, a_row, out_row)) return;
+
+  // The swizzle pattern repeats every 1024 bytes, and the descriptors assume tiles aligned to it.
+  unsigned char* smem = reinterpret_cast<unsigned char*>(
+      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~static_cast<uintptr_t>(1023));
+  const T* A = static_cast<const T*>(p.A);
+  const T* W = static_cast<const T*>(p.W);
+  const T* W1 = static_cast<const T*>(p.W1);
+  const int64_t K = p.K, ktiles = (K + C::BK - 1) / C::BK;
+
+  // Tile row r's 16-byte chunk ch goes to chunk ch ^ (r % 8) of its 128-byte row.
+  auto load_tile = [&](int stage, int64_t kt) {
+    const int64_t k0 = kt * C::BK;
+    T* as = reinterpret_cast<T*>(smem + stage * C::kStageBytes);
+    T* bs = reinterpret_cast<T*>(smem + stage * C::kStageBytes + C::kABytes);
+#pragma unroll
+    for (int i = 0; i < C::BM * 8 / C::THREADS; ++i) {
+      const int c = tid + i * C::THREADS, r = c / 8, ch = c % 8;
+      const int64_t ar = a_row[r], k = k0 + ch * 8;
+      const bool ok = ar >= 0 && k < K;
+      cp_async_16(as + r * C::BK + (ch ^ (r % 8)) * 8, ok ? A + ar * p.lda + k : A, ok ? 16 : 0);
+    }
+#pragma unroll
+    for (int i = 0; i < C::BROWS * 8 / C::THREADS; ++i) {
+      const int c = tid + i * C::THREADS, r = c / 8, ch = c % 8;
+      const int64_t n = n0 + (r % C::BN), k = k0 + ch * 8;
+      const T* base = (C::DUAL && r >= C::BN) ? W1 : W;
+      const bool ok = n < p.N && k < K;
+      cp_async_16(bs + r * C::BK + (ch ^ (r % 8)) * 8, ok ? base + n * K + k : W, ok ? 16 : 0);
+    }
+  };
+
+  float acc[C::REGS];
+  float acc1[C::DUAL ? C::REGS : 1];
+#pragma unroll
+  for (int i = 0; i < C::REGS; ++i) acc[i] = 0.f;
+#pragma unroll
+  for (int i = 0; i < (C::DUAL ? C::REGS : 1); ++i) acc1[i] = 0.f;
+
+#pragma unroll
+  for (int s = 0; s < C::STAGES - 1; ++s) {
+    if (s < ktiles) load_tile(s, s);
+    cp_async_commit();
+  }
+  for (int64_t kt = 0; kt < ktiles; ++kt) {
+    cp_async_wait<C::STAGES - 2>();
+    sm90::fence_proxy_async();  // this thread's copies, visible to the tensor cores' proxy
+    __syncthreads();            // ... and every thread's: stage kt is complete
+    const int stage = static_cast<int>(kt % C::STAGES);
+    const T* as = reinterpret_cast<const T*>(smem + stage * C::kStageBytes) + wg * 64 * C::BK;
+    const T* bs = reinterpret_cast<const T*>(smem + stage * C::kStageBytes + C::kABytes);
+    sm90::fence_regs(acc);
+    sm90::fence_regs(acc1);
+    sm90::fence();
+#pragma unroll
+    for (int kk = 0; kk < C::BK; kk += 16) {
+      const uint64_t da = sm90::desc_sw128(as + kk);
+      sm90::Mma<C::BN, T>::run(acc, da, sm90::desc_sw128(bs + kk));
+      if constexpr (C::DUAL) sm90::Mma<C::BN, T>::run(acc1, da, sm90::desc_sw128(bs + C::BN * C::BK + kk));
+    }
+    sm90::commit();
+    sm90::wait<1>();  // this warpgroup's MMAs of stage kt-1 are done ...
+    sm90::fence_regs(acc);
+    sm90::fence_regs(acc1);
+    __syncthreads();  // ... and the other's: stage kt-1 may be refilled
+    const int64_t next = kt + C::STAGES - 1;
+    if (next < ktiles) load_tile(static_cast<int>(next % C::STAGES), next);
+    cp_async_commit();
+  }
+  sm90::wait<0>();
+  sm90::fence_regs(acc);
+  sm90::fence_regs(acc1);
+  cp_async_wait<0>();
+  __syncthreads();  // the pipeline buffers become the fp32 staging tile
+
+  float* Cs = reinterpret_cast<float*>(smem);
+  const int r0 = wg * 64 + (warp % 4) * 16 + lane / 4;
+#pragma unroll
+  for (int j = 0; j < C::BN / 8; ++j)
+#pragma unroll
+    for (int h2 = 0; h2 < 2; ++h2) {
+      const int r = r0 + 8 * h2, c = 8 * j + 2 * (lane % 4);
+      float v0 = acc[4 * j + 2 * h2], v1 = acc[4 * j + 2 * h2 + 1];
+      if constexpr (C::DUAL) {
+        v0 = silu_mul<T>(v0, acc1[4 * j + 2 * h2]);
+        v1 = silu_mul<T>(v1, acc1[4 * j + 2 * h2 + 1]);
+      }
+      *reinterpret_cast<float2*>(Cs + r * C::LDC + c) = make_float2(v0, v1);
+    }
+  __syncthreads();
+  tile_epilogue<T, EPI, C::BM, C::BN, C::THREADS, C::LDC>(p, Cs, a_row, out_row, m0, n0, cnt);
+#endif
+}
+
+template <typename T, Epilogue EPI, typename C>
+cudaError_t launch_cfg(const GemmParams& p, cudaStream_t stream) {
+  const cudaError_t e = opt_in_smem<gemm_sm90_kernel<T, EPI, C>>(C::kSmemBytes);
+  if (e != cudaSuccess) return e;
+  const dim3 grid(static_cast<unsigned>(ceil_div(p.M, C::BM)), static_cast<unsigned>(ceil_div(p.N, C::BN)));
+  gemm_sm90_kernel<T, EPI, C><<<grid, C::THREADS, C::kSmemBytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+using CfgWide = Sm90Cfg<256, false>;
+using CfgNarrow = Sm90Cfg<128, false>;  // when 256-wide tiles would leave SMs idle
+using CfgDual = Sm90Cfg<128, true>;
+
+int sm_count() {
+  static int count[64] = {};
+  int dev = 0, n = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return 0;
+  if (dev >= 0 && dev < 64 && count[dev] > 0) return count[dev];
+  if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) return 0;
+  if (dev >= 0 && dev < 64) count[dev] = n;
+  return n;
+}
+
+template <typename T, Epilogue EPI>
+cudaError_t launch_single(const GemmParams& p, cudaStream_t stream) {
+  const int64_t wide_tiles = ceil_div(p.M, CfgWide::BM) * ceil_div(p.N, CfgWide::BN);
+  return wide_tiles < sm_count() ? launch_cfg<T, EPI, CfgNarrow>(p, stream) : launch_cfg<T, EPI, CfgWide>(p, stream);
+}
+
+}  // namespace
+
+cudaError_t launch_gemm_sm90(const GemmParams& p, Epilogue epi, DType dtype, cudaStream_t stream) {
+  return dispatch_dtype(dtype, [&]<typename T>() -> cudaError_t {
+    if constexpr (std::is_same_v<T, float>) {
+      return cudaErrorInvalidValue;
+    } else {
+      switch (epi) {
+        case Epilogue::kStore:
+          return launch_single<T, Epilogue::kStore>(p, stream);
+        case Epilogue::kRope:
+          return launch_single<T, Epilogue::kRope>(p, stream);
+        case Epilogue::kScatterAdd:
+          return launch_single<T, Epilogue::kScatterAdd>(p, stream);
+        case Epilogue::kSiluMul:
+          return launch_cfg<T, Epilogue::kSiluMul, CfgDual>(p, stream);
+      }
+      return cudaErrorInvalidValue;
+    }
+  });
+}
+
+}  // namespace skipgpt::cuda
