@@ -54,10 +54,16 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--mainloops", nargs="+", default=None, choices=["mma", "wgmma", "wgmma-ws"],
+                    help="cuda: instead of the full table, time the tiled GEMM ops under each of these "
+                         "SKIPGPT_CUDA_GEMM mainloops side by side (default T: 512 4096 16384)")
     args = ap.parse_args()
     if args.device == "cuda":
-        from bench_kernels_cuda import main_cuda  # beside this script
+        from bench_kernels_cuda import compare_mainloops, main_cuda  # beside this script
 
+        if args.mainloops:
+            compare_mainloops(args.T or [512, 4096, 16384], args.skip or [0.0, 0.4], args.reps or 20, args.mainloops)
+            return
         main_cuda(args.T or [1, 8, 64, 512, 4096, 16384], args.skip or [0.0, 0.25, 0.4], args.reps or 20)
         return
     args.T = args.T or [1, 16, 128, 512, 2048]

@@ -200,3 +200,63 @@ def main_cuda(T_list, skips, reps: int) -> None:
                 state = "skipped (count 0)" if n_m == 0 else "executed"
                 print(f"{T:6d} {skip:4.2f}  MLP as CUDA graph, {state}: native {g_nat * 1e3:.1f} us, dense {g_den * 1e3:.1f} us, "
                       f"x_dense {g_den / g_nat:.2f}", flush=True)
+
+
+def compare_mainloops(T_list, skips, reps: int, loops) -> None:
+    """The tiled GEMM ops (T > 8) under each SKIPGPT_CUDA_GEMM mainloop, side by side with cuBLAS.
+
+    One Llama-3.1-8B layer in bf16, prefill rows, routers at the given skip rate. The mainloop
+    is switched through the environment (the kernels read it at every launch); each op is timed
+    under one mainloop after another in the same process, each with its own warm-up. Dense is
+    cuBLAS on every row (the Q row: the projection alone); ideal = T / executing rows.
+    """
+    skipgpt_ext.require_kernels("cuda")
+    ops = skipgpt_ext.ops
+    dev, dt = "cuda", torch.bfloat16
+    torch.manual_seed(0)
+    d, inter, Hq, hd = (LLAMA8B[k] for k in ("d", "inter", "Hq", "hd"))
+    props = torch.cuda.get_device_properties(0)
+    print(f"torch {torch.__version__}, {props.name}, {props.multi_processor_count} SMs, bf16, Llama-3.1-8B layer GEMMs")
+    head = "".join(f" {m + '_us':>12s}" for m in loops) + "".join(f" {'x_' + m:>11s}" for m in loops)
+    print(f"T      skip  op                      ideal  dense_us{head}  (x_m: dense / mainloop m)")
+    w = lambda *s, scale=1.0: (torch.randn(*s, device=dev) * scale).to(dt)  # noqa: E731
+    Wq, Wo = w(Hq * hd, d, scale=d**-0.5), w(d, Hq * hd, scale=(Hq * hd) ** -0.5)
+    Wg, Wu, Wd = w(inter, d, scale=d**-0.5), w(inter, d, scale=d**-0.5), w(d, inter, scale=inter**-0.5)
+    n2 = 1 + 0.1 * w(d)
+    eps = 1e-5
+    saved = os.environ.get("SKIPGPT_CUDA_GEMM")
+    try:
+        for T in T_list:
+            hs = [w(T, d) for _ in range(ROTATE)]
+            o_in = w(T, Hq * hd)
+            ang = torch.rand(T, hd, device=dev) * 6
+            cos_r, sin_r = ang.cos().to(dt), ang.sin().to(dt)
+            restore = lambda i: hs[i % ROTATE].clone()  # noqa: E731
+            for skip in skips:
+                gen = torch.Generator(device="cpu").manual_seed(T)
+                mask = torch.rand(T, generator=gen) >= skip
+                idx, cnt = ref.compact(mask.to(dev))
+                ideal = T / max(int(mask.sum()), 1)
+                cases = [
+                    ("q_proj_rope", lambda _: ops.q_proj_rope(hs[0], idx, cnt, Wq, None, None, 0.0, cos_r, sin_r),
+                     lambda _: F.linear(hs[0], Wq), None),
+                    ("linear_scatter_add_", lambda hh: ops.linear_scatter_add_(hh, o_in, idx, cnt, Wo, None),
+                     lambda hh: hh.add_(F.linear(o_in, Wo)), restore),
+                    ("MLP module (skip_mlp_)", lambda hh: ops.skip_mlp_(hh, idx, cnt, n2, eps, Wg, Wu, Wd),
+                     lambda hh: hh.add_(F.linear(F.silu(F.linear(F.rms_norm(hh, (d,), n2, eps), Wg))
+                                                 * F.linear(F.rms_norm(hh, (d,), n2, eps), Wu), Wd)), restore),
+                ]
+                for name, native, dense, setup in cases:
+                    td = _events_ms(dense, reps, setup)
+                    tn = []
+                    for m in loops:
+                        os.environ["SKIPGPT_CUDA_GEMM"] = m
+                        tn.append(_events_ms(native, reps, setup))
+                    os.environ.pop("SKIPGPT_CUDA_GEMM", None)
+                    cols = "".join(f" {t * 1e3:12.1f}" for t in tn) + "".join(f" {td / t:11.2f}" for t in tn)
+                    print(f"{T:6d} {skip:4.2f}  {name:22s} {ideal:5.2f} {td * 1e3:9.1f}{cols}", flush=True)
+    finally:
+        if saved is None:
+            os.environ.pop("SKIPGPT_CUDA_GEMM", None)
+        else:
+            os.environ["SKIPGPT_CUDA_GEMM"] = saved

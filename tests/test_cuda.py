@@ -214,7 +214,8 @@ def test_skip_mlp_matches_float64(dtype, T, d, inter, kind):
 
 # -- both tiled GEMM mainloops ----------------------------------------------------------------------
 # launch_gemm runs the wgmma mainloop (gemm_sm90.cu) on a compute-capability 9.0 device with an
-# sm_90a build, and mma.sync (gemm.cu) elsewhere; SKIPGPT_CUDA_GEMM forces one, read per launch.
+# sm_90a build, and mma.sync (gemm.cu) elsewhere; SKIPGPT_CUDA_GEMM forces one of those or the
+# warp-specialised wgmma kernel, read per launch.
 # The cases cross every tile edge of both: M past 128 with a partial last tile and whole tiles past
 # count (kind "some"), K not a multiple of 64 and deeper than the 3-4 pipeline stages, N not a
 # multiple of 128 / 256, RoPE in the epilogue (head_dim 64 / 128, with the Qwen3 head norm) and
@@ -229,16 +230,18 @@ def _wgmma_unavailable_reason() -> str | None:
     try:
         ops.linear_scatter_add_(x.clone(), x, idx, cnt, torch.randn(64, 64, device=DEV, dtype=torch.bfloat16), None)
     except RuntimeError as e:
-        if "SKIPGPT_CUDA_GEMM=wgmma needs" in str(e):
+        if "SKIPGPT_CUDA_GEMM=wgmma(-ws) needs" in str(e):
             return "this build has no sm_90a code (TORCH_CUDA_ARCH_LIST without 9.0a)"
         raise
     return None
 
 
-@pytest.fixture(params=["mma", "wgmma"])
+# The warp-specialised kernel's tests carry the id "wgmma_ws": gpu_check.sh runs them in a
+# process of their own (a pipeline hang there traps after 10 s and poisons the CUDA context).
+@pytest.fixture(params=["mma", "wgmma", pytest.param("wgmma-ws", id="wgmma_ws")])
 def gemm_mainloop(request, monkeypatch):
     monkeypatch.setenv("SKIPGPT_CUDA_GEMM", request.param)
-    if request.param == "wgmma" and (why := _wgmma_unavailable_reason()) is not None:
+    if request.param != "mma" and (why := _wgmma_unavailable_reason()) is not None:
         pytest.skip(why)
     return request.param
 
@@ -248,7 +251,7 @@ def test_gemm_mainloop_env_is_checked(monkeypatch):
     idx, cnt = ref.compact(torch.ones(16, dtype=torch.bool, device=DEV))
     w = torch.randn(64, 64, device=DEV, dtype=torch.bfloat16)
     monkeypatch.setenv("SKIPGPT_CUDA_GEMM", "wgmma2")
-    with pytest.raises(RuntimeError, match="SKIPGPT_CUDA_GEMM must be unset, auto, mma or wgmma"):
+    with pytest.raises(RuntimeError, match="SKIPGPT_CUDA_GEMM must be unset, auto, mma, wgmma or wgmma-ws"):
         ops.linear_scatter_add_(x.clone(), x, idx, cnt, w, None)
     monkeypatch.setenv("SKIPGPT_CUDA_GEMM", "auto")
     h = x.clone()

@@ -151,7 +151,7 @@ __global__ void __launch_bounds__(C::THREADS) gemm_kernel(GemmParams p) {
       }
   __syncthreads();
 
-  tile_epilogue<T, EPI, C::BM, C::BN, C::THREADS, C::LDC>(p, Cs, a_row, out_row, m0, n0, cnt);
+  tile_epilogue<T, EPI, C::BM, C::BN, C::THREADS, C::LDC>(p, Cs, a_row, out_row, m0, n0, cnt, tid);
 }
 
 template <typename T, Epilogue EPI, typename C>
@@ -201,6 +201,7 @@ GemmMainloop gemm_mainloop() {
     sm90 = major == 9 && minor == 0;
 #endif
   if (want == "wgmma") return sm90 ? GemmMainloop::kWgmma : GemmMainloop::kUnavailable;
+  if (want == "wgmma-ws") return sm90 ? GemmMainloop::kWgmmaWs : GemmMainloop::kUnavailable;
   if (!want.empty() && want != "auto") return GemmMainloop::kUnknown;
   return sm90 ? GemmMainloop::kWgmma : GemmMainloop::kMma;
 }
@@ -212,7 +213,8 @@ cudaError_t launch_gemm(const GemmParams& p, Epilogue epi, DType dtype, cudaStre
   const GemmMainloop loop = gemm_mainloop();
   if (loop == GemmMainloop::kUnavailable || loop == GemmMainloop::kUnknown) return cudaErrorNotSupported;
   auto tiled = [&](Epilogue e) {
-    return loop == GemmMainloop::kWgmma ? launch_gemm_sm90(p, e, dtype, stream) : launch_gemm_mma(p, e, dtype, stream);
+    return loop == GemmMainloop::kMma ? launch_gemm_mma(p, e, dtype, stream)
+                                      : launch_gemm_sm90(p, e, dtype, loop == GemmMainloop::kWgmmaWs, stream);
   };
   // Both mainloops' BN are multiples of 128: RoPE rides in the epilogue when heads tile that.
   if (epi == Epilogue::kRope && (p.head_dim <= 0 || 128 % p.head_dim != 0)) {

@@ -21,7 +21,8 @@ namespace {
 
 template <int BN_, bool DUAL_>
 struct Sm90Cfg {
-  static constexpr int BM = 128, BN = BN_, BK = 64, STAGES = 4, THREADS = 256;
+  static constexpr int BM = 128, BN = BN_, BK = 64, STAGES = 4;
+  static constexpr int CONSUMERS = 256;             // two MMA warpgroups of 64 rows each
   static constexpr bool DUAL = DUAL_;
   static constexpr int BROWS = DUAL ? 2 * BN : BN;  // gate rows then up rows
   static constexpr int REGS = BN / 2;               // accumulators of one 64 x BN tile per thread
@@ -34,97 +35,66 @@ struct Sm90Cfg {
   static_assert(BK * 2 == 128, "one 128-byte swizzle row per tile row");
   static_assert(kABytes % 1024 == 0 && kStageBytes % 1024 == 0, "tiles stay 1024-byte aligned");
   static_assert(BN == 128 || BN == 256, "wgmma N (and a multiple of 128: see launch_gemm's kRope)");
-  static_assert(BM * 8 % THREADS == 0 && BROWS * 8 % THREADS == 0, "whole copy rounds");
 };
 
-template <typename T, Epilogue EPI, typename C>
-__global__ void __launch_bounds__(C::THREADS, 1) gemm_sm90_kernel(GemmParams p) {
-#if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  __trap();  // only sm_90a code holds this kernel; launch_gemm never picks it elsewhere
-#else
-  extern __shared__ unsigned char smem_raw[];
-  __shared__ int64_t a_row[C::BM];
-  __shared__ int64_t out_row[C::BM];
-  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, wg = warp / 4;
-  const int64_t m0 = int64_t{blockIdx.x} * C::BM, n0 = int64_t{blockIdx.y} * C::BN;
-  const int64_t cnt = load_count(p.count, p.M);
-  if (!tile_rows<T, EPI, C::BM, C::BN, C::THREADS>(p, m0, n0, cnt, a_row, out_row)) return;
+// The swizzle pattern repeats every 1024 bytes, and the descriptors assume tiles aligned to it.
+[[maybe_unused]] __device__ __forceinline__ unsigned char* align_1024(unsigned char* p) {
+  return reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(p) + 1023) & ~static_cast<uintptr_t>(1023));
+}
 
-  // The swizzle pattern repeats every 1024 bytes, and the descriptors assume tiles aligned to it.
-  unsigned char* smem = reinterpret_cast<unsigned char*>(
-      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~static_cast<uintptr_t>(1023));
+// Loader thread t of LOADERS issues its share of k-tile kt's copies into one stage. Tile row r's
+// 16-byte chunk ch goes to chunk ch ^ (r % 8) of its 128-byte row; rows past count and columns
+// past N or K load as zeros.
+template <typename T, typename C, int LOADERS, int UNROLL>
+__device__ __forceinline__ void load_stage(const GemmParams& p, unsigned char* stage, const int64_t* a_row, int64_t n0,
+                                           int64_t kt, int t) {
+  static_assert(C::BM * 8 % LOADERS == 0 && C::BROWS * 8 % LOADERS == 0, "whole copy rounds");
   const T* A = static_cast<const T*>(p.A);
   const T* W = static_cast<const T*>(p.W);
   const T* W1 = static_cast<const T*>(p.W1);
-  const int64_t K = p.K, ktiles = (K + C::BK - 1) / C::BK;
-
-  // Tile row r's 16-byte chunk ch goes to chunk ch ^ (r % 8) of its 128-byte row.
-  auto load_tile = [&](int stage, int64_t kt) {
-    const int64_t k0 = kt * C::BK;
-    T* as = reinterpret_cast<T*>(smem + stage * C::kStageBytes);
-    T* bs = reinterpret_cast<T*>(smem + stage * C::kStageBytes + C::kABytes);
-#pragma unroll
-    for (int i = 0; i < C::BM * 8 / C::THREADS; ++i) {
-      const int c = tid + i * C::THREADS, r = c / 8, ch = c % 8;
-      const int64_t ar = a_row[r], k = k0 + ch * 8;
-      const bool ok = ar >= 0 && k < K;
-      cp_async_16(as + r * C::BK + (ch ^ (r % 8)) * 8, ok ? A + ar * p.lda + k : A, ok ? 16 : 0);
-    }
-#pragma unroll
-    for (int i = 0; i < C::BROWS * 8 / C::THREADS; ++i) {
-      const int c = tid + i * C::THREADS, r = c / 8, ch = c % 8;
-      const int64_t n = n0 + (r % C::BN), k = k0 + ch * 8;
-      const T* base = (C::DUAL && r >= C::BN) ? W1 : W;
-      const bool ok = n < p.N && k < K;
-      cp_async_16(bs + r * C::BK + (ch ^ (r % 8)) * 8, ok ? base + n * K + k : W, ok ? 16 : 0);
-    }
-  };
-
-  float acc[C::REGS];
-  float acc1[C::DUAL ? C::REGS : 1];
-#pragma unroll
-  for (int i = 0; i < C::REGS; ++i) acc[i] = 0.f;
-#pragma unroll
-  for (int i = 0; i < (C::DUAL ? C::REGS : 1); ++i) acc1[i] = 0.f;
-
-#pragma unroll
-  for (int s = 0; s < C::STAGES - 1; ++s) {
-    if (s < ktiles) load_tile(s, s);
-    cp_async_commit();
+  const int64_t K = p.K, k0 = kt * C::BK;
+  T* as = reinterpret_cast<T*>(stage);
+  T* bs = reinterpret_cast<T*>(stage + C::kABytes);
+#pragma unroll(UNROLL)
+  for (int i = 0; i < C::BM * 8 / LOADERS; ++i) {
+    const int c = t + i * LOADERS, r = c / 8, ch = c % 8;
+    const int64_t ar = a_row[r], k = k0 + ch * 8;
+    const bool ok = ar >= 0 && k < K;
+    cp_async_16(as + r * C::BK + (ch ^ (r % 8)) * 8, ok ? A + ar * p.lda + k : A, ok ? 16 : 0);
   }
-  for (int64_t kt = 0; kt < ktiles; ++kt) {
-    cp_async_wait<C::STAGES - 2>();
-    sm90::fence_proxy_async();  // this thread's copies, visible to the tensor cores' proxy
-    __syncthreads();            // ... and every thread's: stage kt is complete
-    const int stage = static_cast<int>(kt % C::STAGES);
-    const T* as = reinterpret_cast<const T*>(smem + stage * C::kStageBytes) + wg * 64 * C::BK;
-    const T* bs = reinterpret_cast<const T*>(smem + stage * C::kStageBytes + C::kABytes);
-    sm90::fence_regs(acc);
-    sm90::fence_regs(acc1);
-    sm90::fence();
-#pragma unroll
-    for (int kk = 0; kk < C::BK; kk += 16) {
-      const uint64_t da = sm90::desc_sw128(as + kk);
-      sm90::Mma<C::BN, T>::run(acc, da, sm90::desc_sw128(bs + kk));
-      if constexpr (C::DUAL) sm90::Mma<C::BN, T>::run(acc1, da, sm90::desc_sw128(bs + C::BN * C::BK + kk));
-    }
-    sm90::commit();
-    sm90::wait<1>();  // this warpgroup's MMAs of stage kt-1 are done ...
-    sm90::fence_regs(acc);
-    sm90::fence_regs(acc1);
-    __syncthreads();  // ... and the other's: stage kt-1 may be refilled
-    const int64_t next = kt + C::STAGES - 1;
-    if (next < ktiles) load_tile(static_cast<int>(next % C::STAGES), next);
-    cp_async_commit();
+#pragma unroll(UNROLL)
+  for (int i = 0; i < C::BROWS * 8 / LOADERS; ++i) {
+    const int c = t + i * LOADERS, r = c / 8, ch = c % 8;
+    const int64_t n = n0 + (r % C::BN), k = k0 + ch * 8;
+    const T* base = (C::DUAL && r >= C::BN) ? W1 : W;
+    const bool ok = n < p.N && k < K;
+    cp_async_16(bs + r * C::BK + (ch ^ (r % 8)) * 8, ok ? base + n * K + k : W, ok ? 16 : 0);
   }
-  sm90::wait<0>();
+}
+
+// Consumer warpgroup cwg (0 / 1, rows 64 cwg ..) issues one stage's MMAs as one committed group.
+template <typename T, typename C>
+__device__ __forceinline__ void mma_stage(const unsigned char* stage, int cwg, float (&acc)[C::REGS],
+                                          float (&acc1)[C::DUAL ? C::REGS : 1]) {
+  const T* as = reinterpret_cast<const T*>(stage) + cwg * 64 * C::BK;
+  const T* bs = reinterpret_cast<const T*>(stage + C::kABytes);
   sm90::fence_regs(acc);
   sm90::fence_regs(acc1);
-  cp_async_wait<0>();
-  __syncthreads();  // the pipeline buffers become the fp32 staging tile
+  sm90::fence();
+#pragma unroll
+  for (int kk = 0; kk < C::BK; kk += 16) {
+    const uint64_t da = sm90::desc_sw128(as + kk);
+    sm90::Mma<C::BN, T>::run(acc, da, sm90::desc_sw128(bs + kk));
+    if constexpr (C::DUAL) sm90::Mma<C::BN, T>::run(acc1, da, sm90::desc_sw128(bs + C::BN * C::BK + kk));
+  }
+  sm90::commit();
+}
 
-  float* Cs = reinterpret_cast<float*>(smem);
-  const int r0 = wg * 64 + (warp % 4) * 16 + lane / 4;
+// Writes consumer warpgroup cwg's accumulators into the fp32 staging tile (SiLU-mul combined).
+template <typename T, typename C>
+__device__ __forceinline__ void stage_acc(float* Cs, int cwg, int ctid, const float (&acc)[C::REGS],
+                                          const float (&acc1)[C::DUAL ? C::REGS : 1]) {
+  const int lane = ctid % 32, r0 = cwg * 64 + ((ctid / 32) % 4) * 16 + lane / 4;
 #pragma unroll
   for (int j = 0; j < C::BN / 8; ++j)
 #pragma unroll
@@ -137,17 +107,153 @@ __global__ void __launch_bounds__(C::THREADS, 1) gemm_sm90_kernel(GemmParams p) 
       }
       *reinterpret_cast<float2*>(Cs + r * C::LDC + c) = make_float2(v0, v1);
     }
+}
+
+// Variant 1 ("wgmma"): all 256 threads load and compute. A stage is refilled once both
+// warpgroups' MMAs on it are done; one MMA group stays in flight while the next loads.
+template <typename T, Epilogue EPI, typename C>
+__global__ void __launch_bounds__(C::CONSUMERS, 1) gemm_sm90_kernel(GemmParams p) {
+#if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  __trap();  // only sm_90a code holds this kernel; launch_gemm never picks it elsewhere
+#else
+  constexpr int THREADS = C::CONSUMERS;
+  extern __shared__ unsigned char smem_raw[];
+  __shared__ int64_t a_row[C::BM];
+  __shared__ int64_t out_row[C::BM];
+  const int tid = threadIdx.x, cwg = tid / 128;
+  const int64_t m0 = int64_t{blockIdx.x} * C::BM, n0 = int64_t{blockIdx.y} * C::BN;
+  const int64_t cnt = load_count(p.count, p.M);
+  if (!tile_rows<T, EPI, C::BM, C::BN, THREADS>(p, m0, n0, cnt, a_row, out_row)) return;
+  unsigned char* smem = align_1024(smem_raw);
+  const int64_t ktiles = (p.K + C::BK - 1) / C::BK;
+
+  float acc[C::REGS];
+  float acc1[C::DUAL ? C::REGS : 1];
+#pragma unroll
+  for (int i = 0; i < C::REGS; ++i) acc[i] = 0.f;
+#pragma unroll
+  for (int i = 0; i < (C::DUAL ? C::REGS : 1); ++i) acc1[i] = 0.f;
+
+#pragma unroll
+  for (int s = 0; s < C::STAGES - 1; ++s) {
+    if (s < ktiles) load_stage<T, C, THREADS, 8>(p, smem + s * C::kStageBytes, a_row, n0, s, tid);
+    cp_async_commit();
+  }
+  for (int64_t kt = 0; kt < ktiles; ++kt) {
+    cp_async_wait<C::STAGES - 2>();
+    sm90::fence_proxy_async();  // this thread's copies, visible to the tensor cores' proxy
+    __syncthreads();            // ... and every thread's: stage kt is complete
+    mma_stage<T, C>(smem + (kt % C::STAGES) * C::kStageBytes, cwg, acc, acc1);
+    sm90::wait<1>();  // this warpgroup's MMAs of stage kt-1 are done ...
+    sm90::fence_regs(acc);
+    sm90::fence_regs(acc1);
+    __syncthreads();  // ... and the other's: stage kt-1 may be refilled
+    const int64_t next = kt + C::STAGES - 1;
+    if (next < ktiles) load_stage<T, C, THREADS, 8>(p, smem + (next % C::STAGES) * C::kStageBytes, a_row, n0, next, tid);
+    cp_async_commit();
+  }
+  sm90::wait<0>();
+  sm90::fence_regs(acc);
+  sm90::fence_regs(acc1);
+  cp_async_wait<0>();
+  __syncthreads();  // the pipeline buffers become the fp32 staging tile
+
+  float* Cs = reinterpret_cast<float*>(smem);
+  stage_acc<T, C>(Cs, cwg, tid, acc, acc1);
   __syncthreads();
-  tile_epilogue<T, EPI, C::BM, C::BN, C::THREADS, C::LDC>(p, Cs, a_row, out_row, m0, n0, cnt);
+  tile_epilogue<T, EPI, C::BM, C::BN, THREADS, C::LDC>(p, Cs, a_row, out_row, m0, n0, cnt, tid);
 #endif
 }
 
+// Variant 2 ("wgmma-ws", warp-specialised): a producer warpgroup only copies, two consumer
+// warpgroups only multiply, handing stages over through mbarriers (full: the producer's 128
+// threads' copies landed; empty: both consumers' MMAs on it are done), so no block barrier
+// sits in the main loop. setmaxnreg moves registers from the producer (40) to the consumers
+// (232). The consumers alone stage and write the tile (named barrier 1).
+constexpr int kWsProducers = 128;
+[[maybe_unused]] constexpr int kWsProducerRegs = 40, kWsConsumerRegs = 232;  // 128 x 40 + 256 x 232 = 384 x 168
+
 template <typename T, Epilogue EPI, typename C>
+__global__ void __launch_bounds__(kWsProducers + C::CONSUMERS, 1) gemm_sm90_ws_kernel(GemmParams p) {
+#if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  __trap();
+#else
+  constexpr int THREADS = kWsProducers + C::CONSUMERS;
+  // setmaxnreg only moves registers within what the block holds at entry (a multiple of 8 per
+  // thread under the 64 K file): the consumers' increase would otherwise wait forever.
+  static_assert(kWsProducers * kWsProducerRegs + C::CONSUMERS * kWsConsumerRegs <= THREADS * ((65536 / THREADS) & ~7),
+                "setmaxnreg budget");
+  extern __shared__ unsigned char smem_raw[];
+  __shared__ int64_t a_row[C::BM];
+  __shared__ int64_t out_row[C::BM];
+  __shared__ __align__(8) uint64_t full[C::STAGES];
+  __shared__ __align__(8) uint64_t empty[C::STAGES];
+  const int tid = threadIdx.x, wg = tid / 128;
+  const int64_t m0 = int64_t{blockIdx.x} * C::BM, n0 = int64_t{blockIdx.y} * C::BN;
+  const int64_t cnt = load_count(p.count, p.M);
+  if (tid == 0) {
+    for (int s = 0; s < C::STAGES; ++s) {
+      sm90::mbar_init(&full[s], kWsProducers);  // one cp.async arrival per producer thread
+      sm90::mbar_init(&empty[s], 2);            // one arrival per consumer warpgroup
+    }
+  }
+  // tile_rows' barrier also publishes the initialised mbarriers.
+  if (!tile_rows<T, EPI, C::BM, C::BN, THREADS>(p, m0, n0, cnt, a_row, out_row)) return;
+  unsigned char* smem = align_1024(smem_raw);
+  const int64_t ktiles = (p.K + C::BK - 1) / C::BK;
+
+  if (wg == 0) {  // producer
+    sm90::regs_dealloc<kWsProducerRegs>();
+    for (int64_t kt = 0; kt < ktiles; ++kt) {
+      const int s = static_cast<int>(kt % C::STAGES);
+      const uint32_t round = static_cast<uint32_t>(kt / C::STAGES);
+      if (round > 0) sm90::mbar_wait(&empty[s], (round - 1) & 1);  // its previous tile is consumed
+      load_stage<T, C, kWsProducers, 1>(p, smem + s * C::kStageBytes, a_row, n0, kt, tid);
+      sm90::cp_async_mbar_arrive(&full[s]);
+    }
+    cp_async_wait_all();  // no copy outlives its thread (the full barriers already track them)
+  } else {  // consumers
+    sm90::regs_alloc<kWsConsumerRegs>();
+    const int cwg = wg - 1, ctid = tid - kWsProducers;
+    float acc[C::REGS];
+    float acc1[C::DUAL ? C::REGS : 1];
+#pragma unroll
+    for (int i = 0; i < C::REGS; ++i) acc[i] = 0.f;
+#pragma unroll
+    for (int i = 0; i < (C::DUAL ? C::REGS : 1); ++i) acc1[i] = 0.f;
+    for (int64_t kt = 0; kt < ktiles; ++kt) {
+      const int s = static_cast<int>(kt % C::STAGES);
+      sm90::mbar_wait(&full[s], static_cast<uint32_t>(kt / C::STAGES) & 1);
+      __syncwarp();  // the .aligned wgmma below wants the warp converged after the polling loop
+      sm90::fence_proxy_async();  // the producers' generic-proxy copies, for the tensor cores
+      mma_stage<T, C>(smem + s * C::kStageBytes, cwg, acc, acc1);
+      sm90::wait<1>();  // this warpgroup's MMAs of tile kt-1 are done: release its stage
+      sm90::fence_regs(acc);
+      sm90::fence_regs(acc1);
+      if (kt > 0 && ctid % 128 == 0) sm90::mbar_arrive(&empty[(kt - 1) % C::STAGES]);
+    }
+    sm90::wait<0>();
+    sm90::fence_regs(acc);
+    sm90::fence_regs(acc1);
+    // Every tile's full barrier has completed: no copy is in flight. Both consumer warpgroups'
+    // MMAs must be done before the buffers become the staging tile.
+    sm90::named_sync<1, C::CONSUMERS>();
+    float* Cs = reinterpret_cast<float*>(smem);
+    stage_acc<T, C>(Cs, cwg, ctid, acc, acc1);
+    sm90::named_sync<1, C::CONSUMERS>();
+    tile_epilogue<T, EPI, C::BM, C::BN, C::CONSUMERS, C::LDC, 1>(p, Cs, a_row, out_row, m0, n0, cnt, ctid);
+  }
+#endif
+}
+
+template <typename T, Epilogue EPI, typename C, bool WS>
 cudaError_t launch_cfg(const GemmParams& p, cudaStream_t stream) {
-  const cudaError_t e = opt_in_smem<gemm_sm90_kernel<T, EPI, C>>(C::kSmemBytes);
+  constexpr auto kernel = WS ? gemm_sm90_ws_kernel<T, EPI, C> : gemm_sm90_kernel<T, EPI, C>;
+  constexpr int threads = WS ? kWsProducers + C::CONSUMERS : C::CONSUMERS;
+  const cudaError_t e = opt_in_smem<kernel>(C::kSmemBytes);
   if (e != cudaSuccess) return e;
   const dim3 grid(static_cast<unsigned>(ceil_div(p.M, C::BM)), static_cast<unsigned>(ceil_div(p.N, C::BN)));
-  gemm_sm90_kernel<T, EPI, C><<<grid, C::THREADS, C::kSmemBytes, stream>>>(p);
+  kernel<<<grid, threads, C::kSmemBytes, stream>>>(p);
   return cudaGetLastError();
 }
 
@@ -165,30 +271,33 @@ int sm_count() {
   return n;
 }
 
-template <typename T, Epilogue EPI>
-cudaError_t launch_single(const GemmParams& p, cudaStream_t stream) {
-  const int64_t wide_tiles = ceil_div(p.M, CfgWide::BM) * ceil_div(p.N, CfgWide::BN);
-  return wide_tiles < sm_count() ? launch_cfg<T, EPI, CfgNarrow>(p, stream) : launch_cfg<T, EPI, CfgWide>(p, stream);
+template <typename T, bool WS>
+cudaError_t launch_variant(const GemmParams& p, Epilogue epi, cudaStream_t stream) {
+  const bool wide = ceil_div(p.M, CfgWide::BM) * ceil_div(p.N, CfgWide::BN) >= sm_count();
+  switch (epi) {
+    case Epilogue::kStore:
+      return wide ? launch_cfg<T, Epilogue::kStore, CfgWide, WS>(p, stream)
+                  : launch_cfg<T, Epilogue::kStore, CfgNarrow, WS>(p, stream);
+    case Epilogue::kRope:
+      return wide ? launch_cfg<T, Epilogue::kRope, CfgWide, WS>(p, stream)
+                  : launch_cfg<T, Epilogue::kRope, CfgNarrow, WS>(p, stream);
+    case Epilogue::kScatterAdd:
+      return wide ? launch_cfg<T, Epilogue::kScatterAdd, CfgWide, WS>(p, stream)
+                  : launch_cfg<T, Epilogue::kScatterAdd, CfgNarrow, WS>(p, stream);
+    case Epilogue::kSiluMul:
+      return launch_cfg<T, Epilogue::kSiluMul, CfgDual, WS>(p, stream);
+  }
+  return cudaErrorInvalidValue;
 }
 
 }  // namespace
 
-cudaError_t launch_gemm_sm90(const GemmParams& p, Epilogue epi, DType dtype, cudaStream_t stream) {
+cudaError_t launch_gemm_sm90(const GemmParams& p, Epilogue epi, DType dtype, bool warp_specialised, cudaStream_t stream) {
   return dispatch_dtype(dtype, [&]<typename T>() -> cudaError_t {
     if constexpr (std::is_same_v<T, float>) {
       return cudaErrorInvalidValue;
     } else {
-      switch (epi) {
-        case Epilogue::kStore:
-          return launch_single<T, Epilogue::kStore>(p, stream);
-        case Epilogue::kRope:
-          return launch_single<T, Epilogue::kRope>(p, stream);
-        case Epilogue::kScatterAdd:
-          return launch_single<T, Epilogue::kScatterAdd>(p, stream);
-        case Epilogue::kSiluMul:
-          return launch_cfg<T, Epilogue::kSiluMul, CfgDual>(p, stream);
-      }
-      return cudaErrorInvalidValue;
+      return warp_specialised ? launch_variant<T, true>(p, epi, stream) : launch_variant<T, false>(p, epi, stream);
     }
   });
 }

@@ -44,11 +44,13 @@ __device__ __forceinline__ float silu_mul(float gate, float up) {
   return round_to<T>(g / (1.f + __expf(-g))) * round_to<T>(up);
 }
 
-// The epilogue over the staged fp32 tile Cs [BM][LDC] (kSiluMul already combined into it).
-template <typename T, Epilogue EPI, int BM, int BN, int THREADS, int LDC>
+// The epilogue over the staged fp32 tile Cs [BM][LDC] (kSiluMul already combined into it), run
+// by THREADS threads numbered tid (whole warps); BARRIER is the barrier id they share (0: the
+// whole block's __syncthreads).
+template <typename T, Epilogue EPI, int BM, int BN, int THREADS, int LDC, int BARRIER = 0>
 __device__ void tile_epilogue(const GemmParams& p, float* Cs, const int64_t* a_row, const int64_t* out_row, int64_t m0,
-                              int64_t n0, int64_t cnt) {
-  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+                              int64_t n0, int64_t cnt, int tid) {
+  const int lane = tid % 32, warp = tid / 32;
   constexpr bool kZeroTail = EPI == Epilogue::kStore || EPI == Epilogue::kRope;
   T* out = static_cast<T*>(p.out);
   const T* bias = static_cast<const T*>(p.bias);
@@ -64,7 +66,11 @@ __device__ void tile_epilogue(const GemmParams& p, float* Cs, const int64_t* a_r
       const float b = (bias != nullptr && n0 + col < p.N) ? to_float<T>(bias[n0 + col]) : 0.f;
       Cs[i * LDC + col] = round_to<T>(Cs[i * LDC + col] + b);
     }
-    __syncthreads();
+    if constexpr (BARRIER == 0) {
+      __syncthreads();
+    } else {
+      asm volatile("bar.sync %0, %1;\n" ::"n"(BARRIER), "n"(THREADS) : "memory");
+    }
     const int hd = p.head_dim, half = hd / 2, heads = BN / hd;
     const T* cs = static_cast<const T*>(p.cos);
     const T* sn = static_cast<const T*>(p.sin);

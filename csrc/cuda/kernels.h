@@ -78,13 +78,14 @@ cudaError_t launch_gemm(const GemmParams& p, Epilogue epi, DType dtype, cudaStre
 // The tiled mainloop launch_gemm uses for larger M: wgmma (gemm_sm90.cu) on a compute-capability
 // 9.0 device when the build holds sm_90a code (SKIPGPT_SM90A), else mma.sync (gemm.cu).
 // SKIPGPT_CUDA_GEMM (read at every launch, so tests can switch): unset or "auto" as above;
-// "mma" forces mma.sync; "wgmma" forces wgmma, and is kUnavailable where it cannot run; any
-// other value is kUnknown. launch_gemm returns cudaErrorNotSupported for those two (the op
-// wrappers check first, with a message).
-enum class GemmMainloop : int { kMma = 0, kWgmma = 1, kUnavailable = 2, kUnknown = 3 };
+// "mma" forces mma.sync; "wgmma" / "wgmma-ws" force the plain / warp-specialised wgmma kernel,
+// and are kUnavailable where they cannot run; any other value is kUnknown. launch_gemm returns
+// cudaErrorNotSupported for those two (the op wrappers check first, with a message).
+enum class GemmMainloop : int { kMma = 0, kWgmma = 1, kWgmmaWs = 2, kUnavailable = 3, kUnknown = 4 };
 GemmMainloop gemm_mainloop();
 cudaError_t launch_gemm_mma(const GemmParams& p, Epilogue epi, DType dtype, cudaStream_t stream);
-cudaError_t launch_gemm_sm90(const GemmParams& p, Epilogue epi, DType dtype, cudaStream_t stream);
+cudaError_t launch_gemm_sm90(const GemmParams& p, Epilogue epi, DType dtype, bool warp_specialised,
+                             cudaStream_t stream);
 cudaError_t launch_gemv(const GemmParams& p, Epilogue epi, DType dtype, cudaStream_t stream);
 // RoPE (and head norm) in place on the compacted rows when head_dim does not tile the GEMM.
 cudaError_t launch_rope_rows(const GemmParams& p, DType dtype, cudaStream_t stream);

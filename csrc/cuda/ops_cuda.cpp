@@ -95,10 +95,10 @@ void launched(cudaError_t e, const char* op) {
 // Before a GEMM launch: the mainloop SKIPGPT_CUDA_GEMM asks for can run here.
 void check_gemm_mainloop(const char* op) {
   const GemmMainloop m = gemm_mainloop();
-  TORCH_CHECK(m != GemmMainloop::kUnknown, op, ": SKIPGPT_CUDA_GEMM must be unset, auto, mma or wgmma, got '",
+  TORCH_CHECK(m != GemmMainloop::kUnknown, op, ": SKIPGPT_CUDA_GEMM must be unset, auto, mma, wgmma or wgmma-ws, got '",
               std::getenv("SKIPGPT_CUDA_GEMM"), "'");
   TORCH_CHECK(m != GemmMainloop::kUnavailable, op,
-              ": SKIPGPT_CUDA_GEMM=wgmma needs a compute-capability 9.0 GPU and a build with 9.0a (and not plain 9.0) in "
+              ": SKIPGPT_CUDA_GEMM=wgmma(-ws) needs a compute-capability 9.0 GPU and a build with 9.0a (and not plain 9.0) in "
               "TORCH_CUDA_ARCH_LIST; unset it, or set it to mma");
 }
 
