@@ -56,7 +56,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--mainloops", nargs="+", default=None, choices=["mma", "wgmma", "wgmma-ws"],
                     help="cuda: instead of the full table, time the tiled GEMM ops under each of these "
-                         "SKIPGPT_CUDA_GEMM mainloops side by side (default T: 512 4096 16384)")
+                         "SKIPGPT_CUDA_GEMM mainloops side by side, and the prefill attention core under "
+                         "SKIPGPT_CUDA_ATTN=mma and =wgmma beside SDPA (default T: 512 4096 16384)")
     args = ap.parse_args()
     if args.device == "cuda":
         from bench_kernels_cuda import compare_mainloops, main_cuda  # beside this script

@@ -67,8 +67,8 @@ def main_cuda(T_list, skips, reps: int) -> None:
     G = Hq // Hkv
     props = torch.cuda.get_device_properties(0)
     print(f"torch {torch.__version__}, {props.name}, {props.multi_processor_count} SMs, bf16, Llama-3.1-8B layer")
-    loop = os.environ.get("SKIPGPT_CUDA_GEMM") or ("wgmma" if (props.major, props.minor) == (9, 0) else "mma.sync")
-    print(f"GEMM mainloop for T > 8: {loop} (SKIPGPT_CUDA_GEMM; wgmma needs an sm_90a build)")
+    print(f"GEMM mainloop for T > 8: {os.environ.get('SKIPGPT_CUDA_GEMM') or 'mma (auto)'}; prefill attention: "
+          f"{os.environ.get('SKIPGPT_CUDA_ATTN') or 'mma (auto)'} (SKIPGPT_CUDA_GEMM / SKIPGPT_CUDA_ATTN)")
     print("T      skip  op/module               native_us  dense_us    ref_us  x_dense  x_ref  ideal   eff  TFLOP/s   GB/s")
     w = lambda *s, scale=1.0: (torch.randn(*s, device=dev) * scale).to(dt)  # noqa: E731
     Wq, Wk, Wv, Wo = w(Hq * hd, d, scale=d**-0.5), w(Hkv * hd, d, scale=d**-0.5), w(Hkv * hd, d, scale=d**-0.5), w(d, Hq * hd, scale=(Hq * hd) ** -0.5)
@@ -203,60 +203,95 @@ def main_cuda(T_list, skips, reps: int) -> None:
 
 
 def compare_mainloops(T_list, skips, reps: int, loops) -> None:
-    """The tiled GEMM ops (T > 8) under each SKIPGPT_CUDA_GEMM mainloop, side by side with cuBLAS.
+    """The tiled GEMM ops (T > 8) under each SKIPGPT_CUDA_GEMM mainloop, side by side with cuBLAS,
+    and the prefill attention core under each SKIPGPT_CUDA_ATTN kind beside SDPA.
 
     One Llama-3.1-8B layer in bf16, prefill rows, routers at the given skip rate. The mainloop
     is switched through the environment (the kernels read it at every launch); each op is timed
     under one mainloop after another in the same process, each with its own warm-up. Dense is
-    cuBLAS on every row (the Q row: the projection alone); ideal = T / executing rows.
+    cuBLAS on every row (the Q row: the projection alone); ideal = T / executing rows. The
+    warp-specialised kernel gets a second pass of its own after all the others, so that a
+    fault there (its mbarrier watchdog traps) cannot cost the other rows.
     """
     skipgpt_ext.require_kernels("cuda")
+    props = torch.cuda.get_device_properties(0)
+    print(f"torch {torch.__version__}, {props.name}, {props.multi_processor_count} SMs, bf16, Llama-3.1-8B layer GEMMs "
+          "and prefill attention core (causal, one sequence)")
+    saved = {v: os.environ.get(v) for v in ("SKIPGPT_CUDA_GEMM", "SKIPGPT_CUDA_ATTN")}
+    try:
+        first = [m for m in loops if m != "wgmma-ws"]
+        if first:
+            _mainloop_rows(T_list, skips, reps, first, attention=True)
+        if "wgmma-ws" in loops:
+            _mainloop_rows(T_list, skips, reps, ["wgmma-ws"], attention=False)
+    finally:
+        for var, val in saved.items():
+            if val is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = val
+
+
+def _mainloop_rows(T_list, skips, reps: int, loops, attention: bool) -> None:
     ops = skipgpt_ext.ops
     dev, dt = "cuda", torch.bfloat16
     torch.manual_seed(0)
-    d, inter, Hq, hd = (LLAMA8B[k] for k in ("d", "inter", "Hq", "hd"))
-    props = torch.cuda.get_device_properties(0)
-    print(f"torch {torch.__version__}, {props.name}, {props.multi_processor_count} SMs, bf16, Llama-3.1-8B layer GEMMs")
+    d, inter, Hq, Hkv, hd = (LLAMA8B[k] for k in ("d", "inter", "Hq", "Hkv", "hd"))
     head = "".join(f" {m + '_us':>12s}" for m in loops) + "".join(f" {'x_' + m:>11s}" for m in loops)
-    print(f"T      skip  op                      ideal  dense_us{head}  (x_m: dense / mainloop m)")
+    print(f"T      skip  op                      ideal  dense_us{head}  (x_m: dense / mainloop m)", flush=True)
     w = lambda *s, scale=1.0: (torch.randn(*s, device=dev) * scale).to(dt)  # noqa: E731
     Wq, Wo = w(Hq * hd, d, scale=d**-0.5), w(d, Hq * hd, scale=(Hq * hd) ** -0.5)
     Wg, Wu, Wd = w(inter, d, scale=d**-0.5), w(inter, d, scale=d**-0.5), w(d, inter, scale=inter**-0.5)
     n2 = 1 + 0.1 * w(d)
     eps = 1e-5
-    saved = os.environ.get("SKIPGPT_CUDA_GEMM")
-    try:
-        for T in T_list:
-            hs = [w(T, d) for _ in range(ROTATE)]
-            o_in = w(T, Hq * hd)
-            ang = torch.rand(T, hd, device=dev) * 6
-            cos_r, sin_r = ang.cos().to(dt), ang.sin().to(dt)
-            restore = lambda i: hs[i % ROTATE].clone()  # noqa: E731
-            for skip in skips:
-                gen = torch.Generator(device="cpu").manual_seed(T)
-                mask = torch.rand(T, generator=gen) >= skip
-                idx, cnt = ref.compact(mask.to(dev))
-                ideal = T / max(int(mask.sum()), 1)
-                cases = [
-                    ("q_proj_rope", lambda _: ops.q_proj_rope(hs[0], idx, cnt, Wq, None, None, 0.0, cos_r, sin_r),
-                     lambda _: F.linear(hs[0], Wq), None),
-                    ("linear_scatter_add_", lambda hh: ops.linear_scatter_add_(hh, o_in, idx, cnt, Wo, None),
-                     lambda hh: hh.add_(F.linear(o_in, Wo)), restore),
-                    ("MLP module (skip_mlp_)", lambda hh: ops.skip_mlp_(hh, idx, cnt, n2, eps, Wg, Wu, Wd),
-                     lambda hh: hh.add_(F.linear(F.silu(F.linear(F.rms_norm(hh, (d,), n2, eps), Wg))
-                                                 * F.linear(F.rms_norm(hh, (d,), n2, eps), Wu), Wd)), restore),
-                ]
-                for name, native, dense, setup in cases:
-                    td = _events_ms(dense, reps, setup)
-                    tn = []
-                    for m in loops:
-                        os.environ["SKIPGPT_CUDA_GEMM"] = m
-                        tn.append(_events_ms(native, reps, setup))
-                    os.environ.pop("SKIPGPT_CUDA_GEMM", None)
-                    cols = "".join(f" {t * 1e3:12.1f}" for t in tn) + "".join(f" {td / t:11.2f}" for t in tn)
-                    print(f"{T:6d} {skip:4.2f}  {name:22s} {ideal:5.2f} {td * 1e3:9.1f}{cols}", flush=True)
-    finally:
-        if saved is None:
-            os.environ.pop("SKIPGPT_CUDA_GEMM", None)
-        else:
-            os.environ["SKIPGPT_CUDA_GEMM"] = saved
+    for T in T_list:
+        hs = [w(T, d) for _ in range(ROTATE)]
+        o_in = w(T, Hq * hd)
+        ang = torch.rand(T, hd, device=dev) * 6
+        cos_r, sin_r = ang.cos().to(dt), ang.sin().to(dt)
+        restore = lambda i: hs[i % ROTATE].clone()  # noqa: E731
+        for skip in skips:
+            gen = torch.Generator(device="cpu").manual_seed(T)
+            mask = torch.rand(T, generator=gen) >= skip
+            idx, cnt = ref.compact(mask.to(dev))
+            ideal = T / max(int(mask.sum()), 1)
+            cases = [
+                ("q_proj_rope", lambda _: ops.q_proj_rope(hs[0], idx, cnt, Wq, None, None, 0.0, cos_r, sin_r),
+                 lambda _: F.linear(hs[0], Wq), None),
+                ("linear_scatter_add_", lambda hh: ops.linear_scatter_add_(hh, o_in, idx, cnt, Wo, None),
+                 lambda hh: hh.add_(F.linear(o_in, Wo)), restore),
+                ("MLP module (skip_mlp_)", lambda hh: ops.skip_mlp_(hh, idx, cnt, n2, eps, Wg, Wu, Wd),
+                 lambda hh: hh.add_(F.linear(F.silu(F.linear(F.rms_norm(hh, (d,), n2, eps), Wg))
+                                             * F.linear(F.rms_norm(hh, (d,), n2, eps), Wu), Wd)), restore),
+            ]
+            for name, native, dense, setup in cases:
+                td = _events_ms(dense, reps, setup)
+                tn = []
+                for m in loops:
+                    os.environ["SKIPGPT_CUDA_GEMM"] = m
+                    tn.append(_events_ms(native, reps, setup))
+                os.environ.pop("SKIPGPT_CUDA_GEMM", None)
+                cols = "".join(f" {t * 1e3:12.1f}" for t in tn) + "".join(f" {td / t:11.2f}" for t in tn)
+                print(f"{T:6d} {skip:4.2f}  {name:22s} {ideal:5.2f} {td * 1e3:9.1f}{cols}", flush=True)
+            kinds = [k for k in ("mma", "wgmma") if k in loops]
+            if not attention or not kinds:
+                continue
+            # The prefill attention core (T >= 64: the tensor-core kernel) on each matrix
+            # instruction set (SKIPGPT_CUDA_ATTN), beside SDPA on every row.
+            q_c = w(T, Hq * hd)
+            k, v = w(1, Hkv, T, hd), w(1, Hkv, T, hd)
+            q_dense = w(1, Hq, T, hd)
+            q_pos = torch.arange(T, device=dev)
+            visible = torch.arange(1, T + 1, dtype=torch.float64)
+            ideal_core = float(visible.sum()) / max(float(visible[mask].sum()), 1.0)
+            reps_core = reps if T <= 4096 else 3
+            td = _events_ms(lambda _: F.scaled_dot_product_attention(q_dense, k, v, is_causal=True, enable_gqa=True),
+                            reps_core)
+            ta = {}
+            for kind in kinds:
+                os.environ["SKIPGPT_CUDA_ATTN"] = kind
+                ta[kind] = _events_ms(
+                    lambda _: ops.sparse_query_attention(q_c, idx, cnt, k, v, q_pos, None, 0, T, hd**-0.5, 0), reps_core)
+            os.environ.pop("SKIPGPT_CUDA_ATTN", None)
+            cols = "".join(f"  {kind} {t * 1e3:9.1f} (x_dense {td / t:.2f})" for kind, t in ta.items())
+            print(f"{T:6d} {skip:4.2f}  {'attention core':22s} {ideal_core:5.2f} {td * 1e3:9.1f}{cols}", flush=True)

@@ -10,6 +10,8 @@ float64 stays under 1e-2 for bf16 and 3e-3 for fp16, and the largest element err
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -166,6 +168,35 @@ def test_sparse_query_attention_matches_float64(dtype, case, kind):
     assert (got[n:] == 0).all()
 
 
+# The tensor-core prefill kernel on each matrix instruction set: mma.sync, or wgmma on a
+# compute-capability 9.0 device with an sm_90a build (SKIPGPT_CUDA_ATTN, read per launch). The
+# cases reach it (>= 64 rows, sequences of >= 16, head_dim 64 / 128) across query blocks that
+# span several sequences, left padding, sliding windows and cached keys.
+ATTN_PREFILL_CASES = [ATTN_CASES[1], ATTN_CASES[2], ATTN_CASES[5],
+                      (1, 300, 0, 2, 3, 64, 0, False), (3, 70, 30, 2, 2, 128, 20, True), (2, 200, 0, 1, 8, 64, 0, True)]
+
+
+@pytest.mark.parametrize("attn", ["mma", "wgmma"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", ATTN_PREFILL_CASES)
+@pytest.mark.parametrize("kind", ["all", "some"])
+def test_attention_prefill_kernels(monkeypatch, attn, dtype, case, kind):
+    monkeypatch.setenv("SKIPGPT_CUDA_ATTN", attn)
+    if attn == "wgmma" and (why := _wgmma_unavailable_reason()) is not None:
+        pytest.skip(why)
+    test_sparse_query_attention_matches_float64(dtype, case, kind)
+
+
+def test_attention_kind_env_is_checked(monkeypatch):
+    q = torch.randn(64, 128, device=DEV, dtype=torch.bfloat16)
+    k = v = torch.randn(1, 1, 64, 128, device=DEV, dtype=torch.bfloat16)
+    idx, cnt = ref.compact(torch.ones(64, dtype=torch.bool, device=DEV))
+    pos = torch.arange(64, device=DEV)
+    monkeypatch.setenv("SKIPGPT_CUDA_ATTN", "fa3")
+    with pytest.raises(RuntimeError, match="SKIPGPT_CUDA_ATTN must be unset, auto, mma or wgmma"):
+        ops.sparse_query_attention(q, idx, cnt, k, v, pos, None, 0, 64, 128**-0.5, 0)
+
+
 # -- linear_scatter_add_ / skip_mlp_ ---------------------------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES)
 # T <= 8 runs the GEMV kernel (gemv.cu), larger T the tiled GEMM: 8 and 9 straddle the switch.
@@ -222,17 +253,24 @@ def test_skip_mlp_matches_float64(dtype, T, d, inter, kind):
 # in its own pass (head_dim 96). wgmma takes 128-wide tiles while 256-wide ones would number
 # fewer than the SMs: the cases with T 4200 and N 2048 (264 wide tiles) run the 256-wide ones.
 def _wgmma_unavailable_reason() -> str | None:
-    """Why SKIPGPT_CUDA_GEMM=wgmma cannot run here (the op's own error), or None."""
+    """Why the wgmma kernels cannot run here (the ops' own error under SKIPGPT_CUDA_GEMM=wgmma), or None."""
     if torch.cuda.get_device_capability() != (9, 0):
-        return "the wgmma mainloop runs on compute capability 9.0 only"
+        return "the wgmma kernels run on compute capability 9.0 only"
     x = torch.randn(16, 64, device=DEV, dtype=torch.bfloat16)
     idx, cnt = ref.compact(torch.ones(16, dtype=torch.bool, device=DEV))
+    saved = os.environ.get("SKIPGPT_CUDA_GEMM")
+    os.environ["SKIPGPT_CUDA_GEMM"] = "wgmma"
     try:
         ops.linear_scatter_add_(x.clone(), x, idx, cnt, torch.randn(64, 64, device=DEV, dtype=torch.bfloat16), None)
     except RuntimeError as e:
-        if "SKIPGPT_CUDA_GEMM=wgmma(-ws) needs" in str(e):
+        if "SKIPGPT_CUDA_GEMM=wgmma(-ws) needs a compute-capability 9.0 GPU" in str(e):
             return "this build has no sm_90a code (TORCH_CUDA_ARCH_LIST without 9.0a)"
         raise
+    finally:
+        if saved is None:
+            os.environ.pop("SKIPGPT_CUDA_GEMM")
+        else:
+            os.environ["SKIPGPT_CUDA_GEMM"] = saved
     return None
 
 

@@ -13,29 +13,57 @@
 // range, padding keys and rows of other sequences are masked. A block whose first row is past
 // count writes zeros and reads nothing. Head dims 64 and 128; other shapes, fp32 and decode
 // (few rows) take the CUDA-core kernel in attention.cu.
+//
+// On Hopper (WG = true, sm_90a; SKIPGPT_CUDA_ATTN=wgmma, opt-in until verified on a GPU) the
+// same kernel issues warpgroup MMAs instead: the block's four warps are one warpgroup whose m64
+// accumulators have the mma.sync C layout per warp, so the masking and online softmax are
+// shared. Q, K and V tiles are then stored 128-byte swizzled in
+// 64-column blocks ([HD / 64][64 rows][64]); S = Q K^T reads Q and K by K-major descriptors
+// (m64n64k16), and O += P V takes P from registers (the mma.sync A fragment) and V by an
+// MN-major descriptor (m64nHDk16, imm-trans-b).
 #include <cfloat>
 
 #include "common.cuh"
 #include "mma.cuh"
+#include "wgmma.cuh"
 
 namespace skipgpt::cuda {
 namespace {
 
 constexpr int kBQ = 64, kBK = 64, kThreads = 128;
 
-template <int HD>
+template <int HD, bool WG>
 constexpr size_t mma_smem_bytes() {
-  return size_t{5} * kBQ * (HD + 8) * 2;  // Q + 2 stages of K and V, padded rows, 2-byte elements
+  // Q + 2 stages of K and V, 2-byte elements: padded rows (mma.sync), or swizzled rows plus
+  // 1024 bytes to align the tiles (wgmma).
+  return WG ? size_t{5} * kBQ * HD * 2 + 1024 : size_t{5} * kBQ * (HD + 8) * 2;
 }
 
-template <typename T, int HD>
-__global__ void __launch_bounds__(kThreads) attention_mma_kernel(AttentionParams p) {
-  constexpr int LDS = HD + 8;  // padded row: 16-byte aligned, ldmatrix conflict-free
+// Element offset of (row r, column c; c a multiple of 8) in a 64-row tile: padded rows for
+// mma.sync; for wgmma 64-column blocks of 128-byte rows, chunk c / 8 of row r at chunk
+// (c / 8) ^ (r % 8) of its block.
+template <int HD, bool WG>
+__device__ __forceinline__ int tile_off(int r, int c) {
+  if constexpr (WG) {
+    return (c / 64) * (64 * 64) + r * 64 + (((c % 64) / 8) ^ (r % 8)) * 8;
+  } else {
+    return r * (HD + 8) + c;
+  }
+}
+
+template <typename T, int HD, bool WG>
+__device__ __forceinline__ void attention_mma_body(const AttentionParams& p) {
+  static_assert(kThreads == 128 && kBQ == 64, "the wgmma variant is one warpgroup of 64 rows");
+  constexpr int TILE = WG ? kBQ * HD : kBQ * (HD + 8);  // elements per 64-row tile
+  constexpr int LDS = HD + 8;  // mma.sync: padded row, 16-byte aligned, ldmatrix conflict-free
   constexpr int CH = HD / 8;   // 16-byte chunks per row
-  extern __shared__ __align__(16) unsigned char smem[];
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  unsigned char* smem = smem_raw;
+  if constexpr (WG)  // descriptors assume tiles aligned to the 1024-byte swizzle pattern
+    smem = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
   T* Qs = reinterpret_cast<T*>(smem);
-  T* Ks = Qs + kBQ * LDS;      // [2][kBK][LDS]
-  T* Vs = Ks + 2 * kBK * LDS;  // [2][kBK][LDS]
+  T* Ks = Qs + TILE;      // [2][TILE]
+  T* Vs = Ks + 2 * TILE;  // [2][TILE]
   __shared__ int64_t row_seq[kBQ], row_lo[kBQ], row_hi[kBQ];
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
@@ -67,16 +95,19 @@ __global__ void __launch_bounds__(kThreads) attention_mma_kernel(AttentionParams
   for (int e = tid; e < kBQ * CH; e += kThreads) {
     const int r = e / CH, c = (e % CH) * 8;
     const bool ok = r < nrows;
-    cp_async_16(Qs + r * LDS + c, ok ? q + (i0 + r) * p.q_stride + h * HD + c : q, ok ? 16 : 0);
+    cp_async_16(Qs + tile_off<HD, WG>(r, c), ok ? q + (i0 + r) * p.q_stride + h * HD + c : q, ok ? 16 : 0);
   }
   cp_async_commit();
   cp_async_wait<0>();
+  if constexpr (WG) sm90::fence_proxy_async();  // the copies, visible to the tensor cores' proxy
   __syncthreads();
 
-  uint32_t qf[HD / 16][4];
+  uint32_t qf[WG ? 1 : HD / 16][4];  // mma.sync: Q as A fragments in registers
+  if constexpr (!WG) {
 #pragma unroll
-  for (int kk = 0; kk < HD / 16; ++kk)
-    ldmatrix_x4(qf[kk], Qs + (warp * 16 + lane % 16) * LDS + kk * 16 + (lane / 16) * 8);
+    for (int kk = 0; kk < HD / 16; ++kk)
+      ldmatrix_x4(qf[kk], Qs + (warp * 16 + lane % 16) * LDS + kk * 16 + (lane / 16) * 8);
+  }
 
   // This thread's two rows (mma C layout): r0 = warp*16 + lane/4 and r0 + 8.
   const int r0 = warp * 16 + lane / 4;
@@ -109,13 +140,14 @@ __global__ void __launch_bounds__(kThreads) attention_mma_kernel(AttentionParams
 
     auto load_tile = [&](int stage, int64_t t) {
       const int64_t j0 = lo_b + t * kBK;
-      T* ks = Ks + stage * kBK * LDS;
-      T* vs = Vs + stage * kBK * LDS;
+      T* ks = Ks + stage * TILE;
+      T* vs = Vs + stage * TILE;
       for (int e = tid; e < kBK * CH; e += kThreads) {
         const int r = e / CH, c = (e % CH) * 8;
         const bool ok = j0 + r < hi_b;
-        cp_async_16(ks + r * LDS + c, ok ? kb + (j0 + r) * p.k_strides[2] + c : kb, ok ? 16 : 0);
-        cp_async_16(vs + r * LDS + c, ok ? vb + (j0 + r) * p.v_strides[2] + c : vb, ok ? 16 : 0);
+        const int off = tile_off<HD, WG>(r, c);
+        cp_async_16(ks + off, ok ? kb + (j0 + r) * p.k_strides[2] + c : kb, ok ? 16 : 0);
+        cp_async_16(vs + off, ok ? vb + (j0 + r) * p.v_strides[2] + c : vb, ok ? 16 : 0);
       }
     };
     load_tile(0, 0);
@@ -124,22 +156,37 @@ __global__ void __launch_bounds__(kThreads) attention_mma_kernel(AttentionParams
       if (t + 1 < ntiles) load_tile(static_cast<int>((t + 1) % 2), t + 1);
       cp_async_commit();
       cp_async_wait<1>();  // tile t landed (tile t + 1 may still be in flight)
+      if constexpr (WG) sm90::fence_proxy_async();
       __syncthreads();
       const int stage = static_cast<int>(t % 2);
-      const T* ks = Ks + stage * kBK * LDS;
-      const T* vs = Vs + stage * kBK * LDS;
+      const T* ks = Ks + stage * TILE;
+      const T* vs = Vs + stage * TILE;
       const int64_t j0 = lo_b + t * kBK;
 
       float s[kBK / 8][4] = {};
+      if constexpr (WG) {  // S = Q K^T: HD / 16 steps of m64n64k16, both operands K-major
+        auto& sf = reinterpret_cast<float(&)[kBK / 2]>(s);
+        sm90::fence_regs(sf);
+        sm90::fence();
 #pragma unroll
-      for (int kk = 0; kk < HD / 16; ++kk)
-#pragma unroll
-        for (int np = 0; np < kBK / 16; ++np) {
-          uint32_t r[4];
-          ldmatrix_x4(r, ks + (np * 16 + lane % 8 + (lane / 16) * 8) * LDS + kk * 16 + ((lane / 8) % 2) * 8);
-          mma_16816<T>(s[2 * np], qf[kk], r[0], r[1]);
-          mma_16816<T>(s[2 * np + 1], qf[kk], r[2], r[3]);
+        for (int kk = 0; kk < HD / 16; ++kk) {
+          const int off = (kk / 4) * (64 * 64) + (kk % 4) * 16;  // 64-column block, 32 bytes per step
+          sm90::Mma<kBK, T>::run(sf, sm90::desc_sw128(Qs + off), sm90::desc_sw128(ks + off));
         }
+        sm90::commit();
+        sm90::wait<0>();
+        sm90::fence_regs(sf);
+      } else {
+#pragma unroll
+        for (int kk = 0; kk < HD / 16; ++kk)
+#pragma unroll
+          for (int np = 0; np < kBK / 16; ++np) {
+            uint32_t r[4];
+            ldmatrix_x4(r, ks + (np * 16 + lane % 8 + (lane / 16) * 8) * LDS + kk * 16 + ((lane / 8) % 2) * 8);
+            mma_16816<T>(s[2 * np], qf[kk], r[0], r[1]);
+            mma_16816<T>(s[2 * np + 1], qf[kk], r[2], r[3]);
+          }
+      }
       float mx[2] = {-FLT_MAX, -FLT_MAX};
 #pragma unroll
       for (int nt = 0; nt < kBK / 8; ++nt)
@@ -182,18 +229,37 @@ __global__ void __launch_bounds__(kThreads) attention_mma_kernel(AttentionParams
         o[dt][2] *= alpha[1];
         o[dt][3] *= alpha[1];
       }
+      // P as A fragments, 16 keys each (the S accumulator layout pairs up into them).
+      uint32_t pa[kBK / 16][4];
 #pragma unroll
       for (int kc = 0; kc < kBK / 16; ++kc) {
-        const uint32_t pa[4] = {pack2<T>(s[2 * kc][0], s[2 * kc][1]), pack2<T>(s[2 * kc][2], s[2 * kc][3]),
-                                pack2<T>(s[2 * kc + 1][0], s[2 * kc + 1][1]),
-                                pack2<T>(s[2 * kc + 1][2], s[2 * kc + 1][3])};
+        pa[kc][0] = pack2<T>(s[2 * kc][0], s[2 * kc][1]);
+        pa[kc][1] = pack2<T>(s[2 * kc][2], s[2 * kc][3]);
+        pa[kc][2] = pack2<T>(s[2 * kc + 1][0], s[2 * kc + 1][1]);
+        pa[kc][3] = pack2<T>(s[2 * kc + 1][2], s[2 * kc + 1][3]);
+      }
+      if constexpr (WG) {  // O += P V: keys 16 kc.. as K; V MN-major (64-column blocks 8 KB apart)
+        auto& of = reinterpret_cast<float(&)[HD / 2]>(o);
+        sm90::fence_regs(of);
+        sm90::fence_regs(pa);
+        sm90::fence();  // the accumulators were just rescaled, and P written, by ordinary instructions
 #pragma unroll
-        for (int dp = 0; dp < HD / 16; ++dp) {
-          uint32_t r[4];
-          ldmatrix_x4_trans(r, vs + (kc * 16 + lane % 8 + ((lane / 8) % 2) * 8) * LDS + dp * 16 + (lane / 16) * 8);
-          mma_16816<T>(o[2 * dp], pa, r[0], r[1]);
-          mma_16816<T>(o[2 * dp + 1], pa, r[2], r[3]);
-        }
+        for (int kc = 0; kc < kBK / 16; ++kc)
+          sm90::MmaRegA<HD, T>::run(of, pa[kc], sm90::desc_sw128_mn(vs + kc * 16 * 64, 64 * 64 * 2, 1024));
+        sm90::commit();
+        sm90::wait<0>();
+        sm90::fence_regs(of);
+        sm90::fence_regs(pa);
+      } else {
+#pragma unroll
+        for (int kc = 0; kc < kBK / 16; ++kc)
+#pragma unroll
+          for (int dp = 0; dp < HD / 16; ++dp) {
+            uint32_t r[4];
+            ldmatrix_x4_trans(r, vs + (kc * 16 + lane % 8 + ((lane / 8) % 2) * 8) * LDS + dp * 16 + (lane / 16) * 8);
+            mma_16816<T>(o[2 * dp], pa[kc], r[0], r[1]);
+            mma_16816<T>(o[2 * dp + 1], pa[kc], r[2], r[3]);
+          }
       }
       __syncthreads();  // every warp is done with this stage before it is refilled
     }
@@ -216,14 +282,32 @@ __global__ void __launch_bounds__(kThreads) attention_mma_kernel(AttentionParams
   }
 }
 
-template <typename T, int HD>
+template <typename T, int HD, bool WG>
+__global__ void __launch_bounds__(kThreads) attention_mma_kernel(AttentionParams p) {
+#if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  if constexpr (WG) {
+    __trap();  // only sm_90a code holds the wgmma body (not even instantiated here)
+  } else {
+    attention_mma_body<T, HD, false>(p);
+  }
+#else
+  attention_mma_body<T, HD, WG>(p);
+#endif
+}
+
+template <typename T, int HD, bool WG>
 cudaError_t launch_hd(const AttentionParams& p, cudaStream_t stream) {
-  constexpr size_t smem = mma_smem_bytes<HD>();
-  const cudaError_t e = opt_in_smem<attention_mma_kernel<T, HD>>(smem);
+  constexpr size_t smem = mma_smem_bytes<HD, WG>();
+  const cudaError_t e = opt_in_smem<attention_mma_kernel<T, HD, WG>>(smem);
   if (e != cudaSuccess) return e;
   const dim3 grid(static_cast<unsigned>(ceil_div(p.T, kBQ)), static_cast<unsigned>(p.Hq));
-  attention_mma_kernel<T, HD><<<grid, kThreads, smem, stream>>>(p);
+  attention_mma_kernel<T, HD, WG><<<grid, kThreads, smem, stream>>>(p);
   return cudaGetLastError();
+}
+
+template <typename T, bool WG>
+cudaError_t launch_kind(const AttentionParams& p, cudaStream_t stream) {
+  return p.hd == 64 ? launch_hd<T, 64, WG>(p, stream) : launch_hd<T, 128, WG>(p, stream);
 }
 
 }  // namespace
@@ -237,10 +321,12 @@ bool attention_mma_supported(const AttentionParams& p, DType dtype) {
 }
 
 cudaError_t launch_attention_mma(const AttentionParams& p, DType dtype, cudaStream_t stream) {
-  if (dtype == DType::kBF16) {
-    return p.hd == 64 ? launch_hd<__nv_bfloat16, 64>(p, stream) : launch_hd<__nv_bfloat16, 128>(p, stream);
-  }
-  return p.hd == 64 ? launch_hd<__half, 64>(p, stream) : launch_hd<__half, 128>(p, stream);
+  const AttentionMma kind = attention_mma_kind();
+  if (kind == AttentionMma::kUnavailable || kind == AttentionMma::kUnknown) return cudaErrorNotSupported;
+  const bool wg = kind == AttentionMma::kWgmma;
+  if (dtype == DType::kBF16)
+    return wg ? launch_kind<__nv_bfloat16, true>(p, stream) : launch_kind<__nv_bfloat16, false>(p, stream);
+  return wg ? launch_kind<__half, true>(p, stream) : launch_kind<__half, false>(p, stream);
 }
 
 }  // namespace skipgpt::cuda

@@ -14,8 +14,8 @@
 // whole 16-byte column chunks (and on whole heads for RoPE).
 //
 // This mainloop runs on sm_80+; on an sm_90a build and a compute-capability 9.0 device
-// launch_gemm uses the wgmma mainloop of gemm_sm90.cu instead (same tiles' epilogues,
-// gemm_tile.cuh). Row capacities of at most kGemvMaxRows (decode) go to gemv.cu.
+// SKIPGPT_CUDA_GEMM=wgmma / wgmma-ws selects the wgmma mainloops of gemm_sm90.cu instead (the
+// same epilogues, gemm_tile.cuh). Row capacities of at most kGemvMaxRows (decode) go to gemv.cu.
 #include <cstdlib>
 #include <string_view>
 
@@ -188,22 +188,39 @@ cudaError_t launch_gemm_mma(const GemmParams& p, Epilogue epi, DType dtype, cuda
   });
 }
 
+bool sm90a_device() {
+#if defined(SKIPGPT_SM90A)
+  int dev = 0, major = 0, minor = 0;
+  return cudaGetDevice(&dev) == cudaSuccess &&
+         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
+         cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) == cudaSuccess && major == 9 &&
+         minor == 0;
+#else
+  return false;
+#endif
+}
+
 GemmMainloop gemm_mainloop() {
   const char* env = std::getenv("SKIPGPT_CUDA_GEMM");
   const std::string_view want = env != nullptr ? env : "";
   if (want == "mma") return GemmMainloop::kMma;
-  bool sm90 = false;
-#if defined(SKIPGPT_SM90A)
-  int dev = 0, major = 0, minor = 0;
-  if (cudaGetDevice(&dev) == cudaSuccess &&
-      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
-      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) == cudaSuccess)
-    sm90 = major == 9 && minor == 0;
-#endif
+  const bool sm90 = sm90a_device();
   if (want == "wgmma") return sm90 ? GemmMainloop::kWgmma : GemmMainloop::kUnavailable;
   if (want == "wgmma-ws") return sm90 ? GemmMainloop::kWgmmaWs : GemmMainloop::kUnavailable;
   if (!want.empty() && want != "auto") return GemmMainloop::kUnknown;
-  return sm90 ? GemmMainloop::kWgmma : GemmMainloop::kMma;
+  // The wgmma kernels have not run on a GPU yet: opt-in until a device run verifies them
+  // (benchmarks/gpu_check.sh tests and times all mainloops), then the faster one becomes auto.
+  return GemmMainloop::kMma;
+}
+
+AttentionMma attention_mma_kind() {
+  const char* env = std::getenv("SKIPGPT_CUDA_ATTN");
+  const std::string_view want = env != nullptr ? env : "";
+  if (want == "mma") return AttentionMma::kMma;
+  const bool sm90 = sm90a_device();
+  if (want == "wgmma") return sm90 ? AttentionMma::kWgmma : AttentionMma::kUnavailable;
+  if (!want.empty() && want != "auto") return AttentionMma::kUnknown;
+  return AttentionMma::kMma;  // wgmma: opt-in until verified on a GPU (as gemm_mainloop)
 }
 
 cudaError_t launch_gemm(const GemmParams& p, Epilogue epi, DType dtype, cudaStream_t stream) {

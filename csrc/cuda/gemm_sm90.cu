@@ -1,8 +1,8 @@
 // Compacted-row GEMMs on Hopper's warpgroup MMA (wgmma, sm_90a): the contract, epilogues and
 // rounding of gemm.cu (kernels.h; gemm_tile.cuh), on the tensor-core path Hopper runs at full
-// rate (mma.sync, gemm.cu, peaks well below it there). launch_gemm chooses this mainloop on a
-// compute-capability 9.0 device when the build holds sm_90a code (SKIPGPT_SM90A), unless
-// SKIPGPT_CUDA_GEMM=mma.
+// rate (mma.sync, gemm.cu, peaks well below it there). launch_gemm runs these kernels under
+// SKIPGPT_CUDA_GEMM=wgmma / wgmma-ws on a compute-capability 9.0 device when the build holds
+// sm_90a code (SKIPGPT_SM90A); opt-in until a GPU run has verified them.
 //
 // Block tile 128 x BN x 64 for two warpgroups, 64 rows each. A 4-stage cp.async pipeline fills
 // 128-byte-swizzled shared tiles, the layout the wgmma descriptors read; A rows are gathered

@@ -36,11 +36,19 @@ __device__ __forceinline__ void wait() {
 }
 // Shared memory written through the generic proxy (cp.async, st.shared), read next by wgmma.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\\n" ::: "memory"); }
-// Keeps the compiler from moving accumulator reads or writes across a wgmma wait.
+// Keeps the compiler from moving accumulator (or register A operand) reads or writes across a
+// wgmma fence or wait.
 template <int R>
 __device__ __forceinline__ void fence_regs(float (&d)[R]) {
 #pragma unroll
   for (int i = 0; i < R; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+template <int R, int C>
+__device__ __forceinline__ void fence_regs(uint32_t (&a)[R][C]) {
+#pragma unroll
+  for (int i = 0; i < R; ++i)
+#pragma unroll
+    for (int j = 0; j < C; ++j) asm volatile("" : "+r"(a[i][j])::"memory");
 }
 
 // setmaxnreg: a warpgroup gives registers back (producers) or takes them (consumers); only with a
@@ -97,8 +105,21 @@ __device__ __forceinline__ void named_sync() {
   asm volatile("bar.sync %0, %1;\\n" ::"n"(ID), "n"(THREADS) : "memory");
 }
 
+// D[64 x N] += A B with A and B both K-major in shared memory (descriptors a, b).
 template <int N, typename T>
 struct Mma;
+// D[64 x N] += A B with A in registers (the warp's 16 rows, as the m16n8k16 A fragment) and B
+// MN-major in shared memory (N contiguous: a row-major [K][N] tile, imm-trans-b = 1).
+template <int N, typename T>
+struct MmaRegA;
+
+// An MN-major 128-byte-swizzled B tile: 64-element (128-byte) N blocks of 8-row swizzle atoms,
+// K rows 128 bytes apart; the next 8 K rows sbo bytes on, the next N block lbo bytes on.
+__device__ __forceinline__ uint64_t desc_sw128_mn(const void* smem, uint32_t lbo, uint32_t sbo) {
+  const auto addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  return (static_cast<uint64_t>((addr & 0x3FFFF) >> 4)) | (static_cast<uint64_t>((lbo & 0x3FFFF) >> 4) << 16) |
+         (static_cast<uint64_t>((sbo & 0x3FFFF) >> 4) << 32) | (uint64_t{1} << 62);
+}
 """
 
 FOOTER = """
@@ -131,10 +152,37 @@ def mma(n: int, ab: str, ctype: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def mma_reg_a(n: int, ab: str, ctype: str) -> str:
+    regs = n // 2
+    outs = ", ".join(f"%{i}" for i in range(regs))
+    a = ", ".join(f"%{regs + i}" for i in range(4))
+    lines = [
+        f"template <>",
+        f"struct MmaRegA<{n}, {ctype}> {{",
+        f"  __device__ __forceinline__ static void run(float (&d)[{regs}], const uint32_t (&a)[4], uint64_t b) {{",
+        "    asm volatile(",
+        '        "{\\n"',
+        '        ".reg .pred p;\\n"',
+        f'        "setp.ne.b32 p, %{regs + 5}, 0;\\n"',
+        f'        "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ab}.{ab} "',
+        f'        "{{{outs}}}, "',
+        f'        "{{{a}}}, %{regs + 4}, p, 1, 1, 1;\\n"',
+        '        "}\\n"',
+    ]
+    out_ops = ", ".join(f'"+f"(d[{i}])' for i in range(regs))
+    lines.append(f"        : {out_ops}")
+    lines.append('        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));')
+    lines.append("  }")
+    lines.append("};")
+    return "\n".join(lines) + "\n"
+
+
 if __name__ == "__main__":
     parts = [HEADER]
-    for n in (128, 256):
-        for ab, ctype in (("bf16", "__nv_bfloat16"), ("f16", "__half")):
+    for ab, ctype in (("bf16", "__nv_bfloat16"), ("f16", "__half")):
+        for n in (64, 128, 256):  # 64: attention scores over 64 keys; 128 / 256: GEMM tiles
             parts.append(mma(n, ab, ctype))
+        for n in (64, 128):  # attention P V, head_dim 64 / 128
+            parts.append(mma_reg_a(n, ab, ctype))
     parts.append(FOOTER)
     print("\n".join(parts), end="")

@@ -75,14 +75,16 @@ struct GemmParams {
 // (gemv.cu): one warp per output feature, same epilogues and rounding.
 constexpr int64_t kGemvMaxRows = 8;
 cudaError_t launch_gemm(const GemmParams& p, Epilogue epi, DType dtype, cudaStream_t stream);
-// The tiled mainloop launch_gemm uses for larger M: wgmma (gemm_sm90.cu) on a compute-capability
-// 9.0 device when the build holds sm_90a code (SKIPGPT_SM90A), else mma.sync (gemm.cu).
-// SKIPGPT_CUDA_GEMM (read at every launch, so tests can switch): unset or "auto" as above;
-// "mma" forces mma.sync; "wgmma" / "wgmma-ws" force the plain / warp-specialised wgmma kernel,
-// and are kUnavailable where they cannot run; any other value is kUnknown. launch_gemm returns
-// cudaErrorNotSupported for those two (the op wrappers check first, with a message).
+// The tiled mainloop launch_gemm uses for larger M, from SKIPGPT_CUDA_GEMM (read at every launch,
+// so tests can switch): unset, "auto" or "mma": mma.sync (gemm.cu); "wgmma" / "wgmma-ws": the
+// plain / warp-specialised wgmma kernel (gemm_sm90.cu), kUnavailable unless the device has
+// compute capability 9.0 and the build sm_90a code (SKIPGPT_SM90A); any other value kUnknown.
+// launch_gemm returns cudaErrorNotSupported for those two (the op wrappers check first, with a
+// message). auto becomes the faster wgmma kernel once a GPU run has verified them.
 enum class GemmMainloop : int { kMma = 0, kWgmma = 1, kWgmmaWs = 2, kUnavailable = 3, kUnknown = 4 };
 GemmMainloop gemm_mainloop();
+// True on a compute-capability 9.0 device when the build holds sm_90a code (gemm.cu).
+bool sm90a_device();
 cudaError_t launch_gemm_mma(const GemmParams& p, Epilogue epi, DType dtype, cudaStream_t stream);
 cudaError_t launch_gemm_sm90(const GemmParams& p, Epilogue epi, DType dtype, bool warp_specialised,
                              cudaStream_t stream);
@@ -130,5 +132,12 @@ cudaError_t launch_attention(const AttentionParams& p, DType dtype, cudaStream_t
 // of long sequences when dtype is bf16/fp16, head_dim is 64 or 128 and rows are 16-byte aligned.
 bool attention_mma_supported(const AttentionParams& p, DType dtype);
 cudaError_t launch_attention_mma(const AttentionParams& p, DType dtype, cudaStream_t stream);
+// The prefill kernel's matrix instructions, from SKIPGPT_CUDA_ATTN (read at every launch):
+// unset, "auto" or "mma": mma.sync; "wgmma" (sm_90a: S = Q K^T from shared memory, P V with P in
+// registers), kUnavailable where it cannot run; anything else kUnknown. launch_attention returns
+// cudaErrorNotSupported for those two (the op wrapper checks first, with a message). auto
+// becomes wgmma once a GPU run has verified it.
+enum class AttentionMma : int { kMma = 0, kWgmma = 1, kUnavailable = 2, kUnknown = 3 };
+AttentionMma attention_mma_kind();
 
 }  // namespace skipgpt::cuda

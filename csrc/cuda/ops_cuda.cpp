@@ -92,14 +92,16 @@ void launched(cudaError_t e, const char* op) {
   TORCH_CHECK(e == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(e));
 }
 
+constexpr const char* kNeedsSm90a =
+    "needs a compute-capability 9.0 GPU and a build with 9.0a (and not plain 9.0) in TORCH_CUDA_ARCH_LIST; unset "
+    "it, or set it to mma";
+
 // Before a GEMM launch: the mainloop SKIPGPT_CUDA_GEMM asks for can run here.
 void check_gemm_mainloop(const char* op) {
   const GemmMainloop m = gemm_mainloop();
   TORCH_CHECK(m != GemmMainloop::kUnknown, op, ": SKIPGPT_CUDA_GEMM must be unset, auto, mma, wgmma or wgmma-ws, got '",
               std::getenv("SKIPGPT_CUDA_GEMM"), "'");
-  TORCH_CHECK(m != GemmMainloop::kUnavailable, op,
-              ": SKIPGPT_CUDA_GEMM=wgmma(-ws) needs a compute-capability 9.0 GPU and a build with 9.0a (and not plain 9.0) in "
-              "TORCH_CUDA_ARCH_LIST; unset it, or set it to mma");
+  TORCH_CHECK(m != GemmMainloop::kUnavailable, op, ": SKIPGPT_CUDA_GEMM=wgmma(-ws) ", kNeedsSm90a);
 }
 
 // Weights feed 16-byte async copies: contiguous and 16-byte aligned (a view at an odd offset
@@ -341,6 +343,10 @@ at::Tensor sparse_query_attention_cuda(const at::Tensor& q_in, const at::Tensor&
     p.partial_o = scratch.data_ptr<float>();
     p.partial_ml = p.partial_o + T * Hq * p.splits * hd;
   }
+  const AttentionMma kind = attention_mma_kind();
+  TORCH_CHECK(kind != AttentionMma::kUnknown, op, ": SKIPGPT_CUDA_ATTN must be unset, auto, mma or wgmma, got '",
+              std::getenv("SKIPGPT_CUDA_ATTN"), "'");
+  TORCH_CHECK(kind != AttentionMma::kUnavailable, op, ": SKIPGPT_CUDA_ATTN=wgmma ", kNeedsSm90a);
   launched(launch_attention(p, dtype_of(q), c10::cuda::getCurrentCUDAStream().stream()), op);
   return out;
 }
