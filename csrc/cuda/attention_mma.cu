@@ -40,12 +40,11 @@ constexpr size_t mma_smem_bytes() {
 }
 
 // Element offset of (row r, column c; c a multiple of 8) in a 64-row tile: padded rows for
-// mma.sync; for wgmma 64-column blocks of 128-byte rows, chunk c / 8 of row r at chunk
-// (c / 8) ^ (r % 8) of its block.
+// mma.sync; for wgmma the swizzled 64-column blocks the descriptors read (sm90_layout.h).
 template <int HD, bool WG>
 __device__ __forceinline__ int tile_off(int r, int c) {
   if constexpr (WG) {
-    return (c / 64) * (64 * 64) + r * 64 + (((c % 64) / 8) ^ (r % 8)) * 8;
+    return sm90::tile_sw128(kBQ, r, c);
   } else {
     return r * (HD + 8) + c;
   }
@@ -53,7 +52,7 @@ __device__ __forceinline__ int tile_off(int r, int c) {
 
 template <typename T, int HD, bool WG>
 __device__ __forceinline__ void attention_mma_body(const AttentionParams& p) {
-  static_assert(kThreads == 128 && kBQ == 64, "the wgmma variant is one warpgroup of 64 rows");
+  static_assert(kThreads == 128 && kBQ == 64 && kBK == kBQ, "the wgmma variant: one warpgroup, 64-row tiles");
   constexpr int TILE = WG ? kBQ * HD : kBQ * (HD + 8);  // elements per 64-row tile
   constexpr int LDS = HD + 8;  // mma.sync: padded row, 16-byte aligned, ldmatrix conflict-free
   constexpr int CH = HD / 8;   // 16-byte chunks per row
@@ -170,7 +169,7 @@ __device__ __forceinline__ void attention_mma_body(const AttentionParams& p) {
         sm90::fence();
 #pragma unroll
         for (int kk = 0; kk < HD / 16; ++kk) {
-          const int off = (kk / 4) * (64 * 64) + (kk % 4) * 16;  // 64-column block, 32 bytes per step
+          const int off = sm90::kmajor_start(kBQ, 0, kk);  // Q and K tiles share the layout
           sm90::Mma<kBK, T>::run(sf, sm90::desc_sw128(Qs + off), sm90::desc_sw128(ks + off));
         }
         sm90::commit();
@@ -245,7 +244,8 @@ __device__ __forceinline__ void attention_mma_body(const AttentionParams& p) {
         sm90::fence();  // the accumulators were just rescaled, and P written, by ordinary instructions
 #pragma unroll
         for (int kc = 0; kc < kBK / 16; ++kc)
-          sm90::MmaRegA<HD, T>::run(of, pa[kc], sm90::desc_sw128_mn(vs + kc * 16 * 64, 64 * 64 * 2, 1024));
+          sm90::MmaRegA<HD, T>::run(of, pa[kc],
+                                    sm90::desc_sw128_mn(vs + sm90::mnmajor_start(kc), sm90::mn_lbo(kBK), sm90::kSbo));
         sm90::commit();
         sm90::wait<0>();
         sm90::fence_regs(of);

@@ -42,8 +42,8 @@ struct Sm90Cfg {
   return reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(p) + 1023) & ~static_cast<uintptr_t>(1023));
 }
 
-// Loader thread t of LOADERS issues its share of k-tile kt's copies into one stage. Tile row r's
-// 16-byte chunk ch goes to chunk ch ^ (r % 8) of its 128-byte row; rows past count and columns
+// Loader thread t of LOADERS issues its share of k-tile kt's copies into one stage, in the
+// swizzled layout the descriptors read (sm90_layout.h: tile_sw128); rows past count and columns
 // past N or K load as zeros.
 template <typename T, typename C, int LOADERS, int UNROLL>
 __device__ __forceinline__ void load_stage(const GemmParams& p, unsigned char* stage, const int64_t* a_row, int64_t n0,
@@ -60,7 +60,7 @@ __device__ __forceinline__ void load_stage(const GemmParams& p, unsigned char* s
     const int c = t + i * LOADERS, r = c / 8, ch = c % 8;
     const int64_t ar = a_row[r], k = k0 + ch * 8;
     const bool ok = ar >= 0 && k < K;
-    cp_async_16(as + r * C::BK + (ch ^ (r % 8)) * 8, ok ? A + ar * p.lda + k : A, ok ? 16 : 0);
+    cp_async_16(as + sm90::tile_sw128(C::BM, r, ch * 8), ok ? A + ar * p.lda + k : A, ok ? 16 : 0);
   }
 #pragma unroll(UNROLL)
   for (int i = 0; i < C::BROWS * 8 / LOADERS; ++i) {
@@ -68,7 +68,7 @@ __device__ __forceinline__ void load_stage(const GemmParams& p, unsigned char* s
     const int64_t n = n0 + (r % C::BN), k = k0 + ch * 8;
     const T* base = (C::DUAL && r >= C::BN) ? W1 : W;
     const bool ok = n < p.N && k < K;
-    cp_async_16(bs + r * C::BK + (ch ^ (r % 8)) * 8, ok ? base + n * K + k : W, ok ? 16 : 0);
+    cp_async_16(bs + sm90::tile_sw128(C::BROWS, r, ch * 8), ok ? base + n * K + k : W, ok ? 16 : 0);
   }
 }
 
@@ -76,16 +76,17 @@ __device__ __forceinline__ void load_stage(const GemmParams& p, unsigned char* s
 template <typename T, typename C>
 __device__ __forceinline__ void mma_stage(const unsigned char* stage, int cwg, float (&acc)[C::REGS],
                                           float (&acc1)[C::DUAL ? C::REGS : 1]) {
-  const T* as = reinterpret_cast<const T*>(stage) + cwg * 64 * C::BK;
+  const T* as = reinterpret_cast<const T*>(stage);
   const T* bs = reinterpret_cast<const T*>(stage + C::kABytes);
   sm90::fence_regs(acc);
   sm90::fence_regs(acc1);
   sm90::fence();
 #pragma unroll
-  for (int kk = 0; kk < C::BK; kk += 16) {
-    const uint64_t da = sm90::desc_sw128(as + kk);
-    sm90::Mma<C::BN, T>::run(acc, da, sm90::desc_sw128(bs + kk));
-    if constexpr (C::DUAL) sm90::Mma<C::BN, T>::run(acc1, da, sm90::desc_sw128(bs + C::BN * C::BK + kk));
+  for (int kk = 0; kk < C::BK / 16; ++kk) {
+    const uint64_t da = sm90::desc_sw128(as + sm90::kmajor_start(C::BM, cwg * 64, kk));
+    sm90::Mma<C::BN, T>::run(acc, da, sm90::desc_sw128(bs + sm90::kmajor_start(C::BROWS, 0, kk)));
+    if constexpr (C::DUAL)
+      sm90::Mma<C::BN, T>::run(acc1, da, sm90::desc_sw128(bs + sm90::kmajor_start(C::BROWS, C::BN, kk)));
   }
   sm90::commit();
 }

@@ -11,15 +11,15 @@
 
 #include <cstdint>
 
+#include "sm90_layout.h"  // the tiles these descriptors read, checked at compile time
+
 namespace skipgpt::cuda::sm90 {
 
-// A K-major tile of 64-element (128-byte) rows, stored with the 128-byte swizzle: the 16-byte
-// chunk c of row r lives at chunk c ^ (r % 8); 8-row groups are 1024 bytes apart (the stride
-// byte offset); the tile starts 1024-byte aligned. Advancing K by 16 elements inside the
-// swizzle atom adds 32 bytes to the start address.
+// A K-major operand in a 128-byte-swizzled tile (sm90_layout.h: tile_sw128, kmajor_start):
+// 8-row groups kSbo = 1024 bytes apart, the leading byte offset unused (1).
 __device__ __forceinline__ uint64_t desc_sw128(const void* smem) {
   const auto addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  return (static_cast<uint64_t>((addr & 0x3FFFF) >> 4)) | (uint64_t{1} << 16) | (uint64_t{1024 >> 4} << 32) |
+  return (static_cast<uint64_t>((addr & 0x3FFFF) >> 4)) | (uint64_t{1} << 16) | (uint64_t{kSbo >> 4} << 32) |
          (uint64_t{1} << 62);
 }
 
@@ -108,8 +108,8 @@ struct Mma;
 template <int N, typename T>
 struct MmaRegA;
 
-// An MN-major 128-byte-swizzled B tile: 64-element (128-byte) N blocks of 8-row swizzle atoms,
-// K rows 128 bytes apart; the next 8 K rows sbo bytes on, the next N block lbo bytes on.
+// An MN-major operand in a 128-byte-swizzled tile (sm90_layout.h: mn_lbo, kSbo, mnmajor_start):
+// K rows 128 bytes apart, the next 8 K rows sbo bytes on, the next 64-element N block lbo on.
 __device__ __forceinline__ uint64_t desc_sw128_mn(const void* smem, uint32_t lbo, uint32_t sbo) {
   const auto addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   return (static_cast<uint64_t>((addr & 0x3FFFF) >> 4)) | (static_cast<uint64_t>((lbo & 0x3FFFF) >> 4) << 16) |
