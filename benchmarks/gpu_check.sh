@@ -6,7 +6,8 @@
 #   3. run the CUDA microbenchmarks: the tiled GEMM ops and the prefill attention core under
 #      each mainloop side by side (bench_kernels.py --mainloops mma wgmma wgmma-ws), then the
 #      full layer table (bench_kernels.py --device cuda);
-#   4. write logs and a results table under $OUT (results.md last, also printed).
+#   4. compute-sanitizer memcheck over a few cases of each kernel, if time is left;
+#   5. write logs and a results table under $OUT (results.md last, also printed).
 # Usage on the device:   OUT=/some/dir bash benchmarks/gpu_check.sh
 # Dry run here (no GPU): the build and test collection run, GPU parts report "skipped".
 #   PYTHON=.venv-cuda/bin/python OUT=/tmp/gpu-dry bash benchmarks/gpu_check.sh
@@ -84,6 +85,15 @@ if [ $build_rc -eq 0 ]; then
   stage tests-wgmma-ws 60 "$OUT/tests_ws.log" "$PY" -m pytest -q -m cuda -p no:cacheprovider tests/test_cuda.py -rs \
     -k wgmma_ws --junitxml="$OUT/tests_ws.xml"
   tail -n 3 "$OUT/tests_ws.log" 2>/dev/null
+  # compute-sanitizer memcheck over one GEMM and one attention case per kernel (out-of-bounds or
+  # misaligned shared/global accesses), if the budget still allows.
+  SAN=$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")
+  if [ -x "$SAN" ]; then
+    stage memcheck 90 "$OUT/memcheck.log" "$SAN" --tool memcheck --error-exitcode 7 \
+      "$PY" -m pytest -q -m cuda -p no:cacheprovider tests/test_cuda.py -x \
+      -k "(test_gemm_mainloops_skip_mlp and 300-200-392 and some and dtype0 and not wgmma_ws) or (test_attention_prefill_kernels and case4 and some and dtype0)"
+    tail -n 5 "$OUT/memcheck.log" 2>/dev/null
+  fi
 fi
 
 {
@@ -101,6 +111,10 @@ fi
   fi
   if [ -f "$OUT/tests_wgmma.log" ]; then
     echo "Tests, wgmma GEMM and attention: $(grep -E '[0-9]+ (passed|failed|skipped|error)' "$OUT/tests_wgmma.log" | tail -n 1)"
+    echo
+  fi
+  if [ -f "$OUT/memcheck.log" ]; then
+    echo "compute-sanitizer memcheck: $(grep -E 'ERROR SUMMARY' "$OUT/memcheck.log" | tail -n 1)"
     echo
   fi
   if [ -f "$OUT/tests_ws.log" ]; then
