@@ -15,12 +15,12 @@
 // (few rows) take the CUDA-core kernel in attention.cu.
 //
 // On Hopper (WG = true, sm_90a; SKIPGPT_CUDA_ATTN=wgmma, opt-in until verified on a GPU) the
-// same kernel issues warpgroup MMAs instead: the block's four warps are one warpgroup whose m64
-// accumulators have the mma.sync C layout per warp, so the masking and online softmax are
-// shared. Q, K and V tiles are then stored 128-byte swizzled in
-// 64-column blocks ([HD / 64][64 rows][64]); S = Q K^T reads Q and K by K-major descriptors
-// (m64n64k16), and O += P V takes P from registers (the mma.sync A fragment) and V by an
-// MN-major descriptor (m64nHDk16, imm-trans-b).
+// same kernel issues warpgroup MMAs instead, with 128 query rows per block: two warpgroups of
+// 64 rows share each K/V tile. A warpgroup's m64 accumulators have the mma.sync C layout per
+// warp, so the masking and online softmax are shared. Q, K and V tiles are then stored 128-byte
+// swizzled in 64-column blocks ([HD / 64][rows][64], sm90_layout.h); S = Q K^T reads Q and K by
+// K-major descriptors (m64n64k16), and O += P V takes P from registers (the mma.sync A
+// fragment) and V by an MN-major descriptor (m64nHDk16, imm-trans-b).
 #include <cfloat>
 
 #include "common.cuh"
@@ -30,21 +30,27 @@
 namespace skipgpt::cuda {
 namespace {
 
-constexpr int kBQ = 64, kBK = 64, kThreads = 128;
+constexpr int kBK = 64;  // keys per K/V tile
+// Query rows per block, a warp per 16: 64 (4 warps) on mma.sync; 128 (two warpgroups sharing
+// each K/V tile, which halves the K/V traffic per row) on wgmma.
+template <bool WG>
+constexpr int kBQ = WG ? 128 : 64;
+template <bool WG>
+constexpr int kThreads = kBQ<WG> * 2;
 
 template <int HD, bool WG>
 constexpr size_t mma_smem_bytes() {
   // Q + 2 stages of K and V, 2-byte elements: padded rows (mma.sync), or swizzled rows plus
   // 1024 bytes to align the tiles (wgmma).
-  return WG ? size_t{5} * kBQ * HD * 2 + 1024 : size_t{5} * kBQ * (HD + 8) * 2;
+  return WG ? size_t{kBQ<WG> + 4 * kBK} * HD * 2 + 1024 : size_t{kBQ<WG> + 4 * kBK} * (HD + 8) * 2;
 }
 
-// Element offset of (row r, column c; c a multiple of 8) in a 64-row tile: padded rows for
-// mma.sync; for wgmma the swizzled 64-column blocks the descriptors read (sm90_layout.h).
+// Element offset of (row r, column c; c a multiple of 8) in a tile of `rows` rows: padded rows
+// for mma.sync; for wgmma the swizzled 64-column blocks the descriptors read (sm90_layout.h).
 template <int HD, bool WG>
-__device__ __forceinline__ int tile_off(int r, int c) {
+__device__ __forceinline__ int tile_off(int rows, int r, int c) {
   if constexpr (WG) {
-    return sm90::tile_sw128(kBQ, r, c);
+    return sm90::tile_sw128(rows, r, c);
   } else {
     return r * (HD + 8) + c;
   }
@@ -52,8 +58,10 @@ __device__ __forceinline__ int tile_off(int r, int c) {
 
 template <typename T, int HD, bool WG>
 __device__ __forceinline__ void attention_mma_body(const AttentionParams& p) {
-  static_assert(kThreads == 128 && kBQ == 64 && kBK == kBQ, "the wgmma variant: one warpgroup, 64-row tiles");
-  constexpr int TILE = WG ? kBQ * HD : kBQ * (HD + 8);  // elements per 64-row tile
+  constexpr int BQ = kBQ<WG>, THREADS = kThreads<WG>;
+  static_assert(BQ % 64 == 0 && kBK == 64, "whole warpgroups of 64 rows; 64-key tiles");
+  constexpr int QTILE = WG ? BQ * HD : BQ * (HD + 8);     // elements of the Q tile
+  constexpr int KTILE = WG ? kBK * HD : kBK * (HD + 8);  // ... of one K or V tile
   constexpr int LDS = HD + 8;  // mma.sync: padded row, 16-byte aligned, ldmatrix conflict-free
   constexpr int CH = HD / 8;   // 16-byte chunks per row
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -61,24 +69,24 @@ __device__ __forceinline__ void attention_mma_body(const AttentionParams& p) {
   if constexpr (WG)  // descriptors assume tiles aligned to the 1024-byte swizzle pattern
     smem = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
   T* Qs = reinterpret_cast<T*>(smem);
-  T* Ks = Qs + TILE;      // [2][TILE]
-  T* Vs = Ks + 2 * TILE;  // [2][TILE]
-  __shared__ int64_t row_seq[kBQ], row_lo[kBQ], row_hi[kBQ];
+  T* Ks = Qs + QTILE;      // [2][KTILE]
+  T* Vs = Ks + 2 * KTILE;  // [2][KTILE]
+  __shared__ int64_t row_seq[BQ], row_lo[BQ], row_hi[BQ];
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  const int64_t i0 = int64_t{blockIdx.x} * kBQ;
+  const int64_t i0 = int64_t{blockIdx.x} * BQ;
   const int64_t h = blockIdx.y, G = p.Hq / p.Hkv, g = h / G;
   const int64_t cnt = load_count(p.count, p.T);
   T* out = static_cast<T*>(p.out);
   const int64_t ostride = p.Hq * HD;
   if (i0 >= cnt) {
-    const int64_t rows = min(int64_t{kBQ}, p.T - i0);
-    for (int64_t e = tid; e < rows * CH; e += kThreads)
+    const int64_t rows = min(int64_t{BQ}, p.T - i0);
+    for (int64_t e = tid; e < rows * CH; e += THREADS)
       *reinterpret_cast<uint4*>(out + (i0 + e / CH) * ostride + h * HD + (e % CH) * 8) = make_uint4(0, 0, 0, 0);
     return;
   }
-  const int64_t nrows = min(int64_t{kBQ}, cnt - i0);
-  for (int r = tid; r < kBQ; r += kThreads) {
+  const int64_t nrows = min(int64_t{BQ}, cnt - i0);
+  for (int r = tid; r < BQ; r += THREADS) {
     if (r < nrows) {
       const int64_t row = p.idx[i0 + r], pos = p.q_pos[row];
       const int64_t lo = p.window > 0 ? max(int64_t{0}, pos - p.window + 1 - p.kv_offset) : 0;
@@ -91,10 +99,10 @@ __device__ __forceinline__ void attention_mma_body(const AttentionParams& p) {
     }
   }
   const T* q = static_cast<const T*>(p.q);
-  for (int e = tid; e < kBQ * CH; e += kThreads) {
+  for (int e = tid; e < BQ * CH; e += THREADS) {
     const int r = e / CH, c = (e % CH) * 8;
     const bool ok = r < nrows;
-    cp_async_16(Qs + tile_off<HD, WG>(r, c), ok ? q + (i0 + r) * p.q_stride + h * HD + c : q, ok ? 16 : 0);
+    cp_async_16(Qs + tile_off<HD, WG>(BQ, r, c), ok ? q + (i0 + r) * p.q_stride + h * HD + c : q, ok ? 16 : 0);
   }
   cp_async_commit();
   cp_async_wait<0>();
@@ -139,12 +147,12 @@ __device__ __forceinline__ void attention_mma_body(const AttentionParams& p) {
 
     auto load_tile = [&](int stage, int64_t t) {
       const int64_t j0 = lo_b + t * kBK;
-      T* ks = Ks + stage * TILE;
-      T* vs = Vs + stage * TILE;
-      for (int e = tid; e < kBK * CH; e += kThreads) {
+      T* ks = Ks + stage * KTILE;
+      T* vs = Vs + stage * KTILE;
+      for (int e = tid; e < kBK * CH; e += THREADS) {
         const int r = e / CH, c = (e % CH) * 8;
         const bool ok = j0 + r < hi_b;
-        const int off = tile_off<HD, WG>(r, c);
+        const int off = tile_off<HD, WG>(kBK, r, c);
         cp_async_16(ks + off, ok ? kb + (j0 + r) * p.k_strides[2] + c : kb, ok ? 16 : 0);
         cp_async_16(vs + off, ok ? vb + (j0 + r) * p.v_strides[2] + c : vb, ok ? 16 : 0);
       }
@@ -158,8 +166,8 @@ __device__ __forceinline__ void attention_mma_body(const AttentionParams& p) {
       if constexpr (WG) sm90::fence_proxy_async();
       __syncthreads();
       const int stage = static_cast<int>(t % 2);
-      const T* ks = Ks + stage * TILE;
-      const T* vs = Vs + stage * TILE;
+      const T* ks = Ks + stage * KTILE;
+      const T* vs = Vs + stage * KTILE;
       const int64_t j0 = lo_b + t * kBK;
 
       float s[kBK / 8][4] = {};
@@ -168,10 +176,9 @@ __device__ __forceinline__ void attention_mma_body(const AttentionParams& p) {
         sm90::fence_regs(sf);
         sm90::fence();
 #pragma unroll
-        for (int kk = 0; kk < HD / 16; ++kk) {
-          const int off = sm90::kmajor_start(kBQ, 0, kk);  // Q and K tiles share the layout
-          sm90::Mma<kBK, T>::run(sf, sm90::desc_sw128(Qs + off), sm90::desc_sw128(ks + off));
-        }
+        for (int kk = 0; kk < HD / 16; ++kk)  // this warpgroup's 64 Q rows against the 64 keys
+          sm90::Mma<kBK, T>::run(sf, sm90::desc_sw128(Qs + sm90::kmajor_start(BQ, (warp / 4) * 64, kk)),
+                                 sm90::desc_sw128(ks + sm90::kmajor_start(kBK, 0, kk)));
         sm90::commit();
         sm90::wait<0>();
         sm90::fence_regs(sf);
@@ -276,14 +283,14 @@ __device__ __forceinline__ void attention_mma_body(const AttentionParams& p) {
       *reinterpret_cast<uint32_t*>(dst + dt * 8) = pack2<T>(o[dt][2 * rr] * inv, o[dt][2 * rr + 1] * inv);
   }
   // Rows of this block past count (a partial last block) are zeroed.
-  for (int64_t e = tid; e < (kBQ - nrows) * CH; e += kThreads) {
+  for (int64_t e = tid; e < (BQ - nrows) * CH; e += THREADS) {
     const int64_t i = i0 + nrows + e / CH;
     if (i < p.T) *reinterpret_cast<uint4*>(out + i * ostride + h * HD + (e % CH) * 8) = make_uint4(0, 0, 0, 0);
   }
 }
 
 template <typename T, int HD, bool WG>
-__global__ void __launch_bounds__(kThreads) attention_mma_kernel(AttentionParams p) {
+__global__ void __launch_bounds__(kThreads<WG>) attention_mma_kernel(AttentionParams p) {
 #if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
   if constexpr (WG) {
     __trap();  // only sm_90a code holds the wgmma body (not even instantiated here)
@@ -300,8 +307,8 @@ cudaError_t launch_hd(const AttentionParams& p, cudaStream_t stream) {
   constexpr size_t smem = mma_smem_bytes<HD, WG>();
   const cudaError_t e = opt_in_smem<attention_mma_kernel<T, HD, WG>>(smem);
   if (e != cudaSuccess) return e;
-  const dim3 grid(static_cast<unsigned>(ceil_div(p.T, kBQ)), static_cast<unsigned>(p.Hq));
-  attention_mma_kernel<T, HD, WG><<<grid, kThreads, smem, stream>>>(p);
+  const dim3 grid(static_cast<unsigned>(ceil_div(p.T, kBQ<WG>)), static_cast<unsigned>(p.Hq));
+  attention_mma_kernel<T, HD, WG><<<grid, kThreads<WG>, smem, stream>>>(p);
   return cudaGetLastError();
 }
 

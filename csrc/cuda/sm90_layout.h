@@ -87,9 +87,13 @@ static_assert(kmajor_tile_reads_right(128, 0, 64, 64, kSbo + SKIPGPT_LAYOUT_BREA
 static_assert(kmajor_tile_reads_right(128, 64, 64, 64, kSbo), "GEMM A, warpgroup 1");
 static_assert(kmajor_tile_reads_right(256, 0, 256, 64, kSbo), "GEMM B, 256 rows");
 static_assert(kmajor_tile_reads_right(256, 128, 128, 64, kSbo), "GEMM B, up half of gate/up");
-// Attention (attention_mma.cu): 64-row Q and K tiles over head_dim 64 / 128; V read MN-major.
-static_assert(kmajor_tile_reads_right(64, 0, 64, 64, kSbo), "attention Q/K, head_dim 64");
-static_assert(kmajor_tile_reads_right(64, 0, 64, 128, kSbo), "attention Q/K, head_dim 128");
+// Attention (attention_mma.cu): 128-row Q tiles read by two warpgroups and 64-row K tiles, over
+// head_dim 64 / 128; 64-row V tiles read MN-major.
+static_assert(kmajor_tile_reads_right(128, 0, 64, 64, kSbo), "attention Q, warpgroup 0, head_dim 64");
+static_assert(kmajor_tile_reads_right(128, 64, 64, 128, kSbo), "attention Q, warpgroup 1, head_dim 128");
+static_assert(kmajor_tile_reads_right(128, 64, 64, 64, kSbo), "attention Q, warpgroup 1, head_dim 64");
+static_assert(kmajor_tile_reads_right(64, 0, 64, 64, kSbo), "attention K, head_dim 64");
+static_assert(kmajor_tile_reads_right(64, 0, 64, 128, kSbo), "attention K, head_dim 128");
 static_assert(mnmajor_tile_reads_right(64, 64, mn_lbo(64), kSbo), "attention V, head_dim 64");
 static_assert(mnmajor_tile_reads_right(64, 128, mn_lbo(64) + SKIPGPT_LAYOUT_BREAK, kSbo), "attention V, head_dim 128");
 
