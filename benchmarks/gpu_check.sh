@@ -105,22 +105,14 @@ fi
   echo "|---|---|---|---|"
   cat "$RES.stages"
   echo
-  if [ -f "$OUT/tests.log" ]; then
-    echo "Tests: $(grep -E '[0-9]+ (passed|failed|skipped|error)' "$OUT/tests.log" | tail -n 1)"
-    echo
-  fi
-  if [ -f "$OUT/tests_wgmma.log" ]; then
-    echo "Tests, wgmma GEMM and attention: $(grep -E '[0-9]+ (passed|failed|skipped|error)' "$OUT/tests_wgmma.log" | tail -n 1)"
-    echo
-  fi
-  if [ -f "$OUT/memcheck.log" ]; then
-    echo "compute-sanitizer memcheck: $(grep -E 'ERROR SUMMARY' "$OUT/memcheck.log" | tail -n 1)"
-    echo
-  fi
-  if [ -f "$OUT/tests_ws.log" ]; then
-    echo "Tests, warp-specialised wgmma GEMM: $(grep -E '[0-9]+ (passed|failed|skipped|error)' "$OUT/tests_ws.log" | tail -n 1)"
-    echo
-  fi
+  summary() {  # log, label, pattern of the line to quote
+    [ -f "$OUT/$1" ] && printf '%s: %s\n\n' "$2" "$(grep -E "$3" "$OUT/$1" | tail -n 1)"
+  }
+  counts='[0-9]+ (passed|failed|skipped|error)'
+  summary tests.log "Tests" "$counts"
+  summary tests_wgmma.log "Tests, wgmma GEMM and attention" "$counts"
+  summary tests_ws.log "Tests, warp-specialised wgmma GEMM" "$counts"
+  summary memcheck.log "compute-sanitizer memcheck" "ERROR SUMMARY"
   for f in bench_cuda.txt bench_mainloops.txt; do
     if [ -f "$OUT/$f" ]; then
       echo '```'

@@ -128,12 +128,8 @@ __global__ void __launch_bounds__(C::CONSUMERS, 1) gemm_sm90_kernel(GemmParams p
   unsigned char* smem = align_1024(smem_raw);
   const int64_t ktiles = (p.K + C::BK - 1) / C::BK;
 
-  float acc[C::REGS];
-  float acc1[C::DUAL ? C::REGS : 1];
-#pragma unroll
-  for (int i = 0; i < C::REGS; ++i) acc[i] = 0.f;
-#pragma unroll
-  for (int i = 0; i < (C::DUAL ? C::REGS : 1); ++i) acc1[i] = 0.f;
+  float acc[C::REGS] = {};
+  float acc1[C::DUAL ? C::REGS : 1] = {};
 
 #pragma unroll
   for (int s = 0; s < C::STAGES - 1; ++s) {
@@ -216,12 +212,8 @@ __global__ void __launch_bounds__(kWsProducers + C::CONSUMERS, 1) gemm_sm90_ws_k
   } else {  // consumers
     sm90::regs_alloc<kWsConsumerRegs>();
     const int cwg = wg - 1, ctid = tid - kWsProducers;
-    float acc[C::REGS];
-    float acc1[C::DUAL ? C::REGS : 1];
-#pragma unroll
-    for (int i = 0; i < C::REGS; ++i) acc[i] = 0.f;
-#pragma unroll
-    for (int i = 0; i < (C::DUAL ? C::REGS : 1); ++i) acc1[i] = 0.f;
+    float acc[C::REGS] = {};
+    float acc1[C::DUAL ? C::REGS : 1] = {};
     for (int64_t kt = 0; kt < ktiles; ++kt) {
       const int s = static_cast<int>(kt % C::STAGES);
       sm90::mbar_wait(&full[s], static_cast<uint32_t>(kt / C::STAGES) & 1);

@@ -127,54 +127,46 @@ FOOTER = """
 """
 
 
-def mma(n: int, ab: str, ctype: str) -> str:
+def _wrapper(struct: str, n: int, ab: str, ctype: str, a_param: str, a_inputs: list[str], flags: str) -> str:
+    """One specialisation: D (n / 2 fp32 registers per thread) += A B for m64n{n}k16.
+
+    a_inputs are the A operand's inline-asm inputs, numbered after D: one descriptor, or four
+    registers written as one vector operand. The B descriptor and the scale-d flag follow; flags
+    are the immediates after scale-d.
+    """
     regs = n // 2
     outs = ", ".join(f"%{i}" for i in range(regs))
-    lines = [
-        f"template <>",
-        f"struct Mma<{n}, {ctype}> {{",
-        f"  static constexpr int kRegs = {regs};",
-        f"  __device__ __forceinline__ static void run(float (&d)[{regs}], uint64_t a, uint64_t b) {{",
+    a = ", ".join(f"%{regs + i}" for i in range(len(a_inputs)))
+    a = a if len(a_inputs) == 1 else "{" + a + "}"
+    b, scale_d = regs + len(a_inputs), regs + len(a_inputs) + 1
+    out_ops = ", ".join(f'"+f"(d[{i}])' for i in range(regs))
+    return "\n".join([
+        "template <>",
+        f"struct {struct}<{n}, {ctype}> {{",
+        f"  __device__ __forceinline__ static void run(float (&d)[{regs}], {a_param}, uint64_t b) {{",
         "    asm volatile(",
         '        "{\\n"',
         '        ".reg .pred p;\\n"',
-        f'        "setp.ne.b32 p, %{regs + 2}, 0;\\n"',
+        f'        "setp.ne.b32 p, %{scale_d}, 0;\\n"',
         f'        "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ab}.{ab} "',
         f'        "{{{outs}}}, "',
-        f'        "%{regs}, %{regs + 1}, p, 1, 1, 0, 0;\\n"',
+        f'        "{a}, %{b}, p, {flags};\\n"',
         '        "}\\n"',
-    ]
-    out_ops = ", ".join(f'"+f"(d[{i}])' for i in range(regs))
-    lines.append(f"        : {out_ops}")
-    lines.append('        : "l"(a), "l"(b), "r"(1));')
-    lines.append("  }")
-    lines.append("};")
-    return "\n".join(lines) + "\n"
+        f"        : {out_ops}",
+        f'        : {", ".join(a_inputs)}, "l"(b), "r"(1));',
+        "  }",
+        "};",
+    ]) + "\n"
+
+
+def mma(n: int, ab: str, ctype: str) -> str:
+    """A and B K-major in shared memory (two descriptors; imm-scale-a/b 1, no transposes)."""
+    return _wrapper("Mma", n, ab, ctype, "uint64_t a", ['"l"(a)'], "1, 1, 0, 0")
 
 
 def mma_reg_a(n: int, ab: str, ctype: str) -> str:
-    regs = n // 2
-    outs = ", ".join(f"%{i}" for i in range(regs))
-    a = ", ".join(f"%{regs + i}" for i in range(4))
-    lines = [
-        f"template <>",
-        f"struct MmaRegA<{n}, {ctype}> {{",
-        f"  __device__ __forceinline__ static void run(float (&d)[{regs}], const uint32_t (&a)[4], uint64_t b) {{",
-        "    asm volatile(",
-        '        "{\\n"',
-        '        ".reg .pred p;\\n"',
-        f'        "setp.ne.b32 p, %{regs + 5}, 0;\\n"',
-        f'        "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ab}.{ab} "',
-        f'        "{{{outs}}}, "',
-        f'        "{{{a}}}, %{regs + 4}, p, 1, 1, 1;\\n"',
-        '        "}\\n"',
-    ]
-    out_ops = ", ".join(f'"+f"(d[{i}])' for i in range(regs))
-    lines.append(f"        : {out_ops}")
-    lines.append('        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));')
-    lines.append("  }")
-    lines.append("};")
-    return "\n".join(lines) + "\n"
+    """A in four registers, B MN-major in shared memory (imm-trans-b 1)."""
+    return _wrapper("MmaRegA", n, ab, ctype, "const uint32_t (&a)[4]", [f'"r"(a[{i}])' for i in range(4)], "1, 1, 1")
 
 
 if __name__ == "__main__":

@@ -118,7 +118,6 @@ __device__ __forceinline__ uint64_t desc_sw128_mn(const void* smem, uint32_t lbo
 
 template <>
 struct Mma<64, __nv_bfloat16> {
-  static constexpr int kRegs = 32;
   __device__ __forceinline__ static void run(float (&d)[32], uint64_t a, uint64_t b) {
     asm volatile(
         "{\n"
@@ -135,7 +134,6 @@ struct Mma<64, __nv_bfloat16> {
 
 template <>
 struct Mma<128, __nv_bfloat16> {
-  static constexpr int kRegs = 64;
   __device__ __forceinline__ static void run(float (&d)[64], uint64_t a, uint64_t b) {
     asm volatile(
         "{\n"
@@ -152,7 +150,6 @@ struct Mma<128, __nv_bfloat16> {
 
 template <>
 struct Mma<256, __nv_bfloat16> {
-  static constexpr int kRegs = 128;
   __device__ __forceinline__ static void run(float (&d)[128], uint64_t a, uint64_t b) {
     asm volatile(
         "{\n"
@@ -201,7 +198,6 @@ struct MmaRegA<128, __nv_bfloat16> {
 
 template <>
 struct Mma<64, __half> {
-  static constexpr int kRegs = 32;
   __device__ __forceinline__ static void run(float (&d)[32], uint64_t a, uint64_t b) {
     asm volatile(
         "{\n"
@@ -218,7 +214,6 @@ struct Mma<64, __half> {
 
 template <>
 struct Mma<128, __half> {
-  static constexpr int kRegs = 64;
   __device__ __forceinline__ static void run(float (&d)[64], uint64_t a, uint64_t b) {
     asm volatile(
         "{\n"
@@ -235,7 +230,6 @@ struct Mma<128, __half> {
 
 template <>
 struct Mma<256, __half> {
-  static constexpr int kRegs = 128;
   __device__ __forceinline__ static void run(float (&d)[128], uint64_t a, uint64_t b) {
     asm volatile(
         "{\n"
