@@ -30,6 +30,10 @@ def is_built() -> bool:
     return _C is not None
 
 
+# Row capacities up to which the CUDA linear ops run a GEMV (decode batches) rather than a tiled
+# GEMM: kGemvMaxRows in csrc/cuda/kernels.h.
+CUDA_GEMV_MAX_ROWS = 8
+
 # dtypes each device's kernels take (the CUDA GEMMs run on tensor cores: no float32 there).
 KERNEL_DTYPES = {
     "cpu": (torch.float32, torch.bfloat16, torch.float16),

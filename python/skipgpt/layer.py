@@ -265,9 +265,13 @@ class SkipDecoderLayerMixin:
 
         # K/V for every token, with the model's math, then into the cache. K is the Q op over
         # every row (projection, per-head norm, RoPE in one call), V the same op without RoPE;
-        # a wrapped projection (LoRA) keeps the module path.
+        # a wrapped projection (LoRA) keeps the module path. On CUDA, past a decode batch, K and
+        # V take the module path too: every row executes, so compaction gains nothing, and
+        # cuBLAS is the faster dense GEMM ("dense K/V may use cuBLAS"); decode batches keep the
+        # op's GEMV (one pass over the weights, RoPE fused).
         k_norm = ad.k_norm(attn)
-        if type(attn.k_proj) is nn.Linear:
+        fuse_kv = x_norm.device.type != "cuda" or B * S <= skipgpt_ext.CUDA_GEMV_MAX_ROWS
+        if fuse_kv and type(attn.k_proj) is nn.Linear:
             k = ops.q_proj_rope(
                 x_norm, every, n_rows, attn.k_proj.weight, attn.k_proj.bias,
                 k_norm.weight if k_norm is not None else None,
@@ -280,7 +284,7 @@ class SkipDecoderLayerMixin:
                 k = k_norm(k)
             k = k.transpose(1, 2)
             k = k * cos.unsqueeze(1) + reference.rotate_half(k) * sin.unsqueeze(1)
-        if type(attn.v_proj) is nn.Linear:
+        if fuse_kv and type(attn.v_proj) is nn.Linear:
             v = ops.q_proj_rope(x_norm, every, n_rows, attn.v_proj.weight, attn.v_proj.bias, None, 0.0, None, None)
         else:
             v = attn.v_proj(x_norm)
