@@ -59,6 +59,8 @@ def main() -> None:
                          "SKIPGPT_CUDA_GEMM mainloops side by side, and the prefill attention core under "
                          "SKIPGPT_CUDA_ATTN=mma and =wgmma beside SDPA (default T: 512 4096 16384)")
     args = ap.parse_args()
+    if args.mainloops and args.device != "cuda":
+        ap.error("--mainloops compares CUDA kernels: add --device cuda")
     if args.device == "cuda":
         from bench_kernels_cuda import compare_mainloops, main_cuda  # beside this script
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One self-contained GPU check for a lent device machine (no network there):
 #   1. build skipgpt_ext with its CUDA kernels against the machine's torch;
-#   2. run the GPU tests (tests/test_cuda.py, marker `cuda`), the opt-in wgmma kernels' in
-#      processes of their own;
+#   2. run the GPU tests (tests/test_cuda.py, marker `cuda`), the opt-in wgmma kernels' after
+#      the others, in processes of their own;
 #   3. run the CUDA microbenchmarks: the tiled GEMM ops and the prefill attention core under
 #      each mainloop side by side (bench_kernels.py --mainloops mma wgmma wgmma-ws), then the
 #      full layer table (bench_kernels.py --device cuda);
@@ -64,14 +64,19 @@ echo "| import (CUDA kernels registered) | rc=$build_rc | - | build.log |" >>"$R
 tail -n 3 "$OUT/build.log"
 
 if [ $build_rc -eq 0 ]; then
-  # The default kernels first; the opt-in wgmma ones (never run before the first device) each in
-  # a process of their own, so a fault there cannot poison the others' CUDA context.
+  # The default kernels first; the opt-in wgmma ones (never run before the first device) after,
+  # in processes of their own (the wgmma GEMM and attention in one, the warp-specialised GEMM in
+  # another), so a fault there cannot poison the others' CUDA context.
   stage tests 150 "$OUT/tests.log" "$PY" -m pytest -q -m cuda -p no:cacheprovider tests/test_cuda.py -rs \
     -k "not wgmma" --junitxml="$OUT/tests.xml"
   tail -n 5 "$OUT/tests.log" 2>/dev/null
   stage tests-wgmma 75 "$OUT/tests_wgmma.log" "$PY" -m pytest -q -m cuda -p no:cacheprovider tests/test_cuda.py -rs \
     -k "wgmma and not wgmma_ws" --junitxml="$OUT/tests_wgmma.xml"
   tail -n 3 "$OUT/tests_wgmma.log" 2>/dev/null
+  # The warp-specialised GEMM: an mbarrier pipeline hang traps after 10 s.
+  stage tests-wgmma-ws 60 "$OUT/tests_ws.log" "$PY" -m pytest -q -m cuda -p no:cacheprovider tests/test_cuda.py -rs \
+    -k wgmma_ws --junitxml="$OUT/tests_ws.xml"
+  tail -n 3 "$OUT/tests_ws.log" 2>/dev/null
   if "$PY" -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     # The tiled GEMM ops and the prefill attention core under each mainloop, side by side (the
     # warp-specialised GEMM in a last pass of its own).
@@ -81,18 +86,17 @@ if [ $build_rc -eq 0 ]; then
   else
     echo "| bench | skipped: no CUDA device | 0 s | - |" >>"$RES.stages"
   fi
-  # The warp-specialised GEMM's tests last: an mbarrier pipeline hang traps after 10 s.
-  stage tests-wgmma-ws 60 "$OUT/tests_ws.log" "$PY" -m pytest -q -m cuda -p no:cacheprovider tests/test_cuda.py -rs \
-    -k wgmma_ws --junitxml="$OUT/tests_ws.xml"
-  tail -n 3 "$OUT/tests_ws.log" 2>/dev/null
-  # compute-sanitizer memcheck over one GEMM and one attention case per kernel (out-of-bounds or
-  # misaligned shared/global accesses), if the budget still allows.
+  # compute-sanitizer memcheck over one GEMM case (mma.sync, wgmma) and one attention case
+  # (mma.sync, wgmma), if the budget still allows; without the caching allocator, so that an
+  # access past a tensor is past its allocation.
   SAN=$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")
   if [ -x "$SAN" ]; then
-    stage memcheck 90 "$OUT/memcheck.log" "$SAN" --tool memcheck --error-exitcode 7 \
+    stage memcheck 90 "$OUT/memcheck.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SAN" --tool memcheck --error-exitcode 7 \
       "$PY" -m pytest -q -m cuda -p no:cacheprovider tests/test_cuda.py -x \
       -k "(test_gemm_mainloops_skip_mlp and 300-200-392 and some and dtype0 and not wgmma_ws) or (test_attention_prefill_kernels and case4 and some and dtype0)"
     tail -n 5 "$OUT/memcheck.log" 2>/dev/null
+  else
+    echo "| memcheck | skipped: no compute-sanitizer | 0 s | - |" >>"$RES.stages"
   fi
 fi
 

@@ -10,6 +10,7 @@ float64 stays under 1e-2 for bf16 and 3e-3 for fp16, and the largest element err
 
 from __future__ import annotations
 
+import functools
 import os
 
 import pytest
@@ -245,20 +246,22 @@ def test_skip_mlp_matches_float64(dtype, T, d, inter, kind, seed=0):
 
 
 # -- both tiled GEMM mainloops ----------------------------------------------------------------------
-# launch_gemm runs the wgmma mainloop (gemm_sm90.cu) on a compute-capability 9.0 device with an
-# sm_90a build, and mma.sync (gemm.cu) elsewhere; SKIPGPT_CUDA_GEMM forces one of those or the
-# warp-specialised wgmma kernel, read per launch.
+# launch_gemm runs mma.sync (gemm.cu) unless SKIPGPT_CUDA_GEMM (read per launch) asks for the
+# plain or the warp-specialised wgmma mainloop (gemm_sm90.cu; compute capability 9.0, sm_90a
+# build).
 # The cases cross every tile edge of both: M past 128 with a partial last tile and whole tiles past
 # count (kind "some"), K not a multiple of 64 and deeper than the 3-4 pipeline stages, N not a
 # multiple of 128 / 256, RoPE in the epilogue (head_dim 64 / 128, with the Qwen3 head norm) and
 # in its own pass (head_dim 96). wgmma takes 128-wide tiles while 256-wide ones would number
 # fewer than the SMs: the cases with T 4200 and N 2048 (264 wide tiles) run the 256-wide ones.
+@functools.cache
 def _wgmma_unavailable_reason() -> str | None:
-    """Why the wgmma kernels cannot run here (the ops' own error under SKIPGPT_CUDA_GEMM=wgmma), or None."""
+    """Why the wgmma kernels cannot run here (the ops' own error under SKIPGPT_CUDA_GEMM=wgmma), or
+    None. One row takes the GEMV: the check runs, no wgmma kernel is launched."""
     if torch.cuda.get_device_capability() != (9, 0):
         return "the wgmma kernels run on compute capability 9.0 only"
-    x = torch.randn(16, 64, device=DEV, dtype=torch.bfloat16)
-    idx, cnt = ref.compact(torch.ones(16, dtype=torch.bool, device=DEV))
+    x = torch.randn(1, 64, device=DEV, dtype=torch.bfloat16)
+    idx, cnt = ref.compact(torch.ones(1, dtype=torch.bool, device=DEV))
     saved = os.environ.get("SKIPGPT_CUDA_GEMM")
     os.environ["SKIPGPT_CUDA_GEMM"] = "wgmma"
     try:
@@ -280,6 +283,7 @@ def _poison_cuda_cache() -> None:
     fp16 and, paired, fp32), so an output element or intermediate a kernel never writes reads
     as NaN, not as a stale right answer left by an earlier test on the same inputs."""
     torch.cuda.synchronize()
+    torch.cuda.empty_cache()  # no smaller stale block is left to be handed out before the poison
     big = torch.full((64 << 20,), 0x7FFF, dtype=torch.int16, device=DEV)  # large-block pool
     small = [torch.full((1 << 18,), 0x7FFF, dtype=torch.int16, device=DEV) for _ in range(64)]  # < 1 MB pool
     del big, small

@@ -79,8 +79,9 @@ cudaError_t launch_gemm(const GemmParams& p, Epilogue epi, DType dtype, cudaStre
 // so tests can switch): unset, "auto" or "mma": mma.sync (gemm.cu); "wgmma" / "wgmma-ws": the
 // plain / warp-specialised wgmma kernel (gemm_sm90.cu), kUnavailable unless the device has
 // compute capability 9.0 and the build sm_90a code (SKIPGPT_SM90A); any other value kUnknown.
-// launch_gemm returns cudaErrorNotSupported for those two (the op wrappers check first, with a
-// message). auto becomes the faster wgmma kernel once a GPU run has verified them.
+// launch_gemm returns cudaErrorNotSupported for those two when it reaches the tiled path; the op
+// wrappers check first, on every call (decode-sized ones included), and fail with a message.
+// auto becomes the faster wgmma kernel once a GPU run has verified them.
 enum class GemmMainloop : int { kMma = 0, kWgmma = 1, kWgmmaWs = 2, kUnavailable = 3, kUnknown = 4 };
 GemmMainloop gemm_mainloop();
 // True on a compute-capability 9.0 device when the build holds sm_90a code (gemm.cu).
@@ -135,8 +136,9 @@ cudaError_t launch_attention_mma(const AttentionParams& p, DType dtype, cudaStre
 // The prefill kernel's matrix instructions, from SKIPGPT_CUDA_ATTN (read at every launch):
 // unset, "auto" or "mma": mma.sync; "wgmma" (sm_90a: S = Q K^T from shared memory, P V with P in
 // registers), kUnavailable where it cannot run; anything else kUnknown. launch_attention returns
-// cudaErrorNotSupported for those two (the op wrapper checks first, with a message). auto
-// becomes wgmma once a GPU run has verified it.
+// cudaErrorNotSupported for those two when it reaches the prefill kernel; the op wrapper checks
+// first, on every call (decode included), and fails with a message. auto becomes wgmma once a
+// GPU run has verified it.
 enum class AttentionMma : int { kMma = 0, kWgmma = 1, kUnavailable = 2, kUnknown = 3 };
 AttentionMma attention_mma_kind();
 
