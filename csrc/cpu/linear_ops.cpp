@@ -9,6 +9,7 @@
 #include <cmath>
 #include <vector>
 
+#include "../rope_args.h"
 #include "common.h"
 #include "skinny_gemm.h"
 #include "vec_isa.h"
@@ -126,21 +127,13 @@ at::Tensor q_proj_rope_cpu(const at::Tensor& x_in, const at::Tensor& idx, const 
   TORCH_CHECK(weight.dim() == 2 && weight.size(1) == d, op, ": weight must be [Hq*head_dim, ", d, "], got ",
               weight.sizes());
   const int64_t N = weight.size(0);
-  TORCH_CHECK(cos_in.has_value() == sin_in.has_value(), op, ": cos and sin must be given together (RoPE) or both "
-              "omitted (a plain projection)");
-  const bool rope = cos_in.has_value();
-  TORCH_CHECK(rope || !head_norm_weight.has_value(), op, ": head_norm_weight needs cos and sin (it normalises RoPE heads)");
-  int64_t hd = 0;
+  const int64_t hd = check_rope_args(cos_in, sin_in, head_norm_weight, T, N, op);
+  const bool rope = hd > 0;
   if (rope) {
     for (auto [t, name] : {std::pair{&*cos_in, "cos"}, std::pair{&*sin_in, "sin"}}) {
       check_cpu(*t, op, name);
       check_float_dtype(*t, op, name);
-      TORCH_CHECK(t->dim() == 2 && t->size(0) == T, op, ": ", name, " must be [", T, ", head_dim], got ", t->sizes());
     }
-    hd = cos_in->size(1);
-    TORCH_CHECK(sin_in->size(1) == hd, op, ": sin must be [", T, ", ", hd, "] like cos, got ", sin_in->sizes());
-    TORCH_CHECK(hd > 0 && hd % 2 == 0 && N % hd == 0, op, ": weight's ", N,
-                " output features must be a multiple of head_dim = cos.size(1) = ", hd, " (even)");
   }
   if (bias.has_value()) {
     check_cpu(*bias, op, "bias");
@@ -151,8 +144,6 @@ at::Tensor q_proj_rope_cpu(const at::Tensor& x_in, const at::Tensor& idx, const 
   if (head_norm_weight.has_value()) {
     check_cpu(*head_norm_weight, op, "head_norm_weight");
     check_same_dtype(*head_norm_weight, x_in, op, "head_norm_weight", "x");
-    TORCH_CHECK(head_norm_weight->dim() == 1 && head_norm_weight->size(0) == hd, op,
-                ": head_norm_weight must be [", hd, "], got ", head_norm_weight->sizes());
     hnw = head_norm_weight->to(at::kFloat).contiguous();
   }
   const int64_t n = read_count_and_check_idx(idx, count, T, op);

@@ -17,6 +17,7 @@
 #include <string>
 #include <tuple>
 
+#include "../rope_args.h"
 #include "kernels.h"
 
 namespace skipgpt::cuda {
@@ -226,28 +227,19 @@ at::Tensor q_proj_rope_cuda(const at::Tensor& x, const at::Tensor& idx, const at
   check_gemm_weight(weight_in, x, -1, d, op, "weight", "x");
   const int64_t N = weight_in.size(0);
   check_bias(bias, x, N, op);
-  TORCH_CHECK(cos_in.has_value() == sin_in.has_value(), op, ": cos and sin must be given together (RoPE) or both "
-              "omitted (a plain projection)");
-  const bool rope = cos_in.has_value();
-  TORCH_CHECK(rope || !head_norm_weight.has_value(), op, ": head_norm_weight needs cos and sin (it normalises RoPE heads)");
-  int64_t hd = 0;
+  const int64_t hd = check_rope_args(cos_in, sin_in, head_norm_weight, T, N, op);
+  const bool rope = hd > 0;
   if (rope) {
     for (auto [t, name] : {std::pair{&*cos_in, "cos"}, std::pair{&*sin_in, "sin"}}) {
       check_cuda(*t, x, op, name);
       check_float(*t, op, name);
-      TORCH_CHECK(t->dim() == 2 && t->size(0) == T, op, ": ", name, " must be [", T, ", head_dim], got ", t->sizes());
     }
-    hd = cos_in->size(1);
-    check_shape(*sin_in, {T, hd}, op, "sin");
-    TORCH_CHECK(hd > 0 && hd % 2 == 0 && N % hd == 0, op, ": weight's ", N,
-                " output features must be a multiple of head_dim = cos.size(1) = ", hd, " (even)");
   }
   at::Tensor hnw;
   if (head_norm_weight.has_value()) {
     check_cuda(*head_norm_weight, x, op, "head_norm_weight");
     TORCH_CHECK(head_norm_weight->scalar_type() == x.scalar_type(), op, ": head_norm_weight must have x's dtype (",
                 x.scalar_type(), "), got ", head_norm_weight->scalar_type());
-    check_shape(*head_norm_weight, {hd}, op, "head_norm_weight");
     hnw = head_norm_weight->contiguous();
   }
   check_idx(idx, count, T, x, op);
