@@ -203,24 +203,20 @@ bool sm90a_device() {
 GemmMainloop gemm_mainloop() {
   const char* env = std::getenv("SKIPGPT_CUDA_GEMM");
   const std::string_view want = env != nullptr ? env : "";
-  if (want == "mma") return GemmMainloop::kMma;
-  const bool sm90 = sm90a_device();
-  if (want == "wgmma") return sm90 ? GemmMainloop::kWgmma : GemmMainloop::kUnavailable;
-  if (want == "wgmma-ws") return sm90 ? GemmMainloop::kWgmmaWs : GemmMainloop::kUnavailable;
-  if (!want.empty() && want != "auto") return GemmMainloop::kUnknown;
   // The wgmma kernels have not run on a GPU yet: opt-in until a device run verifies them
   // (benchmarks/gpu_check.sh tests and times all mainloops), then the faster one becomes auto.
-  return GemmMainloop::kMma;
+  if (want.empty() || want == "auto" || want == "mma") return GemmMainloop::kMma;
+  if (want == "wgmma") return sm90a_device() ? GemmMainloop::kWgmma : GemmMainloop::kUnavailable;
+  if (want == "wgmma-ws") return sm90a_device() ? GemmMainloop::kWgmmaWs : GemmMainloop::kUnavailable;
+  return GemmMainloop::kUnknown;
 }
 
 AttentionMma attention_mma_kind() {
   const char* env = std::getenv("SKIPGPT_CUDA_ATTN");
   const std::string_view want = env != nullptr ? env : "";
-  if (want == "mma") return AttentionMma::kMma;
-  const bool sm90 = sm90a_device();
-  if (want == "wgmma") return sm90 ? AttentionMma::kWgmma : AttentionMma::kUnavailable;
-  if (!want.empty() && want != "auto") return AttentionMma::kUnknown;
-  return AttentionMma::kMma;  // wgmma: opt-in until verified on a GPU (as gemm_mainloop)
+  if (want.empty() || want == "auto" || want == "mma") return AttentionMma::kMma;  // wgmma: opt-in, as above
+  if (want == "wgmma") return sm90a_device() ? AttentionMma::kWgmma : AttentionMma::kUnavailable;
+  return AttentionMma::kUnknown;
 }
 
 cudaError_t launch_gemm(const GemmParams& p, Epilogue epi, DType dtype, cudaStream_t stream) {
