@@ -67,7 +67,7 @@ __device__ __forceinline__ void attention_mma_body(const AttentionParams& p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   unsigned char* smem = smem_raw;
   if constexpr (WG)  // descriptors assume tiles aligned to the 1024-byte swizzle pattern
-    smem = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
+    smem = sm90::align_1024(smem_raw);
   T* Qs = reinterpret_cast<T*>(smem);
   T* Ks = Qs + QTILE;      // [2][KTILE]
   T* Vs = Ks + 2 * KTILE;  // [2][KTILE]

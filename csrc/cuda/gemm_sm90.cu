@@ -37,11 +37,6 @@ struct Sm90Cfg {
   static_assert(BN == 128 || BN == 256, "wgmma N (and a multiple of 128: see launch_gemm's kRope)");
 };
 
-// The swizzle pattern repeats every 1024 bytes, and the descriptors assume tiles aligned to it.
-[[maybe_unused]] __device__ __forceinline__ unsigned char* align_1024(unsigned char* p) {
-  return reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(p) + 1023) & ~static_cast<uintptr_t>(1023));
-}
-
 // Loader thread t of LOADERS issues its share of k-tile kt's copies into one stage, in the
 // swizzled layout the descriptors read (sm90_layout.h: tile_sw128); rows past count and columns
 // past N or K load as zeros.
@@ -125,7 +120,7 @@ __global__ void __launch_bounds__(C::CONSUMERS, 1) gemm_sm90_kernel(GemmParams p
   const int64_t m0 = int64_t{blockIdx.x} * C::BM, n0 = int64_t{blockIdx.y} * C::BN;
   const int64_t cnt = load_count(p.count, p.M);
   if (!tile_rows<T, EPI, C::BM, C::BN, THREADS>(p, m0, n0, cnt, a_row, out_row)) return;
-  unsigned char* smem = align_1024(smem_raw);
+  unsigned char* smem = sm90::align_1024(smem_raw);
   const int64_t ktiles = (p.K + C::BK - 1) / C::BK;
 
   float acc[C::REGS] = {};
@@ -196,7 +191,7 @@ __global__ void __launch_bounds__(kWsProducers + C::CONSUMERS, 1) gemm_sm90_ws_k
   }
   // tile_rows' barrier also publishes the initialised mbarriers.
   if (!tile_rows<T, EPI, C::BM, C::BN, THREADS>(p, m0, n0, cnt, a_row, out_row)) return;
-  unsigned char* smem = align_1024(smem_raw);
+  unsigned char* smem = sm90::align_1024(smem_raw);
   const int64_t ktiles = (p.K + C::BK - 1) / C::BK;
 
   if (wg == 0) {  // producer

@@ -16,6 +16,12 @@
 
 namespace skipgpt::cuda::sm90 {
 
+// The 128-byte swizzle repeats every 1024 bytes, and the descriptors assume tiles aligned to it:
+// the first 1024-byte boundary at or after p (dynamic shared memory gets 1024 bytes of slack).
+__device__ __forceinline__ unsigned char* align_1024(unsigned char* p) {
+  return reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(p) + 1023) & ~uintptr_t{1023});
+}
+
 // A K-major operand in a 128-byte-swizzled tile (sm90_layout.h: tile_sw128, kmajor_start):
 // 8-row groups kSbo = 1024 bytes apart, the leading byte offset unused (1).
 __device__ __forceinline__ uint64_t desc_sw128(const void* smem) {
