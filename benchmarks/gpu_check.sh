@@ -8,6 +8,8 @@
 #      full layer table (bench_kernels.py --device cuda);
 #   4. compute-sanitizer memcheck over a few cases of each kernel, if time is left;
 #   5. write logs and a results table under $OUT (results.md last, also printed).
+# Between 2 and 3, for each test process that failed: the layout probe of its kernels
+# (benchmarks/layout_probe.py: where each wrong output element was read from).
 # Usage on the device:   OUT=/some/dir bash benchmarks/gpu_check.sh
 # Dry run here (no GPU): the build and test collection run, GPU parts report "skipped".
 #   PYTHON=.venv-cuda/bin/python OUT=/tmp/gpu-dry bash benchmarks/gpu_check.sh
@@ -69,14 +71,30 @@ if [ $build_rc -eq 0 ]; then
   # another), so a fault there cannot poison the others' CUDA context.
   stage tests 150 "$OUT/tests.log" "$PY" -m pytest -q -m cuda -p no:cacheprovider tests/test_cuda.py -rs \
     -k "not wgmma" --junitxml="$OUT/tests.xml"
+  rc_mma=$?
   tail -n 5 "$OUT/tests.log" 2>/dev/null
   stage tests-wgmma 75 "$OUT/tests_wgmma.log" "$PY" -m pytest -q -m cuda -p no:cacheprovider tests/test_cuda.py -rs \
     -k "wgmma and not wgmma_ws" --junitxml="$OUT/tests_wgmma.xml"
+  rc_wgmma=$?
   tail -n 3 "$OUT/tests_wgmma.log" 2>/dev/null
   # The warp-specialised GEMM: an mbarrier pipeline hang traps after 10 s.
   stage tests-wgmma-ws 60 "$OUT/tests_ws.log" "$PY" -m pytest -q -m cuda -p no:cacheprovider tests/test_cuda.py -rs \
     -k wgmma_ws --junitxml="$OUT/tests_ws.xml"
+  rc_ws=$?
   tail -n 3 "$OUT/tests_ws.log" 2>/dev/null
+  # Where a test process failed or crashed (not: passed, nothing collected, out of time), the
+  # layout probe of its kernels: which operand element each wrong output element came from, so
+  # the fix can be found here without another device run (benchmarks/layout_probe.py).
+  failed() { [ "$1" -ne 0 ] && [ "$1" -ne 5 ] && [ "$1" -ne 124 ]; }
+  if failed $rc_mma; then
+    stage probe-mma 45 "$OUT/probe_mma.log" "$PY" benchmarks/layout_probe.py --device cuda --gemm mma --attn mma
+  fi
+  if failed $rc_wgmma; then
+    stage probe-wgmma 45 "$OUT/probe_wgmma.log" "$PY" benchmarks/layout_probe.py --device cuda --gemm wgmma --attn wgmma
+  fi
+  if failed $rc_ws; then
+    stage probe-wgmma-ws 45 "$OUT/probe_ws.log" "$PY" benchmarks/layout_probe.py --device cuda --gemm wgmma-ws --attn
+  fi
   if "$PY" -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     # The tiled GEMM ops and the prefill attention core under each mainloop, side by side (the
     # warp-specialised GEMM in a last pass of its own).
@@ -117,7 +135,7 @@ fi
   summary tests_wgmma.log "Tests, wgmma GEMM and attention" "$counts"
   summary tests_ws.log "Tests, warp-specialised wgmma GEMM" "$counts"
   summary memcheck.log "compute-sanitizer memcheck" "ERROR SUMMARY"
-  for f in bench_cuda.txt bench_mainloops.txt; do
+  for f in probe_mma.log probe_wgmma.log probe_ws.log bench_cuda.txt bench_mainloops.txt; do
     if [ -f "$OUT/$f" ]; then
       echo '```'
       cat "$OUT/$f"
