@@ -54,7 +54,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    ap.add_argument("--mainloops", nargs="+", default=None, choices=["mma", "wgmma", "wgmma-ws"],
+    ap.add_argument("--mainloops", nargs="+", default=None, choices=["mma", "wgmma", "wgmma-ws", "wgmma-tma"],
                     help="cuda: instead of the full table, time the tiled GEMM ops under each of these "
                          "SKIPGPT_CUDA_GEMM mainloops side by side, and the prefill attention core under "
                          "SKIPGPT_CUDA_ATTN=mma and =wgmma beside SDPA (default T: 512 4096 16384)")

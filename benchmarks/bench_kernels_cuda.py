@@ -218,8 +218,8 @@ def compare_mainloops(T_list, skips, reps: int, loops) -> None:
     is switched through the environment (the kernels read it at every launch); each op is timed
     under one mainloop after another in the same process, each with its own warm-up. Dense is
     cuBLAS on every row (the Q row: the projection alone); ideal = T / executing rows. The
-    warp-specialised kernel gets a second pass of its own after all the others, so that a
-    fault there (its mbarrier watchdog traps) cannot cost the other rows.
+    warp-specialised kernels get passes of their own after all the others (the TMA one last),
+    so that a fault there (their mbarrier watchdog traps) cannot cost the other rows.
     """
     skipgpt_ext.require_kernels("cuda")
     props = torch.cuda.get_device_properties(0)
@@ -228,11 +228,13 @@ def compare_mainloops(T_list, skips, reps: int, loops) -> None:
     saved = {v: os.environ.get(v) for v in ("SKIPGPT_CUDA_GEMM", "SKIPGPT_CUDA_ATTN")}
     try:
         loops = [m for m in loops if _mainloop_runs_here(m)]
-        first = [m for m in loops if m != "wgmma-ws"]
+        specialised = ("wgmma-ws", "wgmma-tma")
+        first = [m for m in loops if m not in specialised]
         if first:
             _mainloop_rows(T_list, skips, reps, first, attention=True)
-        if "wgmma-ws" in loops:
-            _mainloop_rows(T_list, skips, reps, ["wgmma-ws"], attention=False)
+        for m in specialised:
+            if m in loops:
+                _mainloop_rows(T_list, skips, reps, [m], attention=False)
     finally:
         for var, val in saved.items():
             if val is None:

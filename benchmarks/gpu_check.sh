@@ -4,7 +4,7 @@
 #   2. run the GPU tests (tests/test_cuda.py, marker `cuda`), the opt-in wgmma kernels' after
 #      the others, in processes of their own;
 #   3. run the CUDA microbenchmarks: the tiled GEMM ops and the prefill attention core under
-#      each mainloop side by side (bench_kernels.py --mainloops mma wgmma wgmma-ws), then the
+#      each mainloop side by side (bench_kernels.py --mainloops mma wgmma wgmma-ws wgmma-tma), then the
 #      full layer table (bench_kernels.py --device cuda);
 #   4. compute-sanitizer memcheck over a few cases of each kernel, if time is left;
 #   5. write logs and a results table under $OUT (results.md last, also printed).
@@ -74,7 +74,7 @@ if [ $build_rc -eq 0 ]; then
   rc_mma=$?
   tail -n 5 "$OUT/tests.log" 2>/dev/null
   stage tests-wgmma 75 "$OUT/tests_wgmma.log" "$PY" -m pytest -q -m cuda -p no:cacheprovider tests/test_cuda.py -rs \
-    -k "wgmma and not wgmma_ws" --junitxml="$OUT/tests_wgmma.xml"
+    -k "wgmma and not wgmma_ws and not wgmma_tma" --junitxml="$OUT/tests_wgmma.xml"
   rc_wgmma=$?
   tail -n 3 "$OUT/tests_wgmma.log" 2>/dev/null
   # The warp-specialised GEMM: an mbarrier pipeline hang traps after 10 s.
@@ -82,6 +82,11 @@ if [ $build_rc -eq 0 ]; then
     -k wgmma_ws --junitxml="$OUT/tests_ws.xml"
   rc_ws=$?
   tail -n 3 "$OUT/tests_ws.log" 2>/dev/null
+  # The same with the weight tiles by TMA (wgmma-tma).
+  stage tests-wgmma-tma 60 "$OUT/tests_tma.log" "$PY" -m pytest -q -m cuda -p no:cacheprovider tests/test_cuda.py -rs \
+    -k wgmma_tma --junitxml="$OUT/tests_tma.xml"
+  rc_tma=$?
+  tail -n 3 "$OUT/tests_tma.log" 2>/dev/null
   # Where a test process failed or crashed (not: passed, nothing collected, out of time), the
   # layout probe of its kernels: which operand element each wrong output element came from, so
   # the fix can be found here without another device run (benchmarks/layout_probe.py).
@@ -95,11 +100,14 @@ if [ $build_rc -eq 0 ]; then
   if failed $rc_ws; then
     stage probe-wgmma-ws 45 "$OUT/probe_ws.log" "$PY" benchmarks/layout_probe.py --device cuda --gemm wgmma-ws --attn
   fi
+  if failed $rc_tma; then
+    stage probe-wgmma-tma 45 "$OUT/probe_tma.log" "$PY" benchmarks/layout_probe.py --device cuda --gemm wgmma-tma --attn
+  fi
   if "$PY" -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     # The tiled GEMM ops and the prefill attention core under each mainloop, side by side (the
     # warp-specialised GEMM in a last pass of its own).
     stage bench-mainloops 100 "$OUT/bench_mainloops.txt" \
-      "$PY" benchmarks/bench_kernels.py --device cuda --reps 10 --mainloops mma wgmma wgmma-ws
+      "$PY" benchmarks/bench_kernels.py --device cuda --reps 10 --mainloops mma wgmma wgmma-ws wgmma-tma
     stage bench 150 "$OUT/bench_cuda.txt" "$PY" benchmarks/bench_kernels.py --device cuda --reps 20
   else
     echo "| bench | skipped: no CUDA device | 0 s | - |" >>"$RES.stages"
@@ -111,7 +119,7 @@ if [ $build_rc -eq 0 ]; then
   if [ -x "$SAN" ]; then
     stage memcheck 90 "$OUT/memcheck.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SAN" --tool memcheck --error-exitcode 7 \
       "$PY" -m pytest -q -m cuda -p no:cacheprovider tests/test_cuda.py -x \
-      -k "(test_gemm_mainloops_skip_mlp and 300-200-392 and some and dtype0 and not wgmma_ws) or (test_attention_prefill_kernels and case4 and some and dtype0)"
+      -k "(test_gemm_mainloops_skip_mlp and 300-200-392 and some and dtype0 and not wgmma_ws and not wgmma_tma) or (test_attention_prefill_kernels and case4 and some and dtype0)"
     tail -n 5 "$OUT/memcheck.log" 2>/dev/null
   else
     echo "| memcheck | skipped: no compute-sanitizer | 0 s | - |" >>"$RES.stages"
@@ -134,8 +142,9 @@ fi
   summary tests.log "Tests" "$counts"
   summary tests_wgmma.log "Tests, wgmma GEMM and attention" "$counts"
   summary tests_ws.log "Tests, warp-specialised wgmma GEMM" "$counts"
+  summary tests_tma.log "Tests, warp-specialised wgmma GEMM, TMA weight tiles" "$counts"
   summary memcheck.log "compute-sanitizer memcheck" "ERROR SUMMARY"
-  for f in probe_mma.log probe_wgmma.log probe_ws.log bench_cuda.txt bench_mainloops.txt; do
+  for f in probe_mma.log probe_wgmma.log probe_ws.log probe_tma.log bench_cuda.txt bench_mainloops.txt; do
     if [ -f "$OUT/$f" ]; then
       echo '```'
       cat "$OUT/$f"

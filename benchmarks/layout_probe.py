@@ -300,7 +300,7 @@ def run_variant(env: str, value: str, probes: Callable[[], list[Result]]) -> tup
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
-    ap.add_argument("--gemm", nargs="*", default=None, choices=["mma", "wgmma", "wgmma-ws"],
+    ap.add_argument("--gemm", nargs="*", default=None, choices=["mma", "wgmma", "wgmma-ws", "wgmma-tma"],
                     help="GEMM mainloops to probe (SKIPGPT_CUDA_GEMM); default: mma on cuda, the CPU kernel on cpu")
     ap.add_argument("--attn", nargs="*", default=None, choices=["mma", "wgmma"],
                     help="prefill attention kernels to probe (SKIPGPT_CUDA_ATTN); default as --gemm")

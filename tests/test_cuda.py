@@ -247,8 +247,8 @@ def test_skip_mlp_matches_float64(dtype, T, d, inter, kind, seed=0):
 
 # -- both tiled GEMM mainloops ----------------------------------------------------------------------
 # launch_gemm runs mma.sync (gemm.cu) unless SKIPGPT_CUDA_GEMM (read per launch) asks for the
-# plain or the warp-specialised wgmma mainloop (gemm_sm90.cu; compute capability 9.0, sm_90a
-# build).
+# plain, the warp-specialised or the warp-specialised TMA wgmma mainloop (gemm_sm90.cu;
+# compute capability 9.0, sm_90a build).
 # The cases cross every tile edge of both: M past 128 with a partial last tile and whole tiles past
 # count (kind "some"), K not a multiple of 64 and deeper than the 3-4 pipeline stages, N not a
 # multiple of 128 / 256, RoPE in the epilogue (head_dim 64 / 128, with the Qwen3 head norm) and
@@ -267,7 +267,7 @@ def _wgmma_unavailable_reason() -> str | None:
     try:
         ops.linear_scatter_add_(x.clone(), x, idx, cnt, torch.randn(64, 64, device=DEV, dtype=torch.bfloat16), None)
     except RuntimeError as e:
-        if "SKIPGPT_CUDA_GEMM=wgmma(-ws) needs a compute-capability 9.0 GPU" in str(e):
+        if "SKIPGPT_CUDA_GEMM=wgmma(-ws/-tma) needs a compute-capability 9.0 GPU" in str(e):
             return "this build has no sm_90a code (TORCH_CUDA_ARCH_LIST without 9.0a)"
         raise
     finally:
@@ -289,12 +289,13 @@ def _poison_cuda_cache() -> None:
     del big, small
 
 
-MAINLOOP_SEED = {"mma": 0, "wgmma": 1, "wgmma-ws": 2}  # other inputs per kernel, on top of the poison
+MAINLOOP_SEED = {"mma": 0, "wgmma": 1, "wgmma-ws": 2, "wgmma-tma": 3}  # other inputs per kernel, on top of the poison
 
 
-# The warp-specialised kernel's tests carry the id "wgmma_ws": gpu_check.sh runs them in a
-# process of their own (a pipeline hang there traps after 10 s and poisons the CUDA context).
-@pytest.fixture(params=["mma", "wgmma", pytest.param("wgmma-ws", id="wgmma_ws")])
+# The warp-specialised kernels' tests carry the ids "wgmma_ws" and "wgmma_tma": gpu_check.sh runs
+# each in a process of its own (a pipeline hang there traps after 10 s and poisons the CUDA
+# context).
+@pytest.fixture(params=["mma", "wgmma", pytest.param("wgmma-ws", id="wgmma_ws"), pytest.param("wgmma-tma", id="wgmma_tma")])
 def gemm_mainloop(request, monkeypatch):
     monkeypatch.setenv("SKIPGPT_CUDA_GEMM", request.param)
     if request.param != "mma" and (why := _wgmma_unavailable_reason()) is not None:
@@ -308,7 +309,7 @@ def test_gemm_mainloop_env_is_checked(monkeypatch):
     idx, cnt = ref.compact(torch.ones(16, dtype=torch.bool, device=DEV))
     w = torch.randn(64, 64, device=DEV, dtype=torch.bfloat16)
     monkeypatch.setenv("SKIPGPT_CUDA_GEMM", "wgmma2")
-    with pytest.raises(RuntimeError, match="SKIPGPT_CUDA_GEMM must be unset, auto, mma, wgmma or wgmma-ws"):
+    with pytest.raises(RuntimeError, match="SKIPGPT_CUDA_GEMM must be unset, auto, mma, wgmma, wgmma-ws or wgmma-tma"):
         ops.linear_scatter_add_(x.clone(), x, idx, cnt, w, None)
     monkeypatch.setenv("SKIPGPT_CUDA_GEMM", "auto")
     h = x.clone()

@@ -3,7 +3,8 @@
 csrc/cuda/sm90_layout.h holds, as constexpr C++, the swizzled tiles the wgmma GEMM and attention
 kernels store and the descriptor starts and strides they read them with, plus static_asserts
 that every operand element a descriptor addresses (by the ISA's canonical K-major and MN-major
-128-byte-swizzle layouts) is the element stored there. Compiling the header runs those checks;
+128-byte-swizzle layouts) is the element stored there, and that the TMA boxes of the weight
+tiles (wgmma-tma) land, under the hardware's 128-byte swizzle, as that same tile. Compiling the header runs those checks;
 no GPU is needed. A deliberately wrong stride must make the same compile fail.
 """
 
@@ -36,4 +37,5 @@ def test_a_wrong_stride_fails_the_check():
     r = _compile("-DSKIPGPT_LAYOUT_BREAK=16")  # 16 bytes off: the next 16-byte chunk
     assert r.returncode != 0
     assert "GEMM A, warpgroup 0" in r.stderr and "attention V, head_dim 128" in r.stderr
+    assert "GEMM B by TMA, 256 rows" in r.stderr
     assert "GEMM B, 256 rows" not in r.stderr  # only the broken checks fail

@@ -14,8 +14,8 @@
 // whole 16-byte column chunks (and on whole heads for RoPE).
 //
 // This mainloop runs on sm_80+; on an sm_90a build and a compute-capability 9.0 device
-// SKIPGPT_CUDA_GEMM=wgmma / wgmma-ws selects the wgmma mainloops of gemm_sm90.cu instead (the
-// same epilogues, gemm_tile.cuh). Row capacities of at most kGemvMaxRows (decode) go to gemv.cu.
+// SKIPGPT_CUDA_GEMM=wgmma / wgmma-ws / wgmma-tma selects the wgmma mainloops of gemm_sm90.cu
+// instead (the same epilogues, gemm_tile.cuh). Row capacities of at most kGemvMaxRows (decode) go to gemv.cu.
 #include <cstdlib>
 #include <string_view>
 
@@ -208,6 +208,7 @@ GemmMainloop gemm_mainloop() {
   if (want.empty() || want == "auto" || want == "mma") return GemmMainloop::kMma;
   if (want == "wgmma") return sm90a_device() ? GemmMainloop::kWgmma : GemmMainloop::kUnavailable;
   if (want == "wgmma-ws") return sm90a_device() ? GemmMainloop::kWgmmaWs : GemmMainloop::kUnavailable;
+  if (want == "wgmma-tma") return sm90a_device() ? GemmMainloop::kWgmmaTma : GemmMainloop::kUnavailable;
   return GemmMainloop::kUnknown;
 }
 
@@ -227,7 +228,7 @@ cudaError_t launch_gemm(const GemmParams& p, Epilogue epi, DType dtype, cudaStre
   if (loop == GemmMainloop::kUnavailable || loop == GemmMainloop::kUnknown) return cudaErrorNotSupported;
   auto tiled = [&](Epilogue e) {
     return loop == GemmMainloop::kMma ? launch_gemm_mma(p, e, dtype, stream)
-                                      : launch_gemm_sm90(p, e, dtype, loop == GemmMainloop::kWgmmaWs, stream);
+                                      : launch_gemm_sm90(p, e, dtype, loop, stream);
   };
   // Both mainloops' BN are multiples of 128: RoPE rides in the epilogue when heads tile that.
   if (epi == Epilogue::kRope && (p.head_dim <= 0 || 128 % p.head_dim != 0)) {

@@ -1,17 +1,22 @@
 // Compacted-row GEMMs on Hopper's warpgroup MMA (wgmma, sm_90a): the contract, epilogues and
 // rounding of gemm.cu (kernels.h; gemm_tile.cuh), on the tensor-core path Hopper runs at full
 // rate (mma.sync, gemm.cu, peaks well below it there). launch_gemm runs these kernels under
-// SKIPGPT_CUDA_GEMM=wgmma / wgmma-ws on a compute-capability 9.0 device when the build holds
-// sm_90a code (SKIPGPT_SM90A); opt-in until a GPU run has verified them.
+// SKIPGPT_CUDA_GEMM=wgmma / wgmma-ws / wgmma-tma on a compute-capability 9.0 device when the
+// build holds sm_90a code (SKIPGPT_SM90A); opt-in until a GPU run has verified them.
 //
 // Block tile 128 x BN x 64 for two warpgroups, 64 rows each. A 4-stage cp.async pipeline fills
 // 128-byte-swizzled shared tiles, the layout the wgmma descriptors read; A rows are gathered
 // per row (a_idx) as they load, which TMA cannot do on sm_90, and rows past count load as
-// zeros. One wgmma group stays in flight while the next stage is requested.
+// zeros (wgmma-tma brings the weight tiles by TMA instead). One wgmma group stays in flight
+// while the next stage is requested.
 //   kStore, kRope, kScatterAdd: BN 256, one m64n256k16 per warpgroup and 16 of K
 //                               (128 fp32 accumulators per thread); BN 128 when 256-wide
 //                               tiles would number fewer than the SMs (small M or N);
 //   kSiluMul:                   BN 128 features, gate and up tiles, two m64n128k16 (64 + 64).
+#include <cuda.h>  // CUtensorMap and its enums (types only: the encoder comes through the runtime)
+
+#include <type_traits>
+
 #include "gemm_tile.cuh"
 #include "mma.cuh"
 #include "wgmma.cuh"
@@ -39,17 +44,14 @@ struct Sm90Cfg {
 
 // Loader thread t of LOADERS issues its share of k-tile kt's copies into one stage, in the
 // swizzled layout the descriptors read (sm90_layout.h: tile_sw128); rows past count and columns
-// past N or K load as zeros.
+// past N or K load as zeros. load_a: the gathered A rows; load_b: the weight rows (gate then up).
 template <typename T, typename C, int LOADERS, int UNROLL>
-__device__ __forceinline__ void load_stage(const GemmParams& p, unsigned char* stage, const int64_t* a_row, int64_t n0,
-                                           int64_t kt, int t) {
-  static_assert(C::BM * 8 % LOADERS == 0 && C::BROWS * 8 % LOADERS == 0, "whole copy rounds");
+__device__ __forceinline__ void load_a(const GemmParams& p, unsigned char* stage, const int64_t* a_row, int64_t kt,
+                                       int t) {
+  static_assert(C::BM * 8 % LOADERS == 0, "whole copy rounds");
   const T* A = static_cast<const T*>(p.A);
-  const T* W = static_cast<const T*>(p.W);
-  const T* W1 = static_cast<const T*>(p.W1);
   const int64_t K = p.K, k0 = kt * C::BK;
   T* as = reinterpret_cast<T*>(stage);
-  T* bs = reinterpret_cast<T*>(stage + C::kABytes);
 #pragma unroll(UNROLL)
   for (int i = 0; i < C::BM * 8 / LOADERS; ++i) {
     const int c = t + i * LOADERS, r = c / 8, ch = c % 8;
@@ -57,6 +59,15 @@ __device__ __forceinline__ void load_stage(const GemmParams& p, unsigned char* s
     const bool ok = ar >= 0 && k < K;
     cp_async_16(as + sm90::tile_sw128(C::BM, r, ch * 8), ok ? A + ar * p.lda + k : A, ok ? 16 : 0);
   }
+}
+
+template <typename T, typename C, int LOADERS, int UNROLL>
+__device__ __forceinline__ void load_b(const GemmParams& p, unsigned char* stage, int64_t n0, int64_t kt, int t) {
+  static_assert(C::BROWS * 8 % LOADERS == 0, "whole copy rounds");
+  const T* W = static_cast<const T*>(p.W);
+  const T* W1 = static_cast<const T*>(p.W1);
+  const int64_t K = p.K, k0 = kt * C::BK;
+  T* bs = reinterpret_cast<T*>(stage + C::kABytes);
 #pragma unroll(UNROLL)
   for (int i = 0; i < C::BROWS * 8 / LOADERS; ++i) {
     const int c = t + i * LOADERS, r = c / 8, ch = c % 8;
@@ -65,6 +76,13 @@ __device__ __forceinline__ void load_stage(const GemmParams& p, unsigned char* s
     const bool ok = n < p.N && k < K;
     cp_async_16(bs + sm90::tile_sw128(C::BROWS, r, ch * 8), ok ? base + n * K + k : W, ok ? 16 : 0);
   }
+}
+
+template <typename T, typename C, int LOADERS, int UNROLL>
+__device__ __forceinline__ void load_stage(const GemmParams& p, unsigned char* stage, const int64_t* a_row, int64_t n0,
+                                           int64_t kt, int t) {
+  load_a<T, C, LOADERS, UNROLL>(p, stage, a_row, kt, t);
+  load_b<T, C, LOADERS, UNROLL>(p, stage, n0, kt, t);
 }
 
 // Consumer warpgroup cwg (0 / 1, rows 64 cwg ..) issues one stage's MMAs as one committed group.
@@ -162,11 +180,24 @@ __global__ void __launch_bounds__(C::CONSUMERS, 1) gemm_sm90_kernel(GemmParams p
 // threads' copies landed; empty: both consumers' MMAs on it are done), so no block barrier
 // sits in the main loop. setmaxnreg moves registers from the producer (40) to the consumers
 // (232). The consumers alone stage and write the tile (named barrier 1).
+// Variant 3 ("wgmma-tma", TMA = true): the same, but the weight tiles (B: half to two thirds of a stage's
+// bytes) come by TMA, one cp.async.bulk.tensor per stage (two for gate/up) from one producer
+// thread, landing in the same swizzled layout (the tensor map's 128-byte swizzle is
+// tile_sw128's) and counted on the stage's full barrier as transaction bytes; the gathered A
+// rows stay on the producers' cp.async. tma.b0 maps W (gate), tma.b1 W1 (up).
 constexpr int kWsProducers = 128;
 [[maybe_unused]] constexpr int kWsProducerRegs = 40, kWsConsumerRegs = 232;  // 128 x 40 + 256 x 232 = 384 x 168
 
-template <typename T, Epilogue EPI, typename C>
-__global__ void __launch_bounds__(kWsProducers + C::CONSUMERS, 1) gemm_sm90_ws_kernel(GemmParams p) {
+// The weights' TMA tensor maps (kernel parameters: __grid_constant__; CUtensorMap carries its
+// own 128-byte alignment); boxes of 64 K columns x BN rows, zero fill past N and K. Unused
+// (zero) without TMA.
+struct TmaB {
+  CUtensorMap b0, b1;
+};
+
+template <typename T, Epilogue EPI, typename C, bool TMA>
+__global__ void __launch_bounds__(kWsProducers + C::CONSUMERS, 1)
+    gemm_sm90_ws_kernel(GemmParams p, const __grid_constant__ TmaB tma) {
 #if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
   __trap();
 #else
@@ -185,9 +216,11 @@ __global__ void __launch_bounds__(kWsProducers + C::CONSUMERS, 1) gemm_sm90_ws_k
   const int64_t cnt = load_count(p.count, p.M);
   if (tid == 0) {
     for (int s = 0; s < C::STAGES; ++s) {
-      sm90::mbar_init(&full[s], kWsProducers);  // one cp.async arrival per producer thread
-      sm90::mbar_init(&empty[s], 2);            // one arrival per consumer warpgroup
+      // One cp.async arrival per producer thread, plus (TMA) thread 0's expect_tx arrival.
+      sm90::mbar_init(&full[s], kWsProducers + (TMA ? 1 : 0));
+      sm90::mbar_init(&empty[s], 2);  // one arrival per consumer warpgroup
     }
+    if constexpr (TMA) sm90::fence_mbar_init();
   }
   // tile_rows' barrier also publishes the initialised mbarriers.
   if (!tile_rows<T, EPI, C::BM, C::BN, THREADS>(p, m0, n0, cnt, a_row, out_row)) return;
@@ -196,11 +229,28 @@ __global__ void __launch_bounds__(kWsProducers + C::CONSUMERS, 1) gemm_sm90_ws_k
 
   if (wg == 0) {  // producer
     sm90::regs_dealloc<kWsProducerRegs>();
+    if constexpr (TMA) {
+      if (tid == 0) {
+        sm90::prefetch_tmap(&tma.b0);
+        if constexpr (C::DUAL) sm90::prefetch_tmap(&tma.b1);
+      }
+    }
     for (int64_t kt = 0; kt < ktiles; ++kt) {
       const int s = static_cast<int>(kt % C::STAGES);
       const uint32_t round = static_cast<uint32_t>(kt / C::STAGES);
       if (round > 0) sm90::mbar_wait(&empty[s], (round - 1) & 1);  // its previous tile is consumed
-      load_stage<T, C, kWsProducers, 1>(p, smem + s * C::kStageBytes, a_row, n0, kt, tid);
+      unsigned char* stage = smem + s * C::kStageBytes;
+      if constexpr (TMA) {
+        if (tid == 0) {  // expect the whole boxes' bytes (zero-filled parts count), then request them
+          sm90::mbar_arrive_expect_tx(&full[s], static_cast<uint32_t>(C::kBBytes));
+          const int k0 = static_cast<int>(kt * C::BK), nb = static_cast<int>(n0);
+          sm90::tma_load_2d(stage + C::kABytes, &tma.b0, k0, nb, &full[s]);
+          if constexpr (C::DUAL) sm90::tma_load_2d(stage + C::kABytes + size_t{C::BN} * C::BK * 2, &tma.b1, k0, nb, &full[s]);  // up: BN rows on
+        }
+        load_a<T, C, kWsProducers, 1>(p, stage, a_row, kt, tid);
+      } else {
+        load_stage<T, C, kWsProducers, 1>(p, stage, a_row, n0, kt, tid);
+      }
       sm90::cp_async_mbar_arrive(&full[s]);
     }
     cp_async_wait_all();  // no copy outlives its thread (the full barriers already track them)
@@ -234,14 +284,63 @@ __global__ void __launch_bounds__(kWsProducers + C::CONSUMERS, 1) gemm_sm90_ws_k
 #endif
 }
 
-template <typename T, Epilogue EPI, typename C, bool WS>
+// Host side of the TMA variant: cuTensorMapEncodeTiled from the driver, through the runtime's
+// entry-point query (no link against libcuda), looked up once.
+using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                                   const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
+                                   CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+EncodeTiledFn encode_tiled() {
+  static const EncodeTiledFn fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    const cudaError_t e = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &found);
+    return e == cudaSuccess && found == cudaDriverEntryPointSuccess ? reinterpret_cast<EncodeTiledFn>(f) : nullptr;
+  }();
+  return fn;
+}
+
+// A row-major [rows, K] weight (K contiguous, rows K * 2 bytes apart: 16-byte multiples, as the
+// op wrappers require) as boxes of 64 K columns x box_rows rows, 128-byte swizzle, zero fill.
+template <typename T>
+cudaError_t weight_tmap(CUtensorMap* map, const void* w, int64_t rows, int64_t K, int box_rows) {
+  const EncodeTiledFn encode = encode_tiled();
+  if (encode == nullptr) return cudaErrorNotSupported;
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(K), static_cast<cuuint64_t>(rows)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(K) * sizeof(T)};
+  const cuuint32_t box[2] = {64, static_cast<cuuint32_t>(box_rows)};
+  const cuuint32_t unit[2] = {1, 1};
+  constexpr CUtensorMapDataType type =
+      std::is_same_v<T, __nv_bfloat16> ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  const CUresult r = encode(map, type, 2, const_cast<void*>(w), dims, strides, box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                            CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+}
+
+enum class Sm90Kernel { kPlain, kWarpSpecialised, kTma };
+
+template <typename T, Epilogue EPI, typename C, Sm90Kernel V>
 cudaError_t launch_cfg(const GemmParams& p, cudaStream_t stream) {
-  constexpr auto kernel = WS ? gemm_sm90_ws_kernel<T, EPI, C> : gemm_sm90_kernel<T, EPI, C>;
-  constexpr int threads = WS ? kWsProducers + C::CONSUMERS : C::CONSUMERS;
-  const cudaError_t e = opt_in_smem<kernel>(C::kSmemBytes);
-  if (e != cudaSuccess) return e;
   const dim3 grid(static_cast<unsigned>(ceil_div(p.M, C::BM)), static_cast<unsigned>(ceil_div(p.N, C::BN)));
-  kernel<<<grid, threads, C::kSmemBytes, stream>>>(p);
+  if constexpr (V == Sm90Kernel::kPlain) {
+    constexpr auto kernel = gemm_sm90_kernel<T, EPI, C>;
+    const cudaError_t e = opt_in_smem<kernel>(C::kSmemBytes);
+    if (e != cudaSuccess) return e;
+    kernel<<<grid, C::CONSUMERS, C::kSmemBytes, stream>>>(p);
+  } else {
+    constexpr bool tma_b = V == Sm90Kernel::kTma;
+    constexpr auto kernel = gemm_sm90_ws_kernel<T, EPI, C, tma_b>;
+    const cudaError_t e = opt_in_smem<kernel>(C::kSmemBytes);
+    if (e != cudaSuccess) return e;
+    TmaB tma{};
+    if constexpr (tma_b) {
+      cudaError_t m = weight_tmap<T>(&tma.b0, p.W, p.N, p.K, C::BN);
+      if (m == cudaSuccess && C::DUAL) m = weight_tmap<T>(&tma.b1, p.W1, p.N, p.K, C::BN);
+      if (m != cudaSuccess) return m;
+    }
+    kernel<<<grid, kWsProducers + C::CONSUMERS, C::kSmemBytes, stream>>>(p, tma);
+  }
   return cudaGetLastError();
 }
 
@@ -259,33 +358,42 @@ int sm_count() {
   return n;
 }
 
-template <typename T, bool WS>
+template <typename T, Sm90Kernel V>
 cudaError_t launch_variant(const GemmParams& p, Epilogue epi, cudaStream_t stream) {
   const bool wide = ceil_div(p.M, CfgWide::BM) * ceil_div(p.N, CfgWide::BN) >= sm_count();
   switch (epi) {
     case Epilogue::kStore:
-      return wide ? launch_cfg<T, Epilogue::kStore, CfgWide, WS>(p, stream)
-                  : launch_cfg<T, Epilogue::kStore, CfgNarrow, WS>(p, stream);
+      return wide ? launch_cfg<T, Epilogue::kStore, CfgWide, V>(p, stream)
+                  : launch_cfg<T, Epilogue::kStore, CfgNarrow, V>(p, stream);
     case Epilogue::kRope:
-      return wide ? launch_cfg<T, Epilogue::kRope, CfgWide, WS>(p, stream)
-                  : launch_cfg<T, Epilogue::kRope, CfgNarrow, WS>(p, stream);
+      return wide ? launch_cfg<T, Epilogue::kRope, CfgWide, V>(p, stream)
+                  : launch_cfg<T, Epilogue::kRope, CfgNarrow, V>(p, stream);
     case Epilogue::kScatterAdd:
-      return wide ? launch_cfg<T, Epilogue::kScatterAdd, CfgWide, WS>(p, stream)
-                  : launch_cfg<T, Epilogue::kScatterAdd, CfgNarrow, WS>(p, stream);
+      return wide ? launch_cfg<T, Epilogue::kScatterAdd, CfgWide, V>(p, stream)
+                  : launch_cfg<T, Epilogue::kScatterAdd, CfgNarrow, V>(p, stream);
     case Epilogue::kSiluMul:
-      return launch_cfg<T, Epilogue::kSiluMul, CfgDual, WS>(p, stream);
+      return launch_cfg<T, Epilogue::kSiluMul, CfgDual, V>(p, stream);
   }
   return cudaErrorInvalidValue;
 }
 
 }  // namespace
 
-cudaError_t launch_gemm_sm90(const GemmParams& p, Epilogue epi, DType dtype, bool warp_specialised, cudaStream_t stream) {
+cudaError_t launch_gemm_sm90(const GemmParams& p, Epilogue epi, DType dtype, GemmMainloop loop, cudaStream_t stream) {
   return dispatch_dtype(dtype, [&]<typename T>() -> cudaError_t {
     if constexpr (std::is_same_v<T, float>) {
       return cudaErrorInvalidValue;
     } else {
-      return warp_specialised ? launch_variant<T, true>(p, epi, stream) : launch_variant<T, false>(p, epi, stream);
+      switch (loop) {
+        case GemmMainloop::kWgmma:
+          return launch_variant<T, Sm90Kernel::kPlain>(p, epi, stream);
+        case GemmMainloop::kWgmmaWs:
+          return launch_variant<T, Sm90Kernel::kWarpSpecialised>(p, epi, stream);
+        case GemmMainloop::kWgmmaTma:
+          return launch_variant<T, Sm90Kernel::kTma>(p, epi, stream);
+        default:
+          return cudaErrorInvalidValue;
+      }
     }
   });
 }

@@ -8,7 +8,7 @@ HEADER = """\
 // Hopper warpgroup MMA (wgmma, sm_90a only): D[64 x N] += A[64 x 16] B[16 x N], fp32
 // accumulators in registers; Mma: A and B K-major in shared memory, MmaRegA: A in registers and
 // B MN-major in shared memory, both through 128-byte-swizzle matrix descriptors; plus the
-// mbarrier, setmaxnreg and barrier helpers of the warp-specialised GEMM. Accumulator layout per thread (warp w of the warpgroup, lane l): element
+// mbarrier, TMA, setmaxnreg and barrier helpers of the warp-specialised GEMM. Accumulator layout per thread (warp w of the warpgroup, lane l): element
 // 4 * j + e holds row 16 w + l / 4 + 8 (e / 2), column 8 j + 2 (l % 4) + e % 2 -- the mma.sync
 // m16n8 C fragment, repeated over the N / 8 column blocks.
 #pragma once
@@ -82,6 +82,27 @@ __device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
 // Arrives once this thread's earlier cp.async copies have landed (counted in the init count).
 __device__ __forceinline__ void cp_async_mbar_arrive(uint64_t* bar) {
   asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\\n" ::"r"(smem_addr(bar)) : "memory");
+}
+// Arrives and adds `bytes` to the current phase's expected transactions (counted in the init
+// count like any arrival): the phase completes once every arrival is in and that many bytes of
+// TMA copies (complete_tx) have landed.
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\\n" ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
+}
+// Makes this thread's mbarrier inits visible to the async proxy (TMA's complete_tx) as well.
+__device__ __forceinline__ void fence_mbar_init() { asm volatile("fence.mbarrier_init.release.cluster;\\n" ::: "memory"); }
+// TMA (cp.async.bulk.tensor): the box of the tensor map at element coordinates (c0 innermost,
+// c1) into shared memory at dst, completing that many bytes on bar. tmap: a CUtensorMap in
+// kernel-parameter (__grid_constant__), constant or global memory. Elements outside the tensor
+// arrive as zeros and count as bytes like the rest.
+__device__ __forceinline__ void tma_load_2d(void* dst, const void* tmap, int c0, int c1, uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\\n"
+      ::"r"(smem_addr(dst)), "l"(reinterpret_cast<uint64_t>(tmap)), "r"(c0), "r"(c1), "r"(smem_addr(bar))
+      : "memory");
+}
+__device__ __forceinline__ void prefetch_tmap(const void* tmap) {
+  asm volatile("prefetch.tensormap [%0];\\n" ::"l"(reinterpret_cast<uint64_t>(tmap)) : "memory");
 }
 // Waits for the phase with this parity to complete. A pipeline bug would otherwise hang the
 // GPU: after 10 s of waiting the kernel traps, and the launch fails with an error instead.

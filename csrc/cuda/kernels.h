@@ -76,19 +76,20 @@ struct GemmParams {
 constexpr int64_t kGemvMaxRows = 8;
 cudaError_t launch_gemm(const GemmParams& p, Epilogue epi, DType dtype, cudaStream_t stream);
 // The tiled mainloop launch_gemm uses for larger M, from SKIPGPT_CUDA_GEMM (read at every launch,
-// so tests can switch): unset, "auto" or "mma": mma.sync (gemm.cu); "wgmma" / "wgmma-ws": the
-// plain / warp-specialised wgmma kernel (gemm_sm90.cu), kUnavailable unless the device has
+// so tests can switch): unset, "auto" or "mma": mma.sync (gemm.cu); "wgmma" / "wgmma-ws" /
+// "wgmma-tma": the plain / warp-specialised / warp-specialised with TMA weight tiles wgmma
+// kernel (gemm_sm90.cu), kUnavailable unless the device has
 // compute capability 9.0 and the build sm_90a code (SKIPGPT_SM90A); any other value kUnknown.
 // launch_gemm returns cudaErrorNotSupported for those two when it reaches the tiled path; the op
 // wrappers check first, on every call (decode-sized ones included), and fail with a message.
 // auto becomes the faster wgmma kernel once a GPU run has verified them.
-enum class GemmMainloop : int { kMma = 0, kWgmma = 1, kWgmmaWs = 2, kUnavailable = 3, kUnknown = 4 };
+enum class GemmMainloop : int { kMma = 0, kWgmma = 1, kWgmmaWs = 2, kWgmmaTma = 3, kUnavailable = 4, kUnknown = 5 };
 GemmMainloop gemm_mainloop();
 // True on a compute-capability 9.0 device when the build holds sm_90a code (gemm.cu).
 bool sm90a_device();
 cudaError_t launch_gemm_mma(const GemmParams& p, Epilogue epi, DType dtype, cudaStream_t stream);
-cudaError_t launch_gemm_sm90(const GemmParams& p, Epilogue epi, DType dtype, bool warp_specialised,
-                             cudaStream_t stream);
+// loop: kWgmma, kWgmmaWs or kWgmmaTma.
+cudaError_t launch_gemm_sm90(const GemmParams& p, Epilogue epi, DType dtype, GemmMainloop loop, cudaStream_t stream);
 cudaError_t launch_gemv(const GemmParams& p, Epilogue epi, DType dtype, cudaStream_t stream);
 // RoPE (and head norm) in place on the compacted rows when head_dim does not tile the GEMM.
 cudaError_t launch_rope_rows(const GemmParams& p, DType dtype, cudaStream_t stream);

@@ -100,9 +100,9 @@ constexpr const char* kNeedsSm90a =
 // Before a GEMM launch: the mainloop SKIPGPT_CUDA_GEMM asks for can run here.
 void check_gemm_mainloop(const char* op) {
   const GemmMainloop m = gemm_mainloop();
-  TORCH_CHECK(m != GemmMainloop::kUnknown, op, ": SKIPGPT_CUDA_GEMM must be unset, auto, mma, wgmma or wgmma-ws, got '",
+  TORCH_CHECK(m != GemmMainloop::kUnknown, op, ": SKIPGPT_CUDA_GEMM must be unset, auto, mma, wgmma, wgmma-ws or wgmma-tma, got '",
               std::getenv("SKIPGPT_CUDA_GEMM"), "'");
-  TORCH_CHECK(m != GemmMainloop::kUnavailable, op, ": SKIPGPT_CUDA_GEMM=wgmma(-ws) ", kNeedsSm90a);
+  TORCH_CHECK(m != GemmMainloop::kUnavailable, op, ": SKIPGPT_CUDA_GEMM=wgmma(-ws/-tma) ", kNeedsSm90a);
 }
 
 // Weights feed 16-byte async copies: contiguous and 16-byte aligned (a view at an odd offset

@@ -77,6 +77,20 @@ constexpr bool mnmajor_tile_reads_right(int tile_rows, int cols, uint32_t lbo, u
   return true;
 }
 
+// What TMA writes (wgmma-tma's weight tiles, CU_TENSOR_MAP_SWIZZLE_128B): a box 64 elements
+// wide (one 128-byte row per box row) landing at tile row row0 goes dense row-major from its
+// destination, and the hardware swizzles each byte address. It must be the tile the producers'
+// cp.async copies write, which the descriptors read (checked above).
+constexpr bool tma_box_is_tile(int tile_rows, int row0, int box_rows, uint32_t skew = 0) {
+  const uint32_t dst = static_cast<uint32_t>(row0) * 128 + skew;
+  for (int r = 0; r < box_rows; ++r)
+    for (int c = 0; c < 64; ++c)
+      if (swizzle128(dst + static_cast<uint32_t>(r * 128 + c * 2)) !=
+          static_cast<uint32_t>(tile_sw128(tile_rows, row0 + r, c)) * 2)
+        return false;
+  return true;
+}
+
 #ifndef SKIPGPT_LAYOUT_BREAK  // tests/test_sm90_layout.py sets it to a wrong stride
 #define SKIPGPT_LAYOUT_BREAK 0
 #endif
@@ -87,6 +101,10 @@ static_assert(kmajor_tile_reads_right(128, 0, 64, 64, kSbo + SKIPGPT_LAYOUT_BREA
 static_assert(kmajor_tile_reads_right(128, 64, 64, 64, kSbo), "GEMM A, warpgroup 1");
 static_assert(kmajor_tile_reads_right(256, 0, 256, 64, kSbo), "GEMM B, 256 rows");
 static_assert(kmajor_tile_reads_right(256, 128, 128, 64, kSbo), "GEMM B, up half of gate/up");
+// wgmma-tma: the TMA boxes of the weight tiles (256 and 128 rows; gate and up boxes of 128).
+static_assert(tma_box_is_tile(256, 0, 256, SKIPGPT_LAYOUT_BREAK), "GEMM B by TMA, 256 rows");
+static_assert(tma_box_is_tile(128, 0, 128), "GEMM B by TMA, 128 rows");
+static_assert(tma_box_is_tile(256, 0, 128) && tma_box_is_tile(256, 128, 128), "GEMM gate and up boxes by TMA");
 // Attention (attention_mma.cu): 128-row Q tiles read by two warpgroups and 64-row K tiles, over
 // head_dim 64 / 128; 64-row V tiles read MN-major.
 static_assert(kmajor_tile_reads_right(128, 0, 64, 64, kSbo), "attention Q, warpgroup 0, head_dim 64");
