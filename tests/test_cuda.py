@@ -340,6 +340,36 @@ def test_gemm_mainloops_skip_mlp(gemm_mainloop, dtype, T, d, inter, kind):
     test_skip_mlp_matches_float64(dtype, T, d, inter, kind, seed=MAINLOOP_SEED[gemm_mainloop])
 
 
+@pytest.mark.parametrize("offset,align", [(8, 16), (64, 128)])  # elements into a larger buffer, bytes
+def test_gemm_mainloops_weight_views(gemm_mainloop, offset, align):
+    """Weights that are views into a larger buffer, 16-byte but not 128-byte aligned, and 128-byte
+    aligned: wgmma-tma's TMA loads need 128-byte aligned weights and take cp.async otherwise."""
+    dtype = torch.bfloat16
+    gen = torch.Generator().manual_seed(offset + 1000 * MAINLOOP_SEED[gemm_mainloop])
+    T, d, inter = 300, 200, 392
+
+    def view(rows, cols):
+        buf = _randn(offset + rows * cols, dtype=dtype, gen=gen, scale=cols**-0.5)
+        w = buf[offset:].view(rows, cols)
+        assert w.data_ptr() % 128 == align % 128 and w.data_ptr() % 16 == 0
+        return w
+
+    h, nw = _randn(T, d, dtype=dtype, gen=gen), _randn(d, dtype=dtype, gen=gen)
+    wg, wu, wd, wo = view(inter, d), view(inter, d), view(d, inter), view(d, inter)
+    a, bias = _randn(T, inter, dtype=dtype, gen=gen), _randn(d, dtype=dtype, gen=gen)
+    idx, cnt = _rows(T, "some", gen)
+    got = h.clone()
+    ops.skip_mlp_(got, idx, cnt, nw, 1e-6, wg, wu, wd)
+    want = h.cpu().double()
+    ref.skip_mlp_(want, *_cpu64(idx, cnt, nw), 1e-6, *_cpu64(wg, wu, wd))
+    _close(got, want, dtype)
+    got = h.clone()
+    ops.linear_scatter_add_(got, a, idx, cnt, wo, bias)
+    want = h.cpu().double()
+    ref.linear_scatter_add_(want, *_cpu64(a, idx, cnt, wo, bias))
+    _close(got, want, dtype)
+
+
 def test_empty_count_reads_no_weight():
     # NaN weights: any weight read that reached h would show. count == 0 must leave h bit-exact.
     gen = torch.Generator().manual_seed(0)

@@ -14,6 +14,7 @@
 //                               tiles would number fewer than the SMs (small M or N);
 //   kSiluMul:                   BN 128 features, gate and up tiles, two m64n128k16 (64 + 64).
 #include <cuda.h>  // CUtensorMap and its enums (types only: the encoder comes through the runtime)
+#include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled_v12000
 
 #include <type_traits>
 
@@ -39,6 +40,7 @@ struct Sm90Cfg {
   static constexpr size_t kSmemBytes = (kPipeBytes > kCBytes ? kPipeBytes : kCBytes) + 1024;  // + alignment
   static_assert(BK * 2 == 128, "one 128-byte swizzle row per tile row");
   static_assert(kABytes % 1024 == 0 && kStageBytes % 1024 == 0, "tiles stay 1024-byte aligned");
+  static_assert(size_t{BN} * BK * 2 % 1024 == 0, "the up half (and its TMA box) starts 1024-byte aligned");
   static_assert(BN == 128 || BN == 256, "wgmma N (and a multiple of 128: see launch_gemm's kRope)");
 };
 
@@ -188,9 +190,9 @@ __global__ void __launch_bounds__(C::CONSUMERS, 1) gemm_sm90_kernel(GemmParams p
 constexpr int kWsProducers = 128;
 [[maybe_unused]] constexpr int kWsProducerRegs = 40, kWsConsumerRegs = 232;  // 128 x 40 + 256 x 232 = 384 x 168
 
-// The weights' TMA tensor maps (kernel parameters: __grid_constant__; CUtensorMap carries its
-// own 128-byte alignment); boxes of 64 K columns x BN rows, zero fill past N and K. Unused
-// (zero) without TMA.
+// The weights' TMA tensor maps (kernel parameters: __grid_constant__; CUtensorMap carries the
+// alignment the encoder needs); boxes of 64 K columns x BN rows, zero fill past N and K.
+// Unused (zero) without TMA.
 struct TmaB {
   CUtensorMap b0, b1;
 };
@@ -284,20 +286,28 @@ __global__ void __launch_bounds__(kWsProducers + C::CONSUMERS, 1)
 #endif
 }
 
-// Host side of the TMA variant: cuTensorMapEncodeTiled from the driver, through the runtime's
-// entry-point query (no link against libcuda), looked up once.
-using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
-                                   const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
-                                   CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+// Host side of the TMA variant: cuTensorMapEncodeTiled (its CUDA 12.0 ABI) from the driver,
+// through the runtime's entry-point query (no link against libcuda), looked up once.
+using EncodeTiledFn = PFN_cuTensorMapEncodeTiled_v12000;
 
 EncodeTiledFn encode_tiled() {
   static const EncodeTiledFn fn = [] {
     void* f = nullptr;
     cudaDriverEntryPointQueryResult found{};
     const cudaError_t e = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &found);
+    if (e != cudaSuccess) (void)cudaGetLastError();  // not this launch's error to report later
     return e == cudaSuccess && found == cudaDriverEntryPointSuccess ? reinterpret_cast<EncodeTiledFn>(f) : nullptr;
   }();
   return fn;
+}
+
+// TMA with the 128-byte swizzle wants the tensor's base 128-byte aligned (CUDA Programming
+// Guide, TMA swizzle) and every dimension non-zero; the op wrappers guarantee 16-byte aligned
+// weights only (a weight may be a view into a larger buffer). A GEMM that misses either takes
+// wgmma-ws's cp.async weight loads instead.
+bool tma_fits(const GemmParams& p, Epilogue epi) {
+  const auto aligned = [](const void* w) { return reinterpret_cast<uintptr_t>(w) % 128 == 0; };
+  return p.K > 0 && aligned(p.W) && (epi != Epilogue::kSiluMul || aligned(p.W1));
 }
 
 // A row-major [rows, K] weight (K contiguous, rows K * 2 bytes apart: 16-byte multiples, as the
@@ -390,7 +400,8 @@ cudaError_t launch_gemm_sm90(const GemmParams& p, Epilogue epi, DType dtype, Gem
         case GemmMainloop::kWgmmaWs:
           return launch_variant<T, Sm90Kernel::kWarpSpecialised>(p, epi, stream);
         case GemmMainloop::kWgmmaTma:
-          return launch_variant<T, Sm90Kernel::kTma>(p, epi, stream);
+          return tma_fits(p, epi) ? launch_variant<T, Sm90Kernel::kTma>(p, epi, stream)
+                                  : launch_variant<T, Sm90Kernel::kWarpSpecialised>(p, epi, stream);
         default:
           return cudaErrorInvalidValue;
       }

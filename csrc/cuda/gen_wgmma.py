@@ -93,8 +93,9 @@ __device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t by
 __device__ __forceinline__ void fence_mbar_init() { asm volatile("fence.mbarrier_init.release.cluster;\\n" ::: "memory"); }
 // TMA (cp.async.bulk.tensor): the box of the tensor map at element coordinates (c0 innermost,
 // c1) into shared memory at dst, completing that many bytes on bar. tmap: a CUtensorMap in
-// kernel-parameter (__grid_constant__), constant or global memory. Elements outside the tensor
-// arrive as zeros and count as bytes like the rest.
+// kernel-parameter (__grid_constant__, as here) or constant memory (one in global memory that
+// the host or a kernel wrote would need fence.proxy.tensormap first). Elements outside the
+// tensor arrive as zeros and count as bytes like the rest.
 __device__ __forceinline__ void tma_load_2d(void* dst, const void* tmap, int c0, int c1, uint64_t* bar) {
   asm volatile(
       "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\\n"
