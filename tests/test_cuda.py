@@ -172,9 +172,11 @@ def test_sparse_query_attention_matches_float64(dtype, case, kind, seed=0):
 # The tensor-core prefill kernel on each matrix instruction set: mma.sync, or wgmma on a
 # compute-capability 9.0 device with an sm_90a build (SKIPGPT_CUDA_ATTN, read per launch). The
 # cases reach it (>= 64 rows, sequences of >= 16, head_dim 64 / 128) across query blocks that
-# span several sequences, left padding, sliding windows and cached keys.
+# span several sequences, left padding, sliding windows and cached keys, and blocks of one
+# sequence whose inner key tiles every row sees (the kernel skips the per-key mask there).
 ATTN_PREFILL_CASES = [ATTN_CASES[1], ATTN_CASES[2], ATTN_CASES[5],
-                      (1, 300, 0, 2, 3, 64, 0, False), (3, 70, 30, 2, 2, 128, 20, True), (2, 200, 0, 1, 8, 64, 0, True)]
+                      (1, 300, 0, 2, 3, 64, 0, False), (3, 70, 30, 2, 2, 128, 20, True), (2, 200, 0, 1, 8, 64, 0, True),
+                      (1, 450, 40, 2, 2, 64, 150, False)]  # wide window: unmasked tiles past a non-zero lo
 
 
 @pytest.mark.parametrize("attn", ["mma", "wgmma"])

@@ -126,11 +126,22 @@ __device__ __forceinline__ void attention_mma_body(const AttentionParams& p) {
 
   for (int64_t b = row_seq[0]; b <= row_seq[nrows - 1]; ++b) {
     int64_t lo_b = p.Lk, hi_b = 0;
-    for (int r = 0; r < nrows; ++r)
-      if (row_seq[r] == b && row_hi[r] > row_lo[r]) {
+    // Keys [lo_all, hi_all) are visible to every row of the block, if all BQ rows are of this
+    // sequence (a partial last block never is): tiles inside skip the per-key masking.
+    int64_t lo_all = 0, hi_all = p.Lk;
+    bool whole = p.key_valid == nullptr;
+    for (int r = 0; r < BQ; ++r) {
+      if (row_seq[r] != b) {
+        whole = false;
+        continue;
+      }
+      lo_all = max(lo_all, row_lo[r]);
+      hi_all = min(hi_all, row_hi[r]);
+      if (row_hi[r] > row_lo[r]) {
         lo_b = min(lo_b, row_lo[r]);
         hi_b = max(hi_b, row_hi[r]);
       }
+    }
     if (hi_b <= lo_b) continue;  // no row of this sequence sees a key (uniform across the block)
     int64_t rlo[2], rhi[2];
 #pragma unroll
@@ -194,16 +205,26 @@ __device__ __forceinline__ void attention_mma_body(const AttentionParams& p) {
           }
       }
       float mx[2] = {-FLT_MAX, -FLT_MAX};
+      if (whole && j0 >= lo_all && j0 + kBK <= hi_all) {  // every key visible to every row
 #pragma unroll
-      for (int nt = 0; nt < kBK / 8; ++nt)
+        for (int nt = 0; nt < kBK / 8; ++nt)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int rr = e / 2;
-          const int64_t key = j0 + nt * 8 + (lane % 4) * 2 + (e % 2);
-          const bool ok = key >= rlo[rr] && key < rhi[rr] && (kvalid == nullptr || kvalid[key]);
-          s[nt][e] = ok ? s[nt][e] * sl2 : -INFINITY;
-          mx[rr] = fmaxf(mx[rr], s[nt][e]);
-        }
+          for (int e = 0; e < 4; ++e) {
+            s[nt][e] *= sl2;
+            mx[e / 2] = fmaxf(mx[e / 2], s[nt][e]);
+          }
+      } else {
+#pragma unroll
+        for (int nt = 0; nt < kBK / 8; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int rr = e / 2;
+            const int64_t key = j0 + nt * 8 + (lane % 4) * 2 + (e % 2);
+            const bool ok = key >= rlo[rr] && key < rhi[rr] && (kvalid == nullptr || kvalid[key]);
+            s[nt][e] = ok ? s[nt][e] * sl2 : -INFINITY;
+            mx[rr] = fmaxf(mx[rr], s[nt][e]);
+          }
+      }
       float alpha[2];
 #pragma unroll
       for (int rr = 0; rr < 2; ++rr) {  // the four lanes of a quad share a row
