@@ -57,7 +57,7 @@ def main() -> None:
     ap.add_argument("--mainloops", nargs="+", default=None, choices=["mma", "wgmma", "wgmma-ws", "wgmma-tma"],
                     help="cuda: instead of the full table, time the tiled GEMM ops under each of these "
                          "SKIPGPT_CUDA_GEMM mainloops side by side, and the prefill attention core under "
-                         "SKIPGPT_CUDA_ATTN=mma and =wgmma beside SDPA (default T: 512 4096 16384)")
+                         "SKIPGPT_CUDA_ATTN=mma, =wgmma and =wgmma-overlap beside SDPA (default T: 512 4096 16384)")
     args = ap.parse_args()
     if args.mainloops and args.device != "cuda":
         ap.error("--mainloops compares CUDA kernels: add --device cuda")

@@ -302,7 +302,8 @@ def _mainloop_rows(T_list, skips, reps: int, loops, attention: bool) -> None:
                 os.environ.pop("SKIPGPT_CUDA_GEMM", None)
                 cols = "".join(f" {t * 1e3:12.1f}" for t in tn) + "".join(f" {td / t:11.2f}" for t in tn)
                 print(f"{T:6d} {skip:4.2f}  {name:22s} {ideal:5.2f} {td * 1e3:9.1f}{cols}", flush=True)
-            kinds = [k for k in ("mma", "wgmma") if k in loops]
+            # mma, plus both wgmma kernels (plain, overlapped) when the wgmma mainloop runs here.
+            kinds = [k for k in ("mma", "wgmma") if k in loops] + (["wgmma-overlap"] if "wgmma" in loops else [])
             if not attention or not kinds:
                 continue
             # The prefill attention core (T >= 64: the tensor-core kernel) on each matrix

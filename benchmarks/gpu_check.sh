@@ -74,7 +74,7 @@ if [ $build_rc -eq 0 ]; then
   rc_mma=$?
   tail -n 5 "$OUT/tests.log" 2>/dev/null
   stage tests-wgmma 75 "$OUT/tests_wgmma.log" "$PY" -m pytest -q -m cuda -p no:cacheprovider tests/test_cuda.py -rs \
-    -k "wgmma and not wgmma_ws and not wgmma_tma" --junitxml="$OUT/tests_wgmma.xml"
+    -k "wgmma and not wgmma_ws and not wgmma_tma and not wgmma_overlap" --junitxml="$OUT/tests_wgmma.xml"
   rc_wgmma=$?
   tail -n 3 "$OUT/tests_wgmma.log" 2>/dev/null
   # The warp-specialised GEMM: an mbarrier pipeline hang traps after 10 s.
@@ -87,6 +87,11 @@ if [ $build_rc -eq 0 ]; then
     -k wgmma_tma --junitxml="$OUT/tests_tma.xml"
   rc_tma=$?
   tail -n 3 "$OUT/tests_tma.log" 2>/dev/null
+  # The prefill attention with the next tile's S under this tile's softmax (wgmma-overlap).
+  stage tests-attn-overlap 45 "$OUT/tests_overlap.log" "$PY" -m pytest -q -m cuda -p no:cacheprovider tests/test_cuda.py -rs \
+    -k wgmma_overlap --junitxml="$OUT/tests_overlap.xml"
+  rc_overlap=$?
+  tail -n 3 "$OUT/tests_overlap.log" 2>/dev/null
   # Where a test process failed or crashed (not: passed, nothing collected, out of time), the
   # layout probe of its kernels: which operand element each wrong output element came from, so
   # the fix can be found here without another device run (benchmarks/layout_probe.py).
@@ -102,6 +107,9 @@ if [ $build_rc -eq 0 ]; then
   fi
   if failed $rc_tma; then
     stage probe-wgmma-tma 45 "$OUT/probe_tma.log" "$PY" benchmarks/layout_probe.py --device cuda --gemm wgmma-tma --attn
+  fi
+  if failed $rc_overlap; then
+    stage probe-attn-overlap 45 "$OUT/probe_overlap.log" "$PY" benchmarks/layout_probe.py --device cuda --gemm --attn wgmma-overlap
   fi
   if "$PY" -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     # The tiled GEMM ops and the prefill attention core under each mainloop, side by side (the
@@ -119,7 +127,7 @@ if [ $build_rc -eq 0 ]; then
   if [ -x "$SAN" ]; then
     stage memcheck 90 "$OUT/memcheck.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SAN" --tool memcheck --error-exitcode 7 \
       "$PY" -m pytest -q -m cuda -p no:cacheprovider tests/test_cuda.py -x \
-      -k "(test_gemm_mainloops_skip_mlp and 300-200-392 and some and dtype0 and not wgmma_ws and not wgmma_tma) or (test_attention_prefill_kernels and case4 and some and dtype0)"
+      -k "(test_gemm_mainloops_skip_mlp and 300-200-392 and some and dtype0 and not wgmma_ws and not wgmma_tma) or (test_attention_prefill_kernels and case4 and some and dtype0 and not wgmma_overlap)"
     tail -n 5 "$OUT/memcheck.log" 2>/dev/null
   else
     echo "| memcheck | skipped: no compute-sanitizer | 0 s | - |" >>"$RES.stages"
@@ -143,8 +151,9 @@ fi
   summary tests_wgmma.log "Tests, wgmma GEMM and attention" "$counts"
   summary tests_ws.log "Tests, warp-specialised wgmma GEMM" "$counts"
   summary tests_tma.log "Tests, warp-specialised wgmma GEMM, TMA weight tiles" "$counts"
+  summary tests_overlap.log "Tests, wgmma prefill attention, overlapped" "$counts"
   summary memcheck.log "compute-sanitizer memcheck" "ERROR SUMMARY"
-  for f in probe_mma.log probe_wgmma.log probe_ws.log probe_tma.log bench_cuda.txt bench_mainloops.txt; do
+  for f in probe_mma.log probe_wgmma.log probe_ws.log probe_tma.log probe_overlap.log bench_cuda.txt bench_mainloops.txt; do
     if [ -f "$OUT/$f" ]; then
       echo '```'
       cat "$OUT/$f"

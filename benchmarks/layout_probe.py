@@ -302,7 +302,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
     ap.add_argument("--gemm", nargs="*", default=None, choices=["mma", "wgmma", "wgmma-ws", "wgmma-tma"],
                     help="GEMM mainloops to probe (SKIPGPT_CUDA_GEMM); default: mma on cuda, the CPU kernel on cpu")
-    ap.add_argument("--attn", nargs="*", default=None, choices=["mma", "wgmma"],
+    ap.add_argument("--attn", nargs="*", default=None, choices=["mma", "wgmma", "wgmma-overlap"],
                     help="prefill attention kernels to probe (SKIPGPT_CUDA_ATTN); default as --gemm")
     args = ap.parse_args(argv)
     skipgpt_ext.require_kernels(args.device)

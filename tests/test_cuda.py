@@ -169,8 +169,9 @@ def test_sparse_query_attention_matches_float64(dtype, case, kind, seed=0):
     assert (got[n:] == 0).all()
 
 
-# The tensor-core prefill kernel on each matrix instruction set: mma.sync, or wgmma on a
-# compute-capability 9.0 device with an sm_90a build (SKIPGPT_CUDA_ATTN, read per launch). The
+# The tensor-core prefill kernel on each matrix instruction set: mma.sync, or wgmma (plain, or
+# with the next tile's S under this tile's softmax) on a compute-capability 9.0 device with an
+# sm_90a build (SKIPGPT_CUDA_ATTN, read per launch). The
 # cases reach it (>= 64 rows, sequences of >= 16, head_dim 64 / 128) across query blocks that
 # span several sequences, left padding, sliding windows and cached keys, and blocks of one
 # sequence whose inner key tiles every row sees (the kernel skips the per-key mask there).
@@ -179,13 +180,15 @@ ATTN_PREFILL_CASES = [ATTN_CASES[1], ATTN_CASES[2], ATTN_CASES[5],
                       (1, 450, 40, 2, 2, 64, 150, False)]  # wide window: unmasked tiles past a non-zero lo
 
 
-@pytest.mark.parametrize("attn", ["mma", "wgmma"])
+# The overlapped wgmma kernel's tests carry the id "wgmma_overlap": gpu_check.sh runs them in a
+# process of their own.
+@pytest.mark.parametrize("attn", ["mma", "wgmma", pytest.param("wgmma-overlap", id="wgmma_overlap")])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", ATTN_PREFILL_CASES)
 @pytest.mark.parametrize("kind", ["all", "some"])
 def test_attention_prefill_kernels(monkeypatch, attn, dtype, case, kind):
     monkeypatch.setenv("SKIPGPT_CUDA_ATTN", attn)
-    if attn == "wgmma" and (why := _wgmma_unavailable_reason()) is not None:
+    if attn != "mma" and (why := _wgmma_unavailable_reason()) is not None:
         pytest.skip(why)
     _poison_cuda_cache()
     test_sparse_query_attention_matches_float64(dtype, case, kind, seed=MAINLOOP_SEED[attn])
@@ -197,7 +200,7 @@ def test_attention_kind_env_is_checked(monkeypatch):
     idx, cnt = ref.compact(torch.ones(64, dtype=torch.bool, device=DEV))
     pos = torch.arange(64, device=DEV)
     monkeypatch.setenv("SKIPGPT_CUDA_ATTN", "fa3")
-    with pytest.raises(RuntimeError, match="SKIPGPT_CUDA_ATTN must be unset, auto, mma or wgmma"):
+    with pytest.raises(RuntimeError, match="SKIPGPT_CUDA_ATTN must be unset, auto, mma, wgmma or wgmma-overlap"):
         ops.sparse_query_attention(q, idx, cnt, k, v, pos, None, 0, 64, 128**-0.5, 0)
 
 
@@ -291,7 +294,7 @@ def _poison_cuda_cache() -> None:
     del big, small
 
 
-MAINLOOP_SEED = {"mma": 0, "wgmma": 1, "wgmma-ws": 2, "wgmma-tma": 3}  # other inputs per kernel, on top of the poison
+MAINLOOP_SEED = {"mma": 0, "wgmma": 1, "wgmma-ws": 2, "wgmma-tma": 3, "wgmma-overlap": 4}  # other inputs per kernel, on top of the poison
 
 
 # The warp-specialised kernels' tests carry the ids "wgmma_ws" and "wgmma_tma": gpu_check.sh runs

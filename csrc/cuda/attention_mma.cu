@@ -38,11 +38,16 @@ constexpr int kBQ = WG ? 128 : 64;
 template <bool WG>
 constexpr int kThreads = kBQ<WG> * 2;
 
-template <int HD, bool WG>
+// K/V stages: 2, or 3 when S of the next tile overlaps this tile's softmax (wgmma-overlap).
+template <bool OVERLAP>
+constexpr int kStages = OVERLAP ? 3 : 2;
+
+template <int HD, bool WG, bool OVERLAP>
 constexpr size_t mma_smem_bytes() {
-  // Q + 2 stages of K and V, 2-byte elements: padded rows (mma.sync), or swizzled rows plus
+  // Q + the stages of K and V, 2-byte elements: padded rows (mma.sync), or swizzled rows plus
   // 1024 bytes to align the tiles (wgmma).
-  return WG ? size_t{kBQ<WG> + 4 * kBK} * HD * 2 + 1024 : size_t{kBQ<WG> + 4 * kBK} * (HD + 8) * 2;
+  constexpr size_t rows = kBQ<WG> + 2 * kStages<OVERLAP> * kBK;
+  return WG ? rows * HD * 2 + 1024 : rows * (HD + 8) * 2;
 }
 
 // Element offset of (row r, column c; c a multiple of 8) in a tile of `rows` rows: padded rows
@@ -56,10 +61,11 @@ __device__ __forceinline__ int tile_off(int rows, int r, int c) {
   }
 }
 
-template <typename T, int HD, bool WG>
+template <typename T, int HD, bool WG, bool OVERLAP>
 __device__ __forceinline__ void attention_mma_body(const AttentionParams& p) {
-  constexpr int BQ = kBQ<WG>, THREADS = kThreads<WG>;
+  constexpr int BQ = kBQ<WG>, THREADS = kThreads<WG>, STAGES = kStages<OVERLAP>;
   static_assert(BQ % 64 == 0 && kBK == 64, "whole warpgroups of 64 rows; 64-key tiles");
+  static_assert(WG || !OVERLAP, "the overlap is of asynchronous (wgmma) MMAs");
   constexpr int QTILE = WG ? BQ * HD : BQ * (HD + 8);     // elements of the Q tile
   constexpr int KTILE = WG ? kBK * HD : kBK * (HD + 8);  // ... of one K or V tile
   constexpr int LDS = HD + 8;  // mma.sync: padded row, 16-byte aligned, ldmatrix conflict-free
@@ -69,8 +75,8 @@ __device__ __forceinline__ void attention_mma_body(const AttentionParams& p) {
   if constexpr (WG)  // descriptors assume tiles aligned to the 1024-byte swizzle pattern
     smem = sm90::align_1024(smem_raw);
   T* Qs = reinterpret_cast<T*>(smem);
-  T* Ks = Qs + QTILE;      // [2][KTILE]
-  T* Vs = Ks + 2 * KTILE;  // [2][KTILE]
+  T* Ks = Qs + QTILE;           // [STAGES][KTILE]
+  T* Vs = Ks + STAGES * KTILE;  // [STAGES][KTILE]
   __shared__ int64_t row_seq[BQ], row_lo[BQ], row_hi[BQ];
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
@@ -168,42 +174,36 @@ __device__ __forceinline__ void attention_mma_body(const AttentionParams& p) {
         cp_async_16(vs + off, ok ? vb + (j0 + r) * p.v_strides[2] + c : vb, ok ? 16 : 0);
       }
     };
-    load_tile(0, 0);
-    cp_async_commit();
-    for (int64_t t = 0; t < ntiles; ++t) {
-      if (t + 1 < ntiles) load_tile(static_cast<int>((t + 1) % 2), t + 1);
-      cp_async_commit();
-      cp_async_wait<1>();  // tile t landed (tile t + 1 may still be in flight)
-      if constexpr (WG) sm90::fence_proxy_async();
-      __syncthreads();
-      const int stage = static_cast<int>(t % 2);
-      const T* ks = Ks + stage * KTILE;
-      const T* vs = Vs + stage * KTILE;
+    // wgmma: S = Q K^T for this warpgroup's 64 rows against a 64-key tile, issued as one
+    // committed group (HD / 16 steps of m64n64k16, both operands K-major); not waited for.
+    auto issue_s = [&](float (&s)[kBK / 8][4], const T* ks) {
+      auto& sf = reinterpret_cast<float(&)[kBK / 2]>(s);
+      sm90::fence_regs(sf);
+      sm90::fence();
+#pragma unroll
+      for (int kk = 0; kk < HD / 16; ++kk)
+        sm90::Mma<kBK, T>::run(sf, sm90::desc_sw128(Qs + sm90::kmajor_start(BQ, (warp / 4) * 64, kk)),
+                               sm90::desc_sw128(ks + sm90::kmajor_start(kBK, 0, kk)));
+      sm90::commit();
+      sm90::fence_regs(sf);
+    };
+    // wgmma: O += P V, P from registers, V MN-major (64-column blocks 8 KB apart); not waited for.
+    auto issue_pv = [&](uint32_t (&pa)[kBK / 16][4], const T* vs) {
+      auto& of = reinterpret_cast<float(&)[HD / 2]>(o);
+      sm90::fence_regs(of);
+      sm90::fence_regs(pa);
+      sm90::fence();  // the accumulators were just rescaled, and P written, by ordinary instructions
+#pragma unroll
+      for (int kc = 0; kc < kBK / 16; ++kc)
+        sm90::MmaRegA<HD, T>::run(of, pa[kc], sm90::desc_sw128_mn(vs + sm90::mnmajor_start(kc), sm90::mn_lbo(kBK), sm90::kSbo));
+      sm90::commit();
+      sm90::fence_regs(of);
+      sm90::fence_regs(pa);
+    };
+    // Online softmax of tile t's S (this thread's two rows): mask (skipped where every key is
+    // visible to every row), running max and sum, O rescaled, P packed as mma A fragments.
+    auto softmax = [&](float (&s)[kBK / 8][4], int64_t t, uint32_t (&pa)[kBK / 16][4]) {
       const int64_t j0 = lo_b + t * kBK;
-
-      float s[kBK / 8][4] = {};
-      if constexpr (WG) {  // S = Q K^T: HD / 16 steps of m64n64k16, both operands K-major
-        auto& sf = reinterpret_cast<float(&)[kBK / 2]>(s);
-        sm90::fence_regs(sf);
-        sm90::fence();
-#pragma unroll
-        for (int kk = 0; kk < HD / 16; ++kk)  // this warpgroup's 64 Q rows against the 64 keys
-          sm90::Mma<kBK, T>::run(sf, sm90::desc_sw128(Qs + sm90::kmajor_start(BQ, (warp / 4) * 64, kk)),
-                                 sm90::desc_sw128(ks + sm90::kmajor_start(kBK, 0, kk)));
-        sm90::commit();
-        sm90::wait<0>();
-        sm90::fence_regs(sf);
-      } else {
-#pragma unroll
-        for (int kk = 0; kk < HD / 16; ++kk)
-#pragma unroll
-          for (int np = 0; np < kBK / 16; ++np) {
-            uint32_t r[4];
-            ldmatrix_x4(r, ks + (np * 16 + lane % 8 + (lane / 16) * 8) * LDS + kk * 16 + ((lane / 8) % 2) * 8);
-            mma_16816<T>(s[2 * np], qf[kk], r[0], r[1]);
-            mma_16816<T>(s[2 * np + 1], qf[kk], r[2], r[3]);
-          }
-      }
       float mx[2] = {-FLT_MAX, -FLT_MAX};
       if (whole && j0 >= lo_all && j0 + kBK <= hi_all) {  // every key visible to every row
 #pragma unroll
@@ -257,7 +257,6 @@ __device__ __forceinline__ void attention_mma_body(const AttentionParams& p) {
         o[dt][3] *= alpha[1];
       }
       // P as A fragments, 16 keys each (the S accumulator layout pairs up into them).
-      uint32_t pa[kBK / 16][4];
 #pragma unroll
       for (int kc = 0; kc < kBK / 16; ++kc) {
         pa[kc][0] = pack2<T>(s[2 * kc][0], s[2 * kc][1]);
@@ -265,31 +264,95 @@ __device__ __forceinline__ void attention_mma_body(const AttentionParams& p) {
         pa[kc][2] = pack2<T>(s[2 * kc + 1][0], s[2 * kc + 1][1]);
         pa[kc][3] = pack2<T>(s[2 * kc + 1][2], s[2 * kc + 1][3]);
       }
-      if constexpr (WG) {  // O += P V: keys 16 kc.. as K; V MN-major (64-column blocks 8 KB apart)
-        auto& of = reinterpret_cast<float(&)[HD / 2]>(o);
-        sm90::fence_regs(of);
+    };
+
+    if constexpr (OVERLAP) {
+      // Three K/V stages; S of tile t + 1 runs on the tensor cores under tile t's softmax.
+      // Stage (t + 2) % 3 is refilled at iteration t: it held tile t - 1, whose last reader
+      // (P V of t - 1) finished before the barrier closing iteration t - 1.
+      load_tile(0, 0);
+      cp_async_commit();
+      if (ntiles > 1) load_tile(1, 1);
+      cp_async_commit();
+      cp_async_wait<1>();  // tile 0 landed
+      sm90::fence_proxy_async();
+      __syncthreads();
+      float s[kBK / 8][4] = {};
+      issue_s(s, Ks);
+      sm90::wait<0>();
+      sm90::fence_regs(reinterpret_cast<float(&)[kBK / 2]>(s));
+      for (int64_t t = 0; t < ntiles; ++t) {
+        if (t + 2 < ntiles) load_tile(static_cast<int>((t + 2) % 3), t + 2);
+        cp_async_commit();
+        float sn[kBK / 8][4] = {};
+        if (t + 1 < ntiles) {  // uniform across the block
+          cp_async_wait<1>();  // tile t + 1 landed (tile t + 2 may still be in flight)
+          sm90::fence_proxy_async();
+          __syncthreads();
+          issue_s(sn, Ks + static_cast<int>((t + 1) % 3) * KTILE);
+        }
+        uint32_t pa[kBK / 16][4];
+        softmax(s, t, pa);
+        issue_pv(pa, Vs + static_cast<int>(t % 3) * KTILE);
+        sm90::wait<0>();  // S of t + 1 and O += P V of t
+        sm90::fence_regs(reinterpret_cast<float(&)[HD / 2]>(o));
         sm90::fence_regs(pa);
-        sm90::fence();  // the accumulators were just rescaled, and P written, by ordinary instructions
+        sm90::fence_regs(reinterpret_cast<float(&)[kBK / 2]>(sn));
 #pragma unroll
-        for (int kc = 0; kc < kBK / 16; ++kc)
-          sm90::MmaRegA<HD, T>::run(of, pa[kc],
-                                    sm90::desc_sw128_mn(vs + sm90::mnmajor_start(kc), sm90::mn_lbo(kBK), sm90::kSbo));
-        sm90::commit();
-        sm90::wait<0>();
-        sm90::fence_regs(of);
-        sm90::fence_regs(pa);
-      } else {
+        for (int nt = 0; nt < kBK / 8; ++nt)
 #pragma unroll
-        for (int kc = 0; kc < kBK / 16; ++kc)
-#pragma unroll
-          for (int dp = 0; dp < HD / 16; ++dp) {
-            uint32_t r[4];
-            ldmatrix_x4_trans(r, vs + (kc * 16 + lane % 8 + ((lane / 8) % 2) * 8) * LDS + dp * 16 + (lane / 16) * 8);
-            mma_16816<T>(o[2 * dp], pa[kc], r[0], r[1]);
-            mma_16816<T>(o[2 * dp + 1], pa[kc], r[2], r[3]);
-          }
+          for (int e = 0; e < 4; ++e) s[nt][e] = sn[nt][e];
+        __syncthreads();  // every warp is done with stage t % 3 before it is refilled
       }
-      __syncthreads();  // every warp is done with this stage before it is refilled
+    } else {
+      load_tile(0, 0);
+      cp_async_commit();
+      for (int64_t t = 0; t < ntiles; ++t) {
+        if (t + 1 < ntiles) load_tile(static_cast<int>((t + 1) % 2), t + 1);
+        cp_async_commit();
+        cp_async_wait<1>();  // tile t landed (tile t + 1 may still be in flight)
+        if constexpr (WG) sm90::fence_proxy_async();
+        __syncthreads();
+        const int stage = static_cast<int>(t % 2);
+        const T* ks = Ks + stage * KTILE;
+        const T* vs = Vs + stage * KTILE;
+
+        float s[kBK / 8][4] = {};
+        if constexpr (WG) {
+          issue_s(s, ks);
+          sm90::wait<0>();
+          sm90::fence_regs(reinterpret_cast<float(&)[kBK / 2]>(s));
+        } else {
+#pragma unroll
+          for (int kk = 0; kk < HD / 16; ++kk)
+#pragma unroll
+            for (int np = 0; np < kBK / 16; ++np) {
+              uint32_t r[4];
+              ldmatrix_x4(r, ks + (np * 16 + lane % 8 + (lane / 16) * 8) * LDS + kk * 16 + ((lane / 8) % 2) * 8);
+              mma_16816<T>(s[2 * np], qf[kk], r[0], r[1]);
+              mma_16816<T>(s[2 * np + 1], qf[kk], r[2], r[3]);
+            }
+        }
+        uint32_t pa[kBK / 16][4];
+        softmax(s, t, pa);
+        if constexpr (WG) {
+          issue_pv(pa, vs);
+          sm90::wait<0>();
+          sm90::fence_regs(reinterpret_cast<float(&)[HD / 2]>(o));
+          sm90::fence_regs(pa);
+        } else {
+#pragma unroll
+          for (int kc = 0; kc < kBK / 16; ++kc)
+#pragma unroll
+            for (int dp = 0; dp < HD / 16; ++dp) {
+              uint32_t r[4];
+              ldmatrix_x4_trans(r, vs + (kc * 16 + lane % 8 + ((lane / 8) % 2) * 8) * LDS + dp * 16 + (lane / 16) * 8);
+              mma_16816<T>(o[2 * dp], pa[kc], r[0], r[1]);
+              mma_16816<T>(o[2 * dp + 1], pa[kc], r[2], r[3]);
+            }
+        }
+        __syncthreads();  // every warp is done with this stage before it is refilled
+      }
     }
   }
 
@@ -310,32 +373,46 @@ __device__ __forceinline__ void attention_mma_body(const AttentionParams& p) {
   }
 }
 
-template <typename T, int HD, bool WG>
+template <typename T, int HD, bool WG, bool OVERLAP>
 __global__ void __launch_bounds__(kThreads<WG>) attention_mma_kernel(AttentionParams p) {
 #if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
   if constexpr (WG) {
     __trap();  // only sm_90a code holds the wgmma body (not even instantiated here)
   } else {
-    attention_mma_body<T, HD, false>(p);
+    attention_mma_body<T, HD, false, false>(p);
   }
 #else
-  attention_mma_body<T, HD, WG>(p);
+  attention_mma_body<T, HD, WG, OVERLAP>(p);
 #endif
 }
 
-template <typename T, int HD, bool WG>
+template <typename T, int HD, bool WG, bool OVERLAP>
 cudaError_t launch_hd(const AttentionParams& p, cudaStream_t stream) {
-  constexpr size_t smem = mma_smem_bytes<HD, WG>();
-  const cudaError_t e = opt_in_smem<attention_mma_kernel<T, HD, WG>>(smem);
+  constexpr size_t smem = mma_smem_bytes<HD, WG, OVERLAP>();
+  const cudaError_t e = opt_in_smem<attention_mma_kernel<T, HD, WG, OVERLAP>>(smem);
   if (e != cudaSuccess) return e;
   const dim3 grid(static_cast<unsigned>(ceil_div(p.T, kBQ<WG>)), static_cast<unsigned>(p.Hq));
-  attention_mma_kernel<T, HD, WG><<<grid, kThreads<WG>, smem, stream>>>(p);
+  attention_mma_kernel<T, HD, WG, OVERLAP><<<grid, kThreads<WG>, smem, stream>>>(p);
   return cudaGetLastError();
 }
 
-template <typename T, bool WG>
+template <typename T, bool WG, bool OVERLAP>
 cudaError_t launch_kind(const AttentionParams& p, cudaStream_t stream) {
-  return p.hd == 64 ? launch_hd<T, 64, WG>(p, stream) : launch_hd<T, 128, WG>(p, stream);
+  return p.hd == 64 ? launch_hd<T, 64, WG, OVERLAP>(p, stream) : launch_hd<T, 128, WG, OVERLAP>(p, stream);
+}
+
+template <typename T>
+cudaError_t launch_dtype(const AttentionParams& p, AttentionMma kind, cudaStream_t stream) {
+  switch (kind) {
+    case AttentionMma::kMma:
+      return launch_kind<T, false, false>(p, stream);
+    case AttentionMma::kWgmma:
+      return launch_kind<T, true, false>(p, stream);
+    case AttentionMma::kWgmmaOverlap:
+      return launch_kind<T, true, true>(p, stream);
+    default:
+      return cudaErrorNotSupported;
+  }
 }
 
 }  // namespace
@@ -350,11 +427,7 @@ bool attention_mma_supported(const AttentionParams& p, DType dtype) {
 
 cudaError_t launch_attention_mma(const AttentionParams& p, DType dtype, cudaStream_t stream) {
   const AttentionMma kind = attention_mma_kind();
-  if (kind == AttentionMma::kUnavailable || kind == AttentionMma::kUnknown) return cudaErrorNotSupported;
-  const bool wg = kind == AttentionMma::kWgmma;
-  if (dtype == DType::kBF16)
-    return wg ? launch_kind<__nv_bfloat16, true>(p, stream) : launch_kind<__nv_bfloat16, false>(p, stream);
-  return wg ? launch_kind<__half, true>(p, stream) : launch_kind<__half, false>(p, stream);
+  return dtype == DType::kBF16 ? launch_dtype<__nv_bfloat16>(p, kind, stream) : launch_dtype<__half>(p, kind, stream);
 }
 
 }  // namespace skipgpt::cuda

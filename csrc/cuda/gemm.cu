@@ -217,6 +217,7 @@ AttentionMma attention_mma_kind() {
   const std::string_view want = env != nullptr ? env : "";
   if (want.empty() || want == "auto" || want == "mma") return AttentionMma::kMma;  // wgmma: opt-in, as above
   if (want == "wgmma") return sm90a_device() ? AttentionMma::kWgmma : AttentionMma::kUnavailable;
+  if (want == "wgmma-overlap") return sm90a_device() ? AttentionMma::kWgmmaOverlap : AttentionMma::kUnavailable;
   return AttentionMma::kUnknown;
 }
 

@@ -136,11 +136,12 @@ bool attention_mma_supported(const AttentionParams& p, DType dtype);
 cudaError_t launch_attention_mma(const AttentionParams& p, DType dtype, cudaStream_t stream);
 // The prefill kernel's matrix instructions, from SKIPGPT_CUDA_ATTN (read at every launch):
 // unset, "auto" or "mma": mma.sync; "wgmma" (sm_90a: S = Q K^T from shared memory, P V with P in
-// registers), kUnavailable where it cannot run; anything else kUnknown. launch_attention returns
+// registers); "wgmma-overlap" (the same with three K/V stages, S of the next key tile issued
+// before this tile's softmax), kUnavailable where they cannot run; anything else kUnknown. launch_attention returns
 // cudaErrorNotSupported for those two when it reaches the prefill kernel; the op wrapper checks
 // first, on every call (decode included), and fails with a message. auto becomes wgmma once a
 // GPU run has verified it.
-enum class AttentionMma : int { kMma = 0, kWgmma = 1, kUnavailable = 2, kUnknown = 3 };
+enum class AttentionMma : int { kMma = 0, kWgmma = 1, kWgmmaOverlap = 2, kUnavailable = 3, kUnknown = 4 };
 AttentionMma attention_mma_kind();
 
 }  // namespace skipgpt::cuda

@@ -336,9 +336,9 @@ at::Tensor sparse_query_attention_cuda(const at::Tensor& q_in, const at::Tensor&
     p.partial_ml = p.partial_o + T * Hq * p.splits * hd;
   }
   const AttentionMma kind = attention_mma_kind();
-  TORCH_CHECK(kind != AttentionMma::kUnknown, op, ": SKIPGPT_CUDA_ATTN must be unset, auto, mma or wgmma, got '",
+  TORCH_CHECK(kind != AttentionMma::kUnknown, op, ": SKIPGPT_CUDA_ATTN must be unset, auto, mma, wgmma or wgmma-overlap, got '",
               std::getenv("SKIPGPT_CUDA_ATTN"), "'");
-  TORCH_CHECK(kind != AttentionMma::kUnavailable, op, ": SKIPGPT_CUDA_ATTN=wgmma ", kNeedsSm90a);
+  TORCH_CHECK(kind != AttentionMma::kUnavailable, op, ": SKIPGPT_CUDA_ATTN=wgmma(-overlap) ", kNeedsSm90a);
   launched(launch_attention(p, dtype_of(q), c10::cuda::getCurrentCUDAStream().stream()), op);
   return out;
 }
