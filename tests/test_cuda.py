@@ -194,6 +194,28 @@ def test_attention_prefill_kernels(monkeypatch, attn, dtype, case, kind):
     test_sparse_query_attention_matches_float64(dtype, case, kind, seed=MAINLOOP_SEED[attn])
 
 
+@pytest.mark.parametrize("attn", ["mma", "wgmma", pytest.param("wgmma-overlap", id="wgmma_overlap")])
+@pytest.mark.parametrize("hd", [64, 128])
+def test_attention_unmasked_tiles_equal_masked_ones(monkeypatch, attn, hd):
+    """Key tiles every row sees skip the per-key mask; an all-true padding mask sends every tile
+    through the mask instead. The two must agree bit for bit (and with float64)."""
+    monkeypatch.setenv("SKIPGPT_CUDA_ATTN", attn)
+    if attn != "mma" and (why := _wgmma_unavailable_reason()) is not None:
+        pytest.skip(why)
+    gen = torch.Generator().manual_seed(hd + MAINLOOP_SEED[attn])
+    S, Hkv, G = 700, 2, 2
+    q = _randn(S, Hkv * G * hd, dtype=torch.bfloat16, gen=gen)
+    k, v = _randn(1, Hkv, S, hd, dtype=torch.bfloat16, gen=gen), _randn(1, Hkv, S, hd, dtype=torch.bfloat16, gen=gen)
+    q_pos = torch.arange(S, device=DEV)
+    idx, cnt = _rows(S, "all", gen)
+    scale = hd**-0.5
+    fast = ops.sparse_query_attention(q, idx, cnt, k, v, q_pos, None, 0, S, scale, 0)
+    every_key = torch.ones(1, S, dtype=torch.bool, device=DEV)
+    masked = ops.sparse_query_attention(q, idx, cnt, k, v, q_pos, every_key, 0, S, scale, 0)
+    assert torch.equal(fast, masked)
+    _close(fast, ref.sparse_query_attention(*_cpu64(q, idx, cnt, k, v, q_pos, None), 0, S, scale, 0), torch.bfloat16)
+
+
 def test_attention_kind_env_is_checked(monkeypatch):
     q = torch.randn(64, 128, device=DEV, dtype=torch.bfloat16)
     k = v = torch.randn(1, 1, 64, 128, device=DEV, dtype=torch.bfloat16)

@@ -210,7 +210,7 @@ __device__ __forceinline__ void attention_mma_body(const AttentionParams& p) {
         for (int nt = 0; nt < kBK / 8; ++nt)
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
-            s[nt][e] *= sl2;
+            s[nt][e] = __fmul_rn(s[nt][e], sl2);  // _rn: never fused, so both paths round alike
             mx[e / 2] = fmaxf(mx[e / 2], s[nt][e]);
           }
       } else {
@@ -221,7 +221,7 @@ __device__ __forceinline__ void attention_mma_body(const AttentionParams& p) {
             const int rr = e / 2;
             const int64_t key = j0 + nt * 8 + (lane % 4) * 2 + (e % 2);
             const bool ok = key >= rlo[rr] && key < rhi[rr] && (kvalid == nullptr || kvalid[key]);
-            s[nt][e] = ok ? s[nt][e] * sl2 : -INFINITY;
+            s[nt][e] = ok ? __fmul_rn(s[nt][e], sl2) : -INFINITY;
             mx[rr] = fmaxf(mx[rr], s[nt][e]);
           }
       }
@@ -281,19 +281,21 @@ __device__ __forceinline__ void attention_mma_body(const AttentionParams& p) {
       issue_s(s, Ks);
       sm90::wait<0>();
       sm90::fence_regs(reinterpret_cast<float(&)[kBK / 2]>(s));
+      int st = 0;  // the stage of tile t: t % 3
       for (int64_t t = 0; t < ntiles; ++t) {
-        if (t + 2 < ntiles) load_tile(static_cast<int>((t + 2) % 3), t + 2);
+        const int st1 = st == 2 ? 0 : st + 1, st2 = st1 == 2 ? 0 : st1 + 1;  // of t + 1, t + 2
+        if (t + 2 < ntiles) load_tile(st2, t + 2);
         cp_async_commit();
         float sn[kBK / 8][4] = {};
         if (t + 1 < ntiles) {  // uniform across the block
           cp_async_wait<1>();  // tile t + 1 landed (tile t + 2 may still be in flight)
           sm90::fence_proxy_async();
           __syncthreads();
-          issue_s(sn, Ks + static_cast<int>((t + 1) % 3) * KTILE);
+          issue_s(sn, Ks + st1 * KTILE);
         }
         uint32_t pa[kBK / 16][4];
         softmax(s, t, pa);
-        issue_pv(pa, Vs + static_cast<int>(t % 3) * KTILE);
+        issue_pv(pa, Vs + st * KTILE);
         sm90::wait<0>();  // S of t + 1 and O += P V of t
         sm90::fence_regs(reinterpret_cast<float(&)[HD / 2]>(o));
         sm90::fence_regs(pa);
@@ -303,6 +305,7 @@ __device__ __forceinline__ void attention_mma_body(const AttentionParams& p) {
 #pragma unroll
           for (int e = 0; e < 4; ++e) s[nt][e] = sn[nt][e];
         __syncthreads();  // every warp is done with stage t % 3 before it is refilled
+        st = st1;
       }
     } else {
       load_tile(0, 0);
