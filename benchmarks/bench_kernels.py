@@ -58,14 +58,20 @@ def main() -> None:
                     help="cuda: instead of the full table, time the tiled GEMM ops under each of these "
                          "SKIPGPT_CUDA_GEMM mainloops side by side, and the prefill attention core under "
                          "SKIPGPT_CUDA_ATTN=mma, =wgmma and =wgmma-overlap beside SDPA (default T: 512 4096 16384)")
+    ap.add_argument("--attn-kinds", nargs="*", default=None, choices=["mma", "wgmma", "wgmma-overlap"],
+                    help="with --mainloops: the SKIPGPT_CUDA_ATTN kinds of the attention rows (default: mma, plus "
+                         "wgmma and wgmma-overlap when --mainloops has wgmma; the overlapped one in a last pass)")
     args = ap.parse_args()
+    if args.attn_kinds is not None and not args.mainloops:
+        ap.error("--attn-kinds goes with --mainloops")
     if args.mainloops and args.device != "cuda":
         ap.error("--mainloops compares CUDA kernels: add --device cuda")
     if args.device == "cuda":
         from bench_kernels_cuda import compare_mainloops, main_cuda  # beside this script
 
         if args.mainloops:
-            compare_mainloops(args.T or [512, 4096, 16384], args.skip or [0.0, 0.4], args.reps or 20, args.mainloops)
+            compare_mainloops(args.T or [512, 4096, 16384], args.skip or [0.0, 0.4], args.reps or 20, args.mainloops,
+                              args.attn_kinds)
             return
         main_cuda(args.T or [1, 8, 64, 512, 4096, 16384], args.skip or [0.0, 0.25, 0.4], args.reps or 20)
         return

@@ -210,16 +210,18 @@ def main_cuda(T_list, skips, reps: int) -> None:
                       f"x_dense {g_den / g_nat:.2f}", flush=True)
 
 
-def compare_mainloops(T_list, skips, reps: int, loops) -> None:
+def compare_mainloops(T_list, skips, reps: int, loops, attn_kinds=None) -> None:
     """The tiled GEMM ops (T > 8) under each SKIPGPT_CUDA_GEMM mainloop, side by side with cuBLAS,
-    and the prefill attention core under each SKIPGPT_CUDA_ATTN kind beside SDPA.
+    and the prefill attention core under each SKIPGPT_CUDA_ATTN kind beside SDPA (attn_kinds;
+    default mma, plus wgmma and wgmma-overlap when the wgmma mainloop is asked for).
 
     One Llama-3.1-8B layer in bf16, prefill rows, routers at the given skip rate. The mainloop
     is switched through the environment (the kernels read it at every launch); each op is timed
     under one mainloop after another in the same process, each with its own warm-up. Dense is
     cuBLAS on every row (the Q row: the projection alone); ideal = T / executing rows. The
     warp-specialised kernels get passes of their own after all the others (the TMA one last),
-    so that a fault there (their mbarrier watchdog traps) cannot cost the other rows.
+    and so does the overlapped attention, last of all, so that a fault or a hang there (the
+    GEMMs' mbarrier watchdog traps) cannot cost the other rows.
     """
     skipgpt_ext.require_kernels("cuda")
     props = torch.cuda.get_device_properties(0)
@@ -227,14 +229,21 @@ def compare_mainloops(T_list, skips, reps: int, loops) -> None:
           "and prefill attention core (causal, one sequence)")
     saved = {v: os.environ.get(v) for v in ("SKIPGPT_CUDA_GEMM", "SKIPGPT_CUDA_ATTN")}
     try:
+        if attn_kinds is None:
+            attn_kinds = ["mma"] + (["wgmma", "wgmma-overlap"] if "wgmma" in loops else [])
         loops = [m for m in loops if _mainloop_runs_here(m)]
+        if any(k != "mma" for k in attn_kinds) and not _mainloop_runs_here("wgmma"):  # the same sm_90a check
+            attn_kinds = [k for k in attn_kinds if k == "mma"]
         specialised = ("wgmma-ws", "wgmma-tma")
         first = [m for m in loops if m not in specialised]
-        if first:
-            _mainloop_rows(T_list, skips, reps, first, attention=True)
+        first_attn = [k for k in attn_kinds if k != "wgmma-overlap"]
+        if first or first_attn:
+            _mainloop_rows(T_list, skips, reps, first, first_attn)
         for m in specialised:
             if m in loops:
-                _mainloop_rows(T_list, skips, reps, [m], attention=False)
+                _mainloop_rows(T_list, skips, reps, [m], [])
+        if "wgmma-overlap" in attn_kinds:
+            _mainloop_rows(T_list, skips, reps, [], ["wgmma-overlap"])
     finally:
         for var, val in saved.items():
             if val is None:
@@ -261,13 +270,14 @@ def _mainloop_runs_here(m: str) -> bool:
     return True
 
 
-def _mainloop_rows(T_list, skips, reps: int, loops, attention: bool) -> None:
+def _mainloop_rows(T_list, skips, reps: int, loops, attn_kinds) -> None:
     ops = skipgpt_ext.ops
     dev, dt = "cuda", torch.bfloat16
     torch.manual_seed(0)
     d, inter, Hq, Hkv, hd = (LLAMA8B[k] for k in ("d", "inter", "Hq", "Hkv", "hd"))
     head = "".join(f" {m + '_us':>12s}" for m in loops) + "".join(f" {'x_' + m:>11s}" for m in loops)
-    print(f"T      skip  op                      ideal  dense_us{head}  (x_m: dense / mainloop m)", flush=True)
+    if loops:
+        print(f"T      skip  op                      ideal  dense_us{head}  (x_m: dense / mainloop m)", flush=True)
     w = lambda *s, scale=1.0: (torch.randn(*s, device=dev) * scale).to(dt)  # noqa: E731
     Wq, Wo = w(Hq * hd, d, scale=d**-0.5), w(d, Hq * hd, scale=(Hq * hd) ** -0.5)
     Wg, Wu, Wd = w(inter, d, scale=d**-0.5), w(inter, d, scale=d**-0.5), w(d, inter, scale=inter**-0.5)
@@ -293,7 +303,7 @@ def _mainloop_rows(T_list, skips, reps: int, loops, attention: bool) -> None:
                  lambda hh: hh.add_(F.linear(F.silu(F.linear(F.rms_norm(hh, (d,), n2, eps), Wg))
                                              * F.linear(F.rms_norm(hh, (d,), n2, eps), Wu), Wd)), restore),
             ]
-            for name, native, dense, setup in cases:
+            for name, native, dense, setup in cases if loops else []:
                 td = _events_ms(dense, reps, setup)
                 tn = []
                 for m in loops:
@@ -302,9 +312,8 @@ def _mainloop_rows(T_list, skips, reps: int, loops, attention: bool) -> None:
                 os.environ.pop("SKIPGPT_CUDA_GEMM", None)
                 cols = "".join(f" {t * 1e3:12.1f}" for t in tn) + "".join(f" {td / t:11.2f}" for t in tn)
                 print(f"{T:6d} {skip:4.2f}  {name:22s} {ideal:5.2f} {td * 1e3:9.1f}{cols}", flush=True)
-            # mma, plus both wgmma kernels (plain, overlapped) when the wgmma mainloop runs here.
-            kinds = [k for k in ("mma", "wgmma") if k in loops] + (["wgmma-overlap"] if "wgmma" in loops else [])
-            if not attention or not kinds:
+            kinds = attn_kinds
+            if not kinds:
                 continue
             # The prefill attention core (T >= 64: the tensor-core kernel) on each matrix
             # instruction set (SKIPGPT_CUDA_ATTN), beside SDPA on every row.

@@ -4,10 +4,11 @@
 #   2. run the GPU tests (tests/test_cuda.py, marker `cuda`), the opt-in wgmma kernels' after
 #      the others, in processes of their own;
 #   3. run the CUDA microbenchmarks: the tiled GEMM ops and the prefill attention core under
-#      each mainloop side by side (bench_kernels.py --mainloops mma wgmma wgmma-ws wgmma-tma), then the
-#      full layer table (bench_kernels.py --device cuda);
+#      each kernel whose tests passed, side by side (bench_kernels.py --mainloops ...
+#      --attn-kinds ...), then the full layer table (bench_kernels.py --device cuda);
 #   4. compute-sanitizer memcheck over a few cases of each kernel, if time is left;
-#   5. write logs and a results table under $OUT (results.md last, also printed).
+#   5. write logs and a results table under $OUT (results.md: the summary, then the probe logs and
+#      bench tables; printed, then the summary again, last).
 # Between 2 and 3, for each test process that failed: the layout probe of its kernels
 # (benchmarks/layout_probe.py: where each wrong output element was read from).
 # Usage on the device:   OUT=/some/dir bash benchmarks/gpu_check.sh
@@ -66,63 +67,55 @@ echo "| import (CUDA kernels registered) | rc=$build_rc | - | build.log |" >>"$R
 tail -n 3 "$OUT/build.log"
 
 if [ $build_rc -eq 0 ]; then
-  # The default kernels first; the opt-in wgmma ones (never run before the first device) after,
-  # in processes of their own (the wgmma GEMM and attention in one, the warp-specialised GEMM in
-  # another), so a fault there cannot poison the others' CUDA context.
-  stage tests 150 "$OUT/tests.log" "$PY" -m pytest -q -m cuda -p no:cacheprovider tests/test_cuda.py -rs \
-    -k "not wgmma" --junitxml="$OUT/tests.xml"
-  rc_mma=$?
-  tail -n 5 "$OUT/tests.log" 2>/dev/null
-  stage tests-wgmma 75 "$OUT/tests_wgmma.log" "$PY" -m pytest -q -m cuda -p no:cacheprovider tests/test_cuda.py -rs \
-    -k "wgmma and not wgmma_ws and not wgmma_tma and not wgmma_overlap" --junitxml="$OUT/tests_wgmma.xml"
-  rc_wgmma=$?
-  tail -n 3 "$OUT/tests_wgmma.log" 2>/dev/null
-  # The warp-specialised GEMM: an mbarrier pipeline hang traps after 10 s.
-  stage tests-wgmma-ws 60 "$OUT/tests_ws.log" "$PY" -m pytest -q -m cuda -p no:cacheprovider tests/test_cuda.py -rs \
-    -k wgmma_ws --junitxml="$OUT/tests_ws.xml"
-  rc_ws=$?
-  tail -n 3 "$OUT/tests_ws.log" 2>/dev/null
-  # The same with the weight tiles by TMA (wgmma-tma).
-  stage tests-wgmma-tma 60 "$OUT/tests_tma.log" "$PY" -m pytest -q -m cuda -p no:cacheprovider tests/test_cuda.py -rs \
-    -k wgmma_tma --junitxml="$OUT/tests_tma.xml"
-  rc_tma=$?
-  tail -n 3 "$OUT/tests_tma.log" 2>/dev/null
-  # The prefill attention with the next tile's S under this tile's softmax (wgmma-overlap).
-  stage tests-attn-overlap 45 "$OUT/tests_overlap.log" "$PY" -m pytest -q -m cuda -p no:cacheprovider tests/test_cuda.py -rs \
-    -k wgmma_overlap --junitxml="$OUT/tests_overlap.xml"
-  rc_overlap=$?
-  tail -n 3 "$OUT/tests_overlap.log" 2>/dev/null
+  # The GPU tests in five processes, the default kernels first; the opt-in wgmma ones (never run
+  # before the first device) after, each family in a process of its own, so that a fault there
+  # cannot poison the others' CUDA context. A warp-specialised GEMM's mbarrier hang traps
+  # after 10 s. Each sets rc_<name>.
+  tests() {  # name, limit, log stem, -k expression
+    stage "tests-$1" "$2" "$OUT/tests_$3.log" "$PY" -m pytest -q -m cuda -p no:cacheprovider tests/test_cuda.py -rs \
+      -k "$4" --junitxml="$OUT/tests_$3.xml"
+    eval "rc_$3=$?"
+    tail -n 3 "$OUT/tests_$3.log" 2>/dev/null
+  }
+  tests default 150 mma "not wgmma"
+  tests wgmma 75 wgmma "wgmma and not wgmma_ws and not wgmma_tma and not wgmma_overlap"
+  tests wgmma-ws 60 ws wgmma_ws
+  tests wgmma-tma 60 tma wgmma_tma
+  tests attn-overlap 45 overlap wgmma_overlap
   # Where a test process failed or crashed (not: passed, nothing collected, out of time), the
   # layout probe of its kernels: which operand element each wrong output element came from, so
-  # the fix can be found here without another device run (benchmarks/layout_probe.py).
+  # the fix can be found here without another device run (benchmarks/layout_probe.py). The GEMM
+  # and the attention kernels of one family are probed in processes of their own.
   failed() { [ "$1" -ne 0 ] && [ "$1" -ne 5 ] && [ "$1" -ne 124 ]; }
-  if failed $rc_mma; then
-    stage probe-mma 45 "$OUT/probe_mma.log" "$PY" benchmarks/layout_probe.py --device cuda --gemm mma --attn mma
-  fi
-  if failed $rc_wgmma; then
-    stage probe-wgmma 45 "$OUT/probe_wgmma.log" "$PY" benchmarks/layout_probe.py --device cuda --gemm wgmma --attn wgmma
-  fi
-  if failed $rc_ws; then
-    stage probe-wgmma-ws 45 "$OUT/probe_ws.log" "$PY" benchmarks/layout_probe.py --device cuda --gemm wgmma-ws --attn
-  fi
-  if failed $rc_tma; then
-    stage probe-wgmma-tma 45 "$OUT/probe_tma.log" "$PY" benchmarks/layout_probe.py --device cuda --gemm wgmma-tma --attn
-  fi
-  if failed $rc_overlap; then
-    stage probe-attn-overlap 45 "$OUT/probe_overlap.log" "$PY" benchmarks/layout_probe.py --device cuda --gemm --attn wgmma-overlap
-  fi
+  passed() { [ "$1" -eq 0 ]; }
+  probe() {  # log stem, --gemm values, --attn values
+    stage "probe-$1" 45 "$OUT/probe_$1.log" "$PY" benchmarks/layout_probe.py --device cuda --gemm $2 --attn $3
+  }
+  if failed $rc_mma; then probe mma-gemm mma ""; probe mma-attn "" mma; fi
+  if failed $rc_wgmma; then probe wgmma-gemm wgmma ""; probe wgmma-attn "" wgmma; fi
+  if failed $rc_ws; then probe ws wgmma-ws ""; fi
+  if failed $rc_tma; then probe tma wgmma-tma ""; fi
+  if failed $rc_overlap; then probe overlap "" wgmma-overlap; fi
+  # The benchmarks time the default kernels and those opt-in ones whose tests passed.
+  loops="mma"
+  attn_kinds="mma"
+  if passed $rc_wgmma; then loops="$loops wgmma"; attn_kinds="$attn_kinds wgmma"; fi
+  if passed $rc_ws; then loops="$loops wgmma-ws"; fi
+  if passed $rc_tma; then loops="$loops wgmma-tma"; fi
+  if passed $rc_overlap; then attn_kinds="$attn_kinds wgmma-overlap"; fi
   if "$PY" -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     # The tiled GEMM ops and the prefill attention core under each mainloop, side by side (the
-    # warp-specialised GEMM in a last pass of its own).
+    # warp-specialised GEMMs and the overlapped attention in last passes of their own).
     stage bench-mainloops 100 "$OUT/bench_mainloops.txt" \
-      "$PY" benchmarks/bench_kernels.py --device cuda --reps 10 --mainloops mma wgmma wgmma-ws wgmma-tma
+      "$PY" benchmarks/bench_kernels.py --device cuda --reps 10 --mainloops $loops --attn-kinds $attn_kinds
     stage bench 150 "$OUT/bench_cuda.txt" "$PY" benchmarks/bench_kernels.py --device cuda --reps 20
   else
     echo "| bench | skipped: no CUDA device | 0 s | - |" >>"$RES.stages"
   fi
   # compute-sanitizer memcheck over one GEMM case (mma.sync, wgmma) and one attention case
   # (mma.sync, wgmma), if the budget still allows; without the caching allocator, so that an
-  # access past a tensor is past its allocation.
+  # access past a tensor is past its allocation. (The warp-specialised and overlapped kernels
+  # are left out: the budget is spent by then.)
   SAN=$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")
   if [ -x "$SAN" ]; then
     stage memcheck 90 "$OUT/memcheck.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SAN" --tool memcheck --error-exitcode 7 \
@@ -134,6 +127,7 @@ if [ $build_rc -eq 0 ]; then
   fi
 fi
 
+SUM="$OUT/summary.md"
 {
   echo "# GPU check, $(date -u +%Y-%m-%d) ($(( $(date +%s) - t0 )) s)"
   echo
@@ -147,14 +141,19 @@ fi
     [ -f "$OUT/$1" ] && printf '%s: %s\n\n' "$2" "$(grep -E "$3" "$OUT/$1" | tail -n 1)"
   }
   counts='[0-9]+ (passed|failed|skipped|error)'
-  summary tests.log "Tests" "$counts"
+  summary tests_mma.log "Tests" "$counts"
   summary tests_wgmma.log "Tests, wgmma GEMM and attention" "$counts"
   summary tests_ws.log "Tests, warp-specialised wgmma GEMM" "$counts"
   summary tests_tma.log "Tests, warp-specialised wgmma GEMM, TMA weight tiles" "$counts"
   summary tests_overlap.log "Tests, wgmma prefill attention, overlapped" "$counts"
   summary memcheck.log "compute-sanitizer memcheck" "ERROR SUMMARY"
-  for f in probe_mma.log probe_wgmma.log probe_ws.log probe_tma.log probe_overlap.log bench_cuda.txt bench_mainloops.txt; do
+} >"$SUM"
+{
+  cat "$SUM"
+  for f in probe_mma-gemm.log probe_mma-attn.log probe_wgmma-gemm.log probe_wgmma-attn.log probe_ws.log probe_tma.log \
+    probe_overlap.log bench_cuda.txt bench_mainloops.txt; do
     if [ -f "$OUT/$f" ]; then
+      echo "## $f"
       echo '```'
       cat "$OUT/$f"
       echo '```'
@@ -163,3 +162,7 @@ fi
 } >"$RES"
 rm -f "$RES.stages"
 cat "$RES"
+# The summary once more, last, so that the tail of this output (what a device call returns) holds it.
+echo
+echo "---- summary (also $SUM) ----"
+cat "$SUM"

@@ -20,8 +20,9 @@ identity in bf16 there), one-hot down: h gains silu(gate) * up coded by gate/up 
 Attention probes (``sparse_query_attention``): query row t of head h is one-hot at its target key's
 code column, keys are one-hot with a position ramp, so each query attends (to 1e-14) to exactly one
 visible key; V then codes the key, the column, or the (sequence, KV head):
-  prefill blocks (2 sequences x 128 tokens, every third token skipped, head_dim 64 and 128, GQA 2)
-  and a split-KV decode batch (4 sequences, 288 cached keys).
+  prefill blocks (2 sequences x 128 tokens, every third token skipped, head_dim 64 and 128, GQA 2;
+  and 2 x 384 tokens, for blocks of several key tiles) and a split-KV decode batch (4 sequences,
+  288 cached keys).
 code(i) = 1 + i % 255: exact in bf16, and 0 stays "nothing read".
 
 Usage on the device, one kernel variant per process (a fault cannot spoil the next):
@@ -120,9 +121,11 @@ def compare(name: str, got: torch.Tensor, want: torch.Tensor, row_tile: int, col
 # ---- GEMM probes -----------------------------------------------------------------------------
 
 GEMM_SHAPES = {
-    # (T rows, N, K): 2 x 4 tiles of 128x128 (wgmma's narrow tiles: fewer 256-wide tiles than SMs),
-    # K 192 = 3 wgmma k-tiles (6 mma.sync ones); then 16 x 11 = 176 tiles of 128x256 (>= 132 SMs).
-    "narrow": (256, 512, 192),
+    # (T rows, N, K): 4 x 4 tiles of 128x128 (wgmma's narrow tiles: fewer 256-wide tiles than SMs),
+    # K 448 = 7 wgmma k-tiles (14 mma.sync ones), so the 4-stage pipelines wrap (the warp-
+    # specialised kernels' empty-barrier waits and parity flips run); T and N >= K, so the one-hot
+    # rows reach every k. Then 16 x 11 = 176 tiles of 128x256 (>= 132 SMs): the 256-wide tiles.
+    "narrow": (512, 512, 448),
     "wide": (2048, 2816, 128),
 }
 
@@ -213,9 +216,12 @@ def mlp_probes(device: str, ops=None, shape=MLP_SHAPE) -> list[Result]:
 # ---- attention probes --------------------------------------------------------------------------
 
 ATTN_CASES = {
-    # name: (B, seq_len, Lk, Hkv, G, head_dim); prefill (T >= 64, Lk <= 256: the tensor-core kernel)
+    # name: (B, seq_len, Lk, Hkv, G, head_dim). Prefill: T >= 64 and one KV split (Lk <= 256, or
+    # T * Hkv >= 2 x SMs) take the tensor-core kernel; 384 keys give blocks of up to 6 key tiles,
+    # so the overlapped kernel's three stages rotate and inner tiles skip the per-key mask.
     "prefill hd64": (2, 128, 128, 2, 2, 64),
     "prefill hd128": (2, 128, 128, 2, 2, 128),
+    "prefill hd128 long": (2, 384, 384, 2, 2, 128),
     # decode: one token per sequence over 288 keys (split-KV: T * Hkv blocks < 2 x SMs, Lk > 256)
     "decode hd128": (4, 1, 288, 2, 2, 128),
 }
@@ -263,10 +269,9 @@ def attention_probes(device: str, ops=None, cases=ATTN_CASES) -> list[Result]:
         qb, kb = q.index_select(0, idx).to(DTYPE).contiguous(), k.to(DTYPE).contiguous()
         for pattern, v in v_patterns.items():
             vb = v.to(DTYPE).contiguous()
-            args = (q_pos, None, kv_offset, S, 1.0, 0)
-            want = ref.sparse_query_attention(qb, idx, count, kb, vb, *args)
-            got = ops.sparse_query_attention(qb.to(device), idx.to(device), count.to(device), kb.to(device),
-                                             vb.to(device), q_pos.to(device), None, kv_offset, S, 1.0, 0)
+            rest = (None, kv_offset, S, 1.0, 0)  # no padding mask, offset, seq_len, scale, no window
+            want = ref.sparse_query_attention(qb, idx, count, kb, vb, q_pos, *rest)
+            got = ops.sparse_query_attention(*(t.to(device) for t in (qb, idx, count, kb, vb, q_pos)), *rest)
             results.append(compare(f"attention {name} (B {B}, S {S}, Lk {Lk}, Hkv {Hkv}, G {G}), {pattern}",
                                    got, want, 64, hd, rows=torch.arange(n)))  # out is compacted: row r = token idx[r]
     return results
@@ -274,58 +279,70 @@ def attention_probes(device: str, ops=None, cases=ATTN_CASES) -> list[Result]:
 
 # ---- CLI ----------------------------------------------------------------------------------------
 
-def run_variant(env: str, value: str, probes: Callable[[], list[Result]]) -> tuple[int, int]:
-    """Run probes under os.environ[env] = value; print results. Returns (wrong probes, errors)."""
+Family = tuple[str, Callable[[], list[Result]]]
+
+
+def run_families(families: list[Family]) -> tuple[int, int]:
+    """Run each probe family, print its results. Returns (wrong probes, families that raised).
+
+    A family that raises (the kernel variant cannot run here, or it faulted) costs only its own
+    results; after a sticky CUDA fault the later families report the same error."""
+    wrong = errors = 0
+    for label, probes in families:
+        try:
+            results = probes()
+        except RuntimeError as e:
+            print(f"   {label}: error: {str(e).splitlines()[0]}")
+            errors += 1
+            continue
+        bad = sum(r.wrong > 0 for r in results)
+        for r in results:
+            print("   " + r.line())
+        print(f"   {label}: {len(results) - bad} of {len(results)} probes exact")
+        wrong += bad
+    return wrong, errors
+
+
+def run_variant(env: str, value: str, families: list[Family]) -> tuple[int, int]:
+    """run_families under os.environ[env] = value (restored afterwards)."""
     print(f"== {env}={value}")
     saved = os.environ.get(env)
     os.environ[env] = value
     try:
-        results = probes()
-    except RuntimeError as e:  # the variant cannot run here, or the kernel faulted
-        print(f"   error: {str(e).splitlines()[0]}")
-        return 0, 1
+        return run_families(families)
     finally:
         if saved is None:
             os.environ.pop(env, None)
         else:
             os.environ[env] = saved
-    wrong = 0
-    for r in results:
-        print("   " + r.line())
-        wrong += r.wrong > 0
-    print(f"   {len(results) - wrong} of {len(results)} probes exact")
-    return wrong, 0
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
     ap.add_argument("--gemm", nargs="*", default=None, choices=["mma", "wgmma", "wgmma-ws", "wgmma-tma"],
-                    help="GEMM mainloops to probe (SKIPGPT_CUDA_GEMM); default: mma on cuda, the CPU kernel on cpu")
+                    help="GEMM mainloops to probe (SKIPGPT_CUDA_GEMM; none with an empty list); default: mma")
     ap.add_argument("--attn", nargs="*", default=None, choices=["mma", "wgmma", "wgmma-overlap"],
-                    help="prefill attention kernels to probe (SKIPGPT_CUDA_ATTN); default as --gemm")
+                    help="prefill attention kernels to probe (SKIPGPT_CUDA_ATTN; none with an empty list); default: mma")
     args = ap.parse_args(argv)
-    skipgpt_ext.require_kernels(args.device)
-    if args.device == "cpu" and (args.gemm or args.attn):
+    if args.device == "cpu" and (args.gemm is not None or args.attn is not None):
         ap.error("--gemm / --attn choose CUDA kernels: add --device cuda")
-    gemm = args.gemm if args.gemm is not None else ["mma"]
-    attn = args.attn if args.attn is not None else ["mma"]
-    wrong = errors = 0
+    skipgpt_ext.require_kernels(args.device)
     if args.device == "cpu":
-        for probes in (gemm_probes, mlp_probes, attention_probes):
-            for r in probes("cpu"):
-                print(r.line())
-                wrong += r.wrong > 0
-        return 1 if wrong else 0
+        wrong, errors = run_families([("gemm", lambda: gemm_probes("cpu")), ("mlp", lambda: mlp_probes("cpu")),
+                                      ("attention", lambda: attention_probes("cpu"))])
+        return 2 if errors else (1 if wrong else 0)
     if not torch.cuda.is_available():
         print("no CUDA device: nothing probed")
         return 2
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name(0)}")
-    for m in gemm:
-        w, e = run_variant("SKIPGPT_CUDA_GEMM", m, lambda: gemm_probes("cuda") + mlp_probes("cuda"))
+    wrong = errors = 0
+    for m in args.gemm if args.gemm is not None else ["mma"]:
+        w, e = run_variant("SKIPGPT_CUDA_GEMM", m, [("gemm", lambda: gemm_probes("cuda")),
+                                                    ("mlp", lambda: mlp_probes("cuda"))])
         wrong, errors = wrong + w, errors + e
-    for m in attn:
-        w, e = run_variant("SKIPGPT_CUDA_ATTN", m, lambda: attention_probes("cuda"))
+    for m in args.attn if args.attn is not None else ["mma"]:
+        w, e = run_variant("SKIPGPT_CUDA_ATTN", m, [("attention", lambda: attention_probes("cuda"))])
         wrong, errors = wrong + w, errors + e
     return 2 if errors else (1 if wrong else 0)
 

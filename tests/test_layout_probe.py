@@ -7,6 +7,7 @@ known layout error (negative controls for the diagnosis, not stand-ins for a ker
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import types
@@ -86,7 +87,7 @@ def test_mlp_inputs_code_the_operand_indices():
 
 def test_cpu_kernels_pass_every_probe():
     results = lp.gemm_probes("cpu") + lp.mlp_probes("cpu") + lp.attention_probes("cpu")
-    assert len(results) == 2 * 4 * 2 + 4 + 3 * 3
+    assert len(results) == 2 * 4 * 2 + 4 + 4 * 3
     assert [r.name for r in results if r.wrong] == []
     assert all(r.total > 0 and r.report == "" for r in results)
 
@@ -164,4 +165,32 @@ def test_attention_probe_describes_a_key_stride_error():
 def test_cli_on_cpu_exits_zero(capsys):
     assert lp.main(["--device", "cpu"]) == 0
     out = capsys.readouterr().out
-    assert "wrong" not in out and out.count(": ok") == 29
+    assert "wrong" not in out and out.count(": ok") == 32
+    assert out.count("probes exact") == 3 and "attention: 12 of 12 probes exact" in out
+
+
+def test_run_variant_reports_a_failing_family_and_restores_the_env(monkeypatch, capsys):
+    """gpu_check.sh's path: a family whose kernel raises (unavailable variant, CUDA fault) is
+    reported and counted, the others still run, and the kernel-choosing variable is restored."""
+    monkeypatch.setenv("SKIPGPT_CUDA_GEMM", "mma")
+    seen = []
+
+    def faulting():
+        seen.append(os.environ["SKIPGPT_CUDA_GEMM"])
+        raise RuntimeError("CUDA error: an illegal memory access was encountered\nmore")
+
+    def fine():
+        seen.append(os.environ["SKIPGPT_CUDA_GEMM"])
+        return lp.gemm_probes("cpu", shapes=SMALL_GEMM)[:2]
+
+    wrong, errors = lp.run_variant("SKIPGPT_CUDA_GEMM", "wgmma-ws", [("gemm", faulting), ("mlp", fine)])
+    assert (wrong, errors) == (0, 1)
+    assert seen == ["wgmma-ws", "wgmma-ws"] and os.environ["SKIPGPT_CUDA_GEMM"] == "mma"
+    out = capsys.readouterr().out
+    assert "gemm: error: CUDA error: an illegal memory access was encountered" in out and "more" not in out
+    assert "mlp: 2 of 2 probes exact" in out
+
+
+def test_cli_rejects_kernel_choices_on_cpu():
+    with pytest.raises(SystemExit):
+        lp.main(["--device", "cpu", "--gemm"])
