@@ -49,16 +49,18 @@ test-compat:
 
 # Standalone native build (CMake) against the venv's libtorch, plus the compile check of every
 # csrc/cuda/*.cu for sm_80 and sm_90a (needs nvcc, no GPU, no CUDA torch). It fails when ptxas
-# says it serialised wgmma instructions or injected a wait into them (C7515 / C7517): the Hopper
-# kernels would still be right, but their MMAs no longer overlap the rest. The compile check is
-# rebuilt from clean every time, so that every file's ptxas messages are in its log.
+# says it serialised wgmma instructions or injected a wait into them (C7515 / C7517), or spilled
+# registers to local memory (-warn-spills): the kernels would still be right, but the Hopper
+# MMAs would no longer overlap the rest, or a kernel would run through local memory. The
+# compile check is rebuilt from clean every time, so that every file's ptxas messages are in
+# its log.
 cmake-check: build
 	cmake -S . -B build/cmake -DSKIPGPT_CUDA_CHECK=ON -DCMAKE_CUDA_COMPILER=$(CUDA_HOME)/bin/nvcc \
 	  -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" -DPython3_EXECUTABLE=$(abspath $(PY))
 	cmake --build build/cmake -j2 --clean-first --target skipgpt_cuda_check > build/cmake/cuda_check.log 2>&1 \
 	  || { cat build/cmake/cuda_check.log; exit 1; }
 	cat build/cmake/cuda_check.log
-	! grep -E "C7515|C7517|instructions are serialized|wait is injected" build/cmake/cuda_check.log
+	! grep -E "C7515|C7517|instructions are serialized|wait is injected|spilled to local memory" build/cmake/cuda_check.log
 	cmake --build build/cmake -j2
 
 # The CUDA build of the package (sm_80 + sm_90a) against a CUDA torch, as a wheel in its own
