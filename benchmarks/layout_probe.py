@@ -9,12 +9,14 @@ error: zero / non-integer / wrong-code counts, the most common value deltas (got
 wrong rows and columns modulo the tile sizes, and examples. That is enough to tell a descriptor
 stride from an accumulator map from a k-advance bug without another device run.
 
-GEMM probes (``q_proj_rope`` without RoPE, ``linear_scatter_add_``), out[r, n] = x[idx[r]] . W[n]:
+GEMM probes (``q_proj_rope`` without and with RoPE, ``linear_scatter_add_``), out[r, n] = x[idx[r]] . W[n]:
   * ``W codes n``   x one-hot at k = r % K, W[n, k] = code(n)      -> out names the W row used;
   * ``W codes k``   x one-hot at k = r % K, W[n, k] = code(k)      -> the k at which A met B;
   * ``x codes row`` x[i, k] = code(i),     W one-hot at k = n % K  -> the x row gathered;
   * ``x codes k``   x[i, k] = code(k),     W one-hot at k = n % K  -> the k of A that was read.
   Two shapes: one that takes the 128-wide wgmma tiles, one with enough tiles for the 256-wide ones.
+  The RoPE epilogue (head_dim 128) gets cos 1 / sin 0 on even token rows and cos 0 / sin 1 on
+  odd ones, so its per-row cos/sin and its half rotation show as moved or negated codes.
 Fused MLP probes (``skip_mlp_``): one-hot tokens (exact through RMSNorm), gate >= 32 (SiLU is the
 identity in bf16 there), one-hot down: h gains silu(gate) * up coded by gate/up row n or by k.
 Attention probes (``sparse_query_attention``): query row t of head h is one-hot at its target key's
@@ -98,7 +100,7 @@ def compare(name: str, got: torch.Tensor, want: torch.Tensor, row_tile: int, col
     g, w = got[r, c], want[r, c]
     nonfinite = ~torch.isfinite(g)
     zero = g == 0
-    integral = torch.isfinite(g) & (g == g.round()) & (g >= 1) & (g <= 255)
+    integral = torch.isfinite(g) & (g == g.round()) & (g.abs() >= 1) & (g.abs() <= 255)  # a code, maybe negated
     other = ~(nonfinite | zero | integral)
     out_rows = row_ids[r]
     lines = [
@@ -141,8 +143,20 @@ def gemm_inputs(T: int, N: int, K: int) -> Iterator[tuple[str, torch.Tensor, tor
     yield "x codes k", code(i_k)[None, :].expand(T, K), w_onehot
 
 
+ROPE_HD = 128
+
+
+def rope_rows(T: int, hd: int = ROPE_HD) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [T, hd] per token row: even rows cos 1, sin 0 (RoPE is the identity), odd rows
+    cos 0, sin 1 (rotate_half: the head's second half negated into the first, the first into
+    the second). A wrong row's cos/sin then shows as a code moved hd/2 or negated."""
+    odd = (torch.arange(T) % 2 == 1)[:, None].expand(T, hd)
+    return (~odd).float(), odd.float()
+
+
 def gemm_probes(device: str, ops=None, shapes=GEMM_SHAPES) -> list[Result]:
-    """q_proj_rope (plain) and linear_scatter_add_ on every GEMM shape and input pattern."""
+    """q_proj_rope (plain, and with the RoPE epilogue at head_dim 128) and linear_scatter_add_ on
+    every GEMM shape and input pattern."""
     ops = ops or skipgpt_ext.ops
     results = []
     gen = torch.Generator().manual_seed(0)
@@ -157,6 +171,12 @@ def gemm_probes(device: str, ops=None, shapes=GEMM_SHAPES) -> list[Result]:
             got = ops.q_proj_rope(xb.to(device), idx.to(device), count.to(device), wb.to(device),
                                   None, None, 0.0, None, None)
             results.append(compare(f"gemm {shape_name} {T}x{N}x{K} q_proj_rope, {pattern}", got, want,
+                                   128, col_tile, rows=torch.arange(n)))
+            cos, sin = (t.to(DTYPE) for t in rope_rows(T))
+            want = ref.q_proj_rope(xb, idx, count, wb, None, None, 0.0, cos, sin)
+            got = ops.q_proj_rope(xb.to(device), idx.to(device), count.to(device), wb.to(device),
+                                  None, None, 0.0, cos.to(device), sin.to(device))
+            results.append(compare(f"gemm {shape_name} {T}x{N}x{K} q_proj_rope + RoPE, {pattern}", got, want,
                                    128, col_tile, rows=torch.arange(n)))
             # The scatter epilogue: h[idx[r]] += a[r] W^T into a zero residual; a = the gathered rows.
             a = xb.index_select(0, idx).contiguous()  # rows past count: the skipped ones, unread

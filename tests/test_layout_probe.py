@@ -87,7 +87,7 @@ def test_mlp_inputs_code_the_operand_indices():
 
 def test_cpu_kernels_pass_every_probe():
     results = lp.gemm_probes("cpu") + lp.mlp_probes("cpu") + lp.attention_probes("cpu")
-    assert len(results) == 2 * 4 * 2 + 4 + 4 * 3
+    assert len(results) == 2 * 4 * 3 + 4 + 4 * 3
     assert [r.name for r in results if r.wrong] == []
     assert all(r.total > 0 and r.report == "" for r in results)
 
@@ -110,7 +110,7 @@ def test_gemm_probe_describes_a_column_swap():
         return _swap_halves(skipgpt_ext.ops.q_proj_rope(x, idx, count, weight, *rest), 16)
 
     results = lp.gemm_probes("cpu", ops=_ops_with(q_proj_rope=q_proj_swapped), shapes=SMALL_GEMM)
-    by = {r.name.split(", ")[-1]: r for r in results if "q_proj_rope" in r.name}
+    by = {r.name.split(", ")[-1]: r for r in results if "q_proj_rope," in r.name}  # plain, no RoPE
     for pattern in ("W codes n", "x codes k"):
         r = by[pattern]
         assert r.wrong == r.total  # every output column moved by 8
@@ -118,6 +118,30 @@ def test_gemm_probe_describes_a_column_swap():
         assert "columns mod 128: 0-127" in r.report
     assert by["W codes k"].wrong == 0 and by["x codes row"].wrong == 0  # blind to a column swap
     assert all(r.wrong == 0 for r in results if "linear_scatter_add_" in r.name)
+
+
+def test_rope_rows_are_identity_and_rotation():
+    """float64: the RoPE probe's cos/sin leave even rows as they are and rotate odd ones."""
+    T, hd = 6, 8
+    cos, sin = lp.rope_rows(T, hd)
+    q = lp.code(torch.arange(hd)).double().expand(T, hd)
+    out = q * cos.double() + ref.rotate_half(q) * sin.double()
+    torch.testing.assert_close(out[0::2], q[0::2], rtol=0, atol=0)
+    half = torch.cat([-q[1, hd // 2:], q[1, : hd // 2]])
+    torch.testing.assert_close(out[1::2], half.expand(T // 2, hd), rtol=0, atol=0)
+
+
+def test_gemm_probe_describes_rope_of_the_wrong_row():
+    def q_proj_rope_row_off(x, idx, count, weight, bias, hnw, eps, cos, sin):
+        if cos is not None:  # each row takes the next token row's cos/sin
+            cos, sin = cos.roll(-1, 0), sin.roll(-1, 0)
+        return skipgpt_ext.ops.q_proj_rope(x, idx, count, weight, bias, hnw, eps, cos, sin)
+
+    results = lp.gemm_probes("cpu", ops=_ops_with(q_proj_rope=q_proj_rope_row_off), shapes=SMALL_GEMM)
+    rope = [r for r in results if "+ RoPE" in r.name]
+    assert len(rope) == 4 and all(r.wrong > 0 for r in rope)
+    assert all("another code (wrong element read)" in r.report for r in rope)
+    assert all(r.wrong == 0 for r in results if "+ RoPE" not in r.name)
 
 
 def test_gemm_probe_describes_rows_not_written():
@@ -165,7 +189,7 @@ def test_attention_probe_describes_a_key_stride_error():
 def test_cli_on_cpu_exits_zero(capsys):
     assert lp.main(["--device", "cpu"]) == 0
     out = capsys.readouterr().out
-    assert "wrong" not in out and out.count(": ok") == 32
+    assert "wrong" not in out and out.count(": ok") == 40
     assert out.count("probes exact") == 3 and "attention: 12 of 12 probes exact" in out
 
 
