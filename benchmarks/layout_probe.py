@@ -165,19 +165,15 @@ def gemm_probes(device: str, ops=None, shapes=GEMM_SHAPES) -> list[Result]:
         idx, count = ref.compact(torch.rand(T, generator=gen) < 5 / 6)
         n = int(count)
         col_tile = 128 if shape_name == "narrow" else 256
+        cos, sin = (t.to(DTYPE) for t in rope_rows(T))
         for pattern, x, w in gemm_inputs(T, N, K):
             xb, wb = x.to(DTYPE).contiguous(), w.to(DTYPE).contiguous()
-            want = ref.q_proj_rope(xb, idx, count, wb, None, None, 0.0, None, None)
-            got = ops.q_proj_rope(xb.to(device), idx.to(device), count.to(device), wb.to(device),
-                                  None, None, 0.0, None, None)
-            results.append(compare(f"gemm {shape_name} {T}x{N}x{K} q_proj_rope, {pattern}", got, want,
-                                   128, col_tile, rows=torch.arange(n)))
-            cos, sin = (t.to(DTYPE) for t in rope_rows(T))
-            want = ref.q_proj_rope(xb, idx, count, wb, None, None, 0.0, cos, sin)
-            got = ops.q_proj_rope(xb.to(device), idx.to(device), count.to(device), wb.to(device),
-                                  None, None, 0.0, cos.to(device), sin.to(device))
-            results.append(compare(f"gemm {shape_name} {T}x{N}x{K} q_proj_rope + RoPE, {pattern}", got, want,
-                                   128, col_tile, rows=torch.arange(n)))
+            for label, rope in (("q_proj_rope", (None, None)), ("q_proj_rope + RoPE", (cos, sin))):
+                want = ref.q_proj_rope(xb, idx, count, wb, None, None, 0.0, *rope)
+                got = ops.q_proj_rope(*(t.to(device) for t in (xb, idx, count, wb)), None, None, 0.0,
+                                      *(t.to(device) if t is not None else None for t in rope))
+                results.append(compare(f"gemm {shape_name} {T}x{N}x{K} {label}, {pattern}", got, want,
+                                       128, col_tile, rows=torch.arange(n)))
             # The scatter epilogue: h[idx[r]] += a[r] W^T into a zero residual; a = the gathered rows.
             a = xb.index_select(0, idx).contiguous()  # rows past count: the skipped ones, unread
             h_want = torch.zeros(T, N, dtype=DTYPE)
