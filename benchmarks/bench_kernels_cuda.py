@@ -253,21 +253,11 @@ def compare_mainloops(T_list, skips, reps: int, loops, attn_kinds=None) -> None:
 
 
 def _mainloop_runs_here(m: str) -> bool:
-    """Whether SKIPGPT_CUDA_GEMM=m can run on this device and build (the op's own check; one row
-    takes the GEMV, so no tiled kernel is launched to find out)."""
-    os.environ["SKIPGPT_CUDA_GEMM"] = m
-    x = torch.randn(1, 64, device="cuda", dtype=torch.bfloat16)
-    idx, cnt = ref.compact(torch.ones(1, dtype=torch.bool, device="cuda"))
-    try:
-        skipgpt_ext.ops.linear_scatter_add_(x.clone(), x, idx, cnt, torch.randn(64, 64, device="cuda", dtype=x.dtype), None)
-    except RuntimeError as e:
-        if "needs a compute-capability 9.0 GPU" not in str(e):
-            raise
-        print(f"skipping mainloop {m}: {e}".splitlines()[0], flush=True)
-        return False
-    finally:
-        os.environ.pop("SKIPGPT_CUDA_GEMM", None)
-    return True
+    """Whether SKIPGPT_CUDA_GEMM=m can run on this device and build (skipgpt_ext's own check)."""
+    why = skipgpt_ext.cuda_gemm_unavailable(m)
+    if why is not None:
+        print(f"skipping mainloop {m}: {why}", flush=True)
+    return why is None
 
 
 def _mainloop_rows(T_list, skips, reps: int, loops, attn_kinds) -> None:

@@ -11,7 +11,6 @@ float64 stays under 1e-2 for bf16 and 3e-3 for fp16, and the largest element err
 from __future__ import annotations
 
 import functools
-import os
 
 import pytest
 import torch
@@ -288,22 +287,7 @@ def _wgmma_unavailable_reason() -> str | None:
     None. One row takes the GEMV: the check runs, no wgmma kernel is launched."""
     if torch.cuda.get_device_capability() != (9, 0):
         return "the wgmma kernels run on compute capability 9.0 only"
-    x = torch.randn(1, 64, device=DEV, dtype=torch.bfloat16)
-    idx, cnt = ref.compact(torch.ones(1, dtype=torch.bool, device=DEV))
-    saved = os.environ.get("SKIPGPT_CUDA_GEMM")
-    os.environ["SKIPGPT_CUDA_GEMM"] = "wgmma"
-    try:
-        ops.linear_scatter_add_(x.clone(), x, idx, cnt, torch.randn(64, 64, device=DEV, dtype=torch.bfloat16), None)
-    except RuntimeError as e:
-        if "SKIPGPT_CUDA_GEMM=wgmma(-ws/-tma) needs a compute-capability 9.0 GPU" in str(e):
-            return "this build has no sm_90a code (TORCH_CUDA_ARCH_LIST without 9.0a)"
-        raise
-    finally:
-        if saved is None:
-            os.environ.pop("SKIPGPT_CUDA_GEMM")
-        else:
-            os.environ["SKIPGPT_CUDA_GEMM"] = saved
-    return None
+    return skipgpt_ext.cuda_gemm_unavailable("wgmma")
 
 
 def _poison_cuda_cache() -> None:
