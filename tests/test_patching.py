@@ -110,18 +110,26 @@ def test_generate_sampling_runs_with_skipping():
     assert a.shape == (3, ids.shape[1] + 8) and torch.equal(a, b)
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 0.1), (torch.float16, 0.02)])
+# Two units in the last place of the logits (|logit| < 1 here): the paths differ only in the
+# order of half-precision roundings, measured at one unit (2026-11-30).
+HALF_TOL = {torch.bfloat16: 2 * 2.0**-8, torch.float16: 2 * 2.0**-11}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_half_precision_reference_close_to_masked(family, dtype, tol):
+def test_half_precision_reference_close_to_masked(family, dtype):
     model = tiny_model(family, dtype=dtype)
     skipgpt.apply(model, SkipConfig(threshold=0.5))
     ids, mask = left_padded_batch()
     skipgpt.set_mode(model, "masked")
     a = _logits(model, ids, mask).float()
+    sa = skipgpt.stats(model)
     skipgpt.set_mode(model, "reference")
     b = _logits(model, ids, mask).float()
-    assert a.dtype == torch.float32 and torch.isfinite(b).all()
-    assert (a - b)[mask.bool()].abs().max() <= tol
+    # Same decisions in both paths, and a real mix of executed and skipped modules.
+    assert skipgpt.stats(model) == sa and 0.2 < sa["param_sparsity"] < 0.8
+    assert a.dtype == torch.float32 and torch.isfinite(b).all() and a[mask.bool()].abs().max() < 1
+    assert (a - b)[mask.bool()].abs().max() <= HALF_TOL[dtype]
     # The routers stay fp32 whatever the model dtype.
     assert all(p.dtype == torch.float32 for p in skipgpt.router_parameters(model))
 
