@@ -11,11 +11,28 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/vec_isa.h"
+
+namespace {
+// The vector ISA the CPU kernels chose for this process (CPU features, capped by
+// SKIPGPT_CPU_ISA): "avx512", "avx2" or "generic". Not an op: it reads no tensor.
+PyObject* cpu_isa(PyObject*, PyObject*) {
+  using skipgpt::cpu::Isa;
+  const Isa isa = skipgpt::cpu::cpu_isa();
+  return PyUnicode_FromString(isa == Isa::kAvx512 ? "avx512" : isa == Isa::kAvx2 ? "avx2" : "generic");
+}
+
+PyMethodDef methods[] = {
+    {"cpu_isa", cpu_isa, METH_NOARGS, "The vector ISA of the CPU kernels: avx512, avx2 or generic."},
+    {nullptr, nullptr, 0, nullptr}};
+}  // namespace
+
 extern "C" {
-// An empty module: importing skipgpt_ext._C loads this library, whose static initialisers
-// register the schemas and kernels with the dispatcher. No pybind11 bindings are needed.
+// Importing skipgpt_ext._C loads this library, whose static initialisers register the schemas
+// and kernels with the dispatcher. No pybind11 bindings are needed; the module's one function
+// is introspection (cpu_isa).
 PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);
 }
 }

@@ -30,6 +30,14 @@ def is_built() -> bool:
     return _C is not None
 
 
+def cpu_isa() -> str:
+    """The vector ISA the CPU kernels use in this process: ``"avx512"``, ``"avx2"`` or
+    ``"generic"``. Chosen once, by CPU feature; ``SKIPGPT_CPU_ISA=avx2|generic`` caps it."""
+    if _C is None:
+        raise RuntimeError(f"skipgpt_ext._C is not built ({_IMPORT_ERROR})")
+    return _C.cpu_isa()
+
+
 # Row capacities up to which the CUDA linear ops run a GEMV (decode batches) rather than a tiled
 # GEMM: kGemvMaxRows in csrc/cuda/kernels.h.
 CUDA_GEMV_MAX_ROWS = 8

@@ -162,7 +162,9 @@ def test_sparse_query_attention_matches_float64(data):
 
 _ISA_CHECK = """
 import torch
+import skipgpt_ext
 from skipgpt_ext import ops, reference as ref
+print(skipgpt_ext.cpu_isa())
 torch.manual_seed(0)
 worst = []
 for dtype, hd, G, window in [(torch.float32, 64, 3, 0), (torch.float32, 80, 2, 100), (torch.bfloat16, 128, 4, 0)]:
@@ -235,19 +237,37 @@ print(*worst)
 """
 
 
+def _cpu_flags() -> set[str]:
+    import platform
+
+    if platform.machine() != "x86_64":
+        return set()
+    with open("/proc/cpuinfo") as f:
+        return {w for line in f if line.startswith("flags") for w in line.split(":", 1)[1].split()}
+
+
 @pytest.mark.parametrize("isa", ["generic", "avx2", "native"])
 def test_each_vector_isa_matches_float64(isa):
     """The attention tile kernels, the skinny (few-row) linear kernel and route_norm's row passes
     are chosen once per process by CPU feature (AVX-512, AVX2, or ATen's GEMM); SKIPGPT_CPU_ISA caps the choice, so
-    each path runs in its own process (a path the CPU lacks falls back to the next one down)."""
+    each path runs in its own process, which must report the path it was asked for."""
     import os
     import subprocess
     import sys
 
+    flags = _cpu_flags()
+    has_avx2 = {"avx2", "fma", "f16c"} <= flags
+    has_avx512 = has_avx2 and {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags
+    best = "avx512" if has_avx512 else "avx2" if has_avx2 else "generic"
+    want = {"generic": "generic", "avx2": "avx2", "native": best}[isa]
+    if isa == "avx2" and not has_avx2:
+        pytest.skip("this CPU has no AVX2 + FMA + F16C")
     env = dict(os.environ, SKIPGPT_CPU_ISA=isa)
     res = subprocess.run([sys.executable, "-c", _ISA_CHECK], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
-    worst = [float(x) for x in res.stdout.split()]  # per case, in units of the dtype's tolerance
+    chosen, *fields = res.stdout.split()
+    assert chosen == want
+    worst = [float(x) for x in fields]  # per case, in units of the dtype's tolerance
     assert len(worst) == 3 + 3 * 4 * 3 + 3 * 2 and max(worst) <= 1.0, worst
 
 
