@@ -14,7 +14,8 @@ def _route_norm(h, norm_weight, eps, router_weight, router_bias, threshold, row_
     T = h.shape[0]
     idx = h.new_empty(T, dtype=torch.int64)
     count = h.new_empty((), dtype=torch.int64)
-    x_norm = torch.empty_like(h, dtype=torch.promote_types(h.dtype, norm_weight.dtype))
+    # Contiguous whatever h's strides: what the CPU and CUDA kernels return.
+    x_norm = h.new_empty(h.shape, dtype=torch.promote_types(h.dtype, norm_weight.dtype))
     return x_norm, idx, count, torch.empty_like(idx), torch.empty_like(count)
 
 
@@ -30,7 +31,7 @@ def _q_proj_rope(x, idx, count, weight, bias, head_norm_weight, head_norm_eps, c
 
 @register_fake("skipgpt::sparse_query_attention")
 def _sparse_query_attention(q, idx, count, k, v, q_pos, key_valid, kv_offset, seq_len, scale, window):
-    return torch.empty_like(q)
+    return q.new_empty(q.shape)  # contiguous, like the kernels' output
 
 
 @register_fake("skipgpt::linear_scatter_add_")

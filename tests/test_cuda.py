@@ -453,6 +453,16 @@ def test_bad_inputs_name_the_argument():
     h2, a, idx, cnt, w, b = s["linear_scatter_add_"]
     with pytest.raises(RuntimeError, match="weight must be"):
         ops.linear_scatter_add_(h2, a, idx, cnt, w[:, :-8], b)
+    # The epilogues add rows into h without atomics: h must not alias itself, nor a alias h.
+    h_before = h2.clone()
+    with pytest.raises(RuntimeError, match="h .*must not have elements that share memory"):
+        ops.linear_scatter_add_(h2[:1].expand_as(h2), a, idx, cnt, w, b)
+    with pytest.raises(RuntimeError, match="a must not share memory with h"):
+        ops.linear_scatter_add_(h2, h2[:, : a.shape[1]], idx, cnt, w, b)
+    assert torch.equal(h2, h_before)
+    h3, idx, cnt, nw, eps, wg, wu, wd = s["skip_mlp_"]
+    with pytest.raises(RuntimeError, match="h .*must not have elements that share memory"):
+        ops.skip_mlp_(h3[:1].expand_as(h3), idx, cnt, nw, eps, wg, wu, wd)
 
 
 # -- end to end ------------------------------------------------------------------------------------

@@ -465,9 +465,15 @@ def test_bad_inputs_name_the_argument():
     _raises(ops.linear_scatter_add_, h, a, idx, cnt, w[:, :-1], b, match=r"weight must be \[16, 16\]")
     _raises(ops.linear_scatter_add_, h.t(), a, idx, cnt, w, b, match="h is updated in place")
     _raises(ops.linear_scatter_add_, h, a.bfloat16(), idx, cnt, w, b, match="a must have the dtype of h")
+    # The kernels add rows into h without atomics: h must not alias itself, nor a alias h.
+    h_before = h.clone()
+    _raises(ops.linear_scatter_add_, h[:1].expand_as(h), a, idx, cnt, w, b, match="h .*must not have elements that share memory")
+    _raises(ops.linear_scatter_add_, h, h, idx, cnt, w, b, match="a must not share memory with h")
+    assert torch.equal(h, h_before)
 
     h, idx, cnt, nw, eps, wg, wu, wd = s["skip_mlp_"]
     _raises(ops.skip_mlp_, h, idx, cnt, nw, eps, wg, wu[:-1], wd, match=r"up_weight must be \[24, 16\]")
     _raises(ops.skip_mlp_, h, idx, cnt, nw, eps, wg, wu, wd.t(), match=r"down_weight must be \[16, 24\]")
     _raises(ops.skip_mlp_, h, idx, cnt, nw.bfloat16(), eps, wg, wu, wd, match="norm_weight must have the dtype of h")
     _raises(ops.skip_mlp_, h.bfloat16(), idx, cnt, nw, eps, wg, wu, wd, match="norm_weight must have the dtype of h")
+    _raises(ops.skip_mlp_, h[:1].expand_as(h), idx, cnt, nw, eps, wg, wu, wd, match="h .*must not have elements that share memory")

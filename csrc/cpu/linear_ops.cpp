@@ -9,6 +9,7 @@
 #include <cmath>
 #include <vector>
 
+#include "../inplace_args.h"
 #include "../rope_args.h"
 #include "common.h"
 #include "skinny_gemm.h"
@@ -49,6 +50,7 @@ void check_inplace_target(const at::Tensor& h, const char* op) {
   check_float_dtype(h, op, "h");
   TORCH_CHECK(h.stride(1) == 1, op, ": h is updated in place and must have unit stride in its last dimension, got "
               "strides ", h.strides());
+  check_no_internal_overlap(h, op);
 }
 
 // h[idx[i]] += y[i] for i < n (rows unique: no atomics).
@@ -207,6 +209,7 @@ void linear_scatter_add_cpu(at::Tensor& h, const at::Tensor& a, const at::Tensor
   check_cpu(a, op, "a");
   check_same_dtype(a, h, op, "a", "h");
   TORCH_CHECK(a.dim() == 2 && a.size(0) == T, op, ": a must be [", T, ", in_features], got ", a.sizes());
+  check_no_overlap_with_h(h, a, op, "a");
   check_weight(weight, h, d, a.size(1), op, "weight", "h");
   if (bias.has_value()) {
     check_cpu(*bias, op, "bias");

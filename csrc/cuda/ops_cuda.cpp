@@ -17,6 +17,7 @@
 #include <string>
 #include <tuple>
 
+#include "../inplace_args.h"
 #include "../rope_args.h"
 #include "kernels.h"
 
@@ -362,6 +363,7 @@ void check_inplace(const at::Tensor& h, const char* op) {
   TORCH_CHECK(h.stride(1) == 1, op, ": h is updated in place and must have unit stride in its last dimension, got strides ",
               h.strides());
   check_rows16(h, op, "h");
+  check_no_internal_overlap(h, op);
 }
 
 void linear_scatter_add_cuda(at::Tensor& h, const at::Tensor& a, const at::Tensor& idx, const at::Tensor& count,
@@ -374,6 +376,7 @@ void linear_scatter_add_cuda(at::Tensor& h, const at::Tensor& a, const at::Tenso
   TORCH_CHECK(a.scalar_type() == h.scalar_type(), op, ": a must have the dtype of h (", h.scalar_type(), "), got ",
               a.scalar_type());
   TORCH_CHECK(a.dim() == 2 && a.size(0) == T, op, ": a must be [", T, ", in_features], got ", a.sizes());
+  check_no_overlap_with_h(h, a, op, "a");
   check_rows16(a, op, "a");
   check_gemm_weight(weight_in, h, d, a.size(1), op, "weight", "h");
   check_bias(bias, h, d, op);
