@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -175,9 +176,18 @@ def test_perplexity_is_deterministic_and_matches_manual(tiny_dir):
         count += 63
     assert a["tokens"] == count == 252
     assert abs(a["ppl"] - torch.tensor(nll / count).exp().item()) < 1e-5 * a["ppl"]
-    # Overlapping windows score every token but the first, each once, with more context.
-    c = perplexity(model, tokens, window=64, stride=32, progress=False)
-    assert c["tokens"] == 255 and c["window"] == 64 and c["stride"] == 32
+    # Overlapping windows score every token but the first, each once, with more context:
+    # (window start, first scored target) for 250 tokens, window 64, stride 32. The last window
+    # is pulled back to end at the last token.
+    c = perplexity(model, tokens[:250], window=64, stride=32, batch_size=2, progress=False)
+    nll = 0.0
+    for s, first in [(0, 1), (32, 64), (64, 96), (96, 128), (128, 160), (160, 192), (186, 224)]:
+        ids = tokens[s : s + 64].unsqueeze(0)
+        with torch.no_grad():
+            lp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), -1)
+        nll -= lp.gather(-1, ids[0, 1:, None])[first - s - 1 :].sum().item()
+    assert c["tokens"] == 249 and c["window"] == 64 and c["stride"] == 32
+    assert abs(c["ppl"] - math.exp(nll / 249)) < 1e-5 * c["ppl"]
     skipgpt.apply(model, skipgpt.SkipConfig(threshold=0.0))
     d = perplexity(model, tokens, window=64, progress=False)
     assert abs(d["ppl"] - a["ppl"]) < 1e-5 * a["ppl"] and d["param_sparsity"] == 0.0
