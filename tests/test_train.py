@@ -140,6 +140,24 @@ def test_two_process_accelerate_run(tiny_dir, tmp_path):
     logs = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
     assert [l["step"] for l in logs] == [1, 2, 3, 4]  # written once, by the main process
 
+    # The gradients are averaged across the processes: LoRA (deterministic routers, no dropout)
+    # over 2 processes x 2 blocks gives the adapter of one process x 4 blocks (same blocks per
+    # step, rank 0's initialisation), up to the reduction order.
+    lora = ["--routers", str(out), "--data", str(tiny_dir / "text.txt"), "--model", str(tiny_dir / "model"),
+            "--block-size", "32", "--steps", "3", "--save-every", "3", "--lr", "5e-3", "--lora-dropout", "0"]
+    proc = subprocess.run(cmd[: cmd.index("train-routers")] + ["finetune-lora", "--out", str(tmp_path / "l2"),
+                          "--batch-size", "2", *lora], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = subprocess.run([sys.executable, "-m", "skipgpt.cli", "finetune-lora", "--out", str(tmp_path / "l1"),
+                           "--batch-size", "4", *lora], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = skipgpt.checkpoint._read(tmp_path / "l2" / "adapter_model.safetensors")
+    one = skipgpt.checkpoint._read(tmp_path / "l1" / "adapter_model.safetensors")
+    init_b = [k for k in one if "lora_B" in k]
+    assert one.keys() == two.keys() and init_b and all(one[k].abs().max() > 1e-3 for k in init_b)  # B moved off 0
+    for k in one:
+        assert torch.allclose(one[k], two[k], rtol=1e-4, atol=1e-6), (k, (one[k] - two[k]).abs().max())
+
 
 @pytest.mark.parametrize("name", ["shortgpt", "module_drop", "random", "mod_d"])
 @pytest.mark.parametrize("target", [0.25, 0.4])
