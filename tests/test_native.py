@@ -149,3 +149,58 @@ def test_native_keeps_a_wrapped_k_or_v_proj(target):
             logits[mode] = model(input_ids=ids, attention_mask=mask).logits
         _mixed_stats(model)
     assert (logits["masked"] - logits["native"])[mask.bool()].abs().max() <= TOL
+
+
+# -- what the skipping modes refuse, with a clear error, and nothing lost ----------------------------
+def _four_d_mask(ids, mask):
+    B, S = ids.shape
+    causal = torch.ones(S, S, dtype=torch.bool).tril()
+    keep = causal[None, None] & mask.bool()[:, None, None, :]
+    return torch.zeros(B, 1, S, S).masked_fill(~keep, float("-inf"))
+
+
+def _lora_q(model):
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"]))
+
+
+REFUSED = {
+    "4d_mask": ({}, {}, lambda m, ids, mask: m(input_ids=ids, attention_mask=_four_d_mask(ids, mask)),
+                ValueError, "need the 2D attention_mask"),
+    "static_cache": ({}, {}, lambda m, ids, mask: m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2,
+                                                             do_sample=False, pad_token_id=0, cache_implementation="static"),
+                     NotImplementedError, "support the dynamic KV cache.*got StaticLayer"),
+    "mlp_bias": ({"mlp_bias": True}, {}, None, NotImplementedError, "do not support MLP biases"),
+    "policy": ({}, {"policy": "topk", "capacity": 0.5}, None, ValueError, "policy='topk' runs in mode='masked' only"),
+    "lora_wrapped_q": ({}, {}, lambda m, ids, mask: _lora_q(m)(input_ids=ids, attention_mask=mask),
+                       NotImplementedError, "need plain nn.Linear projections"),
+    "short_mask": ({}, {}, lambda m, ids, mask: m(input_ids=ids, attention_mask=mask[:, 1:]),
+                   ValueError, r"attention_mask is \(3, 11\), but the input is 3 sequences of 12 tokens"),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED)
+def test_skipping_modes_refuse_what_they_cannot_run(case):
+    model_kw, cfg_kw, call, exc, match = REFUSED[case]
+    model = tiny_model("llama", **model_kw)
+    ids, mask = left_padded_batch()
+    skipgpt.apply(model, SkipConfig(mode="masked", **cfg_kw))
+    with torch.no_grad():
+        before = model(input_ids=ids, attention_mask=mask).logits
+        skipgpt.set_mode(model, "native")
+        with pytest.raises(exc, match=match):
+            (call or (lambda m, i, k: m(input_ids=i, attention_mask=k)))(model, ids, mask)
+        # Nothing lost: the masked path still gives the same logits (a fresh LoRA adds zero).
+        skipgpt.set_mode(model, "masked")
+        assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, before)
+
+
+def test_decode_step_mask_must_cover_the_cache():
+    model = tiny_model("llama")
+    skipgpt.apply(model, SkipConfig(mode="native"))
+    ids, mask = left_padded_batch()
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+        with pytest.raises(ValueError, match="attention_mask covers 12 positions but the cache plus this input hold 13"):
+            model(input_ids=ids[:, :1], attention_mask=mask, past_key_values=out.past_key_values)

@@ -55,6 +55,11 @@ class SkipState:
         """Called before the decoder runs: remember which keys and rows are real tokens."""
         self.mask_is_4d = attention_mask is not None and attention_mask.dim() != 2
         self.key_mask = attention_mask.bool() if attention_mask is not None and not self.mask_is_4d else None
+        if self.key_mask is not None and (self.key_mask.shape[0] != batch or self.key_mask.shape[1] < seq):
+            raise ValueError(
+                f"attention_mask is {tuple(self.key_mask.shape)}, but the input is {batch} sequences of {seq} "
+                f"tokens: it needs {batch} rows and at least {seq} positions (the cache's plus this input's)"
+            )
         self.valid = self.key_mask[:, -seq:] if self.key_mask is not None and seq > 0 else None
         # Made on the device (a fill, not a host-to-device copy): a CUDA graph may capture a forward.
         self.n_valid = self.valid.sum() if self.valid is not None else torch.full((), batch * seq, device=device)
@@ -240,6 +245,9 @@ class SkipDecoderLayerMixin:
     def _skipping_forward(self, ops, hidden_states, position_embeddings, kwargs) -> torch.Tensor:
         st, attn, ad = self.skip_state, self.self_attn, self.skip_state.adapter
         layer_idx = attn.layer_idx
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is not None:  # first: generate builds a 4D mask for a static cache
+            _check_dynamic_cache(cache, layer_idx)
         if st.mask_is_4d:
             raise ValueError(
                 "SkipGPT's skipping modes need the 2D attention_mask (batch, keys); got a "
@@ -256,11 +264,7 @@ class SkipDecoderLayerMixin:
         st.record(layer_idx, a_cnt, m_cnt)
 
         cos, sin = position_embeddings
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        past = 0
-        if cache is not None:
-            _check_dynamic_cache(cache, layer_idx)
-            past = cache.get_seq_length(layer_idx)
+        past = cache.get_seq_length(layer_idx) if cache is not None else 0
         q_pos, cos_rows, sin_rows, every, n_rows = st.row_positions(past, B, S, cos, sin)
 
         # K/V for every token, with the model's math, then into the cache. K is the Q op over
