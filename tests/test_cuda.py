@@ -19,7 +19,7 @@ import skipgpt
 import skipgpt_ext
 from skipgpt import SkipConfig
 from skipgpt_ext import reference as ref
-from tiny_models import FAMILY_NAMES, left_padded_batch, tiny_model
+from tiny_models import FAMILY_NAMES, WINDOWED_NAMES, left_padded_batch, tiny_model
 
 HAVE_CUDA = torch.cuda.is_available() and skipgpt_ext.has_kernels("cuda")
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not HAVE_CUDA, reason="needs a CUDA device and the CUDA build")]
@@ -471,7 +471,7 @@ def _logits_close(a: torch.Tensor, b: torch.Tensor, keep: torch.Tensor) -> None:
     assert (a - b).norm() / a.norm() <= 3e-2
 
 
-@pytest.mark.parametrize("family", FAMILY_NAMES)
+@pytest.mark.parametrize("family", FAMILY_NAMES + WINDOWED_NAMES)
 def test_native_equals_masked_bfloat16(family):
     """bf16 on CUDA: native == masked within bf16 rounding. Stated tolerance: logits relative
     error (Frobenius, real tokens) <= 3e-2, realised sparsity within 0.03 (a decision near the

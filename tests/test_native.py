@@ -9,7 +9,7 @@ import torch
 import skipgpt
 import skipgpt_ext
 from skipgpt import SkipConfig
-from tiny_models import FAMILY_NAMES, left_padded_batch, tiny_model
+from tiny_models import FAMILY_NAMES, WINDOWED_NAMES, left_padded_batch, tiny_model
 
 pytestmark = pytest.mark.skipif(not skipgpt_ext.has_kernels("cpu"), reason="native CPU kernels not built")
 TOL = 1e-4
@@ -29,7 +29,7 @@ def test_auto_mode_resolves_to_native_in_eval_and_masked_in_train():
     assert st.resolve_mode(True, torch.device("cpu")) == "masked"
 
 
-@pytest.mark.parametrize("family", FAMILY_NAMES)
+@pytest.mark.parametrize("family", FAMILY_NAMES + WINDOWED_NAMES)
 def test_native_equals_masked_prefill_and_cached_chunks(family):
     model = tiny_model(family)
     skipgpt.apply(model, SkipConfig(mode="masked"))
@@ -52,7 +52,7 @@ def test_native_equals_masked_prefill_and_cached_chunks(family):
     assert stm == stn
 
 
-@pytest.mark.parametrize("family", FAMILY_NAMES)
+@pytest.mark.parametrize("family", FAMILY_NAMES + WINDOWED_NAMES)
 def test_native_generate_equals_masked(family):
     model = tiny_model(family)
     skipgpt.apply(model, SkipConfig(mode="masked"))
@@ -66,6 +66,23 @@ def test_native_generate_equals_masked(family):
     assert 0.1 < outs["native_sparsity"] < 0.9
     assert outs["masked_sparsity"] == outs["native_sparsity"]
     assert torch.equal(outs["masked"], outs["native"])
+
+
+@pytest.mark.parametrize("family", WINDOWED_NAMES)
+def test_per_layer_windows_execute_all_equals_hf(family):
+    """Every module executing, native equals the unpatched HF model, whose layers 1-2 use the
+    window (checked: without it the logits differ)."""
+    model = tiny_model(family)
+    assert [skipgpt.adapters.FAMILIES[type(model).__name__].window(l.self_attn) for l in model.model.layers] == [0, 4, 4]
+    ids, mask = left_padded_batch()
+    full = tiny_model(family.removesuffix("-sw"))
+    with torch.no_grad():
+        dense = model(input_ids=ids, attention_mask=mask).logits
+        assert (dense - full(input_ids=ids, attention_mask=mask).logits)[mask.bool()].abs().max() > 1e-2
+        skipgpt.apply(model, SkipConfig(threshold=0.0, mode="native"))
+        got = model(input_ids=ids, attention_mask=mask).logits
+    assert skipgpt.stats(model)["param_sparsity"] == 0.0
+    assert (got - dense)[mask.bool()].abs().max() <= TOL
 
 
 @pytest.mark.parametrize("threshold", [0.0, 1.0])

@@ -7,7 +7,7 @@ import torch
 
 import skipgpt
 from skipgpt import SkipConfig
-from tiny_models import FAMILY_NAMES, left_padded_batch, tiny_model
+from tiny_models import FAMILY_NAMES, WINDOWED_NAMES, left_padded_batch, tiny_model
 
 TOL = 1e-4
 
@@ -17,7 +17,7 @@ def _logits(model, ids, mask, **kw):
         return model(input_ids=ids, attention_mask=mask, **kw).logits
 
 
-@pytest.mark.parametrize("family", FAMILY_NAMES)
+@pytest.mark.parametrize("family", FAMILY_NAMES + WINDOWED_NAMES)
 @pytest.mark.parametrize("mode", ["masked", "reference"])
 def test_execute_all_equals_unpatched(family, mode):
     model = tiny_model(family)
@@ -53,7 +53,7 @@ def _mixed(model, ids, mask):
     return s
 
 
-@pytest.mark.parametrize("family", FAMILY_NAMES)
+@pytest.mark.parametrize("family", FAMILY_NAMES + WINDOWED_NAMES)
 def test_reference_equals_masked_prefill_and_decode(family):
     model = tiny_model(family)
     skipgpt.apply(model, SkipConfig(mode="masked"))  # untrained routers: ~50% random decisions
@@ -78,7 +78,7 @@ def test_reference_equals_masked_prefill_and_decode(family):
     assert stm == str_
 
 
-@pytest.mark.parametrize("family", FAMILY_NAMES)
+@pytest.mark.parametrize("family", FAMILY_NAMES + WINDOWED_NAMES)
 def test_generate_reference_matches_masked(family):
     model = tiny_model(family)
     skipgpt.apply(model, SkipConfig(mode="masked"))

@@ -29,11 +29,17 @@ COMMON = dict(
 )
 
 FAMILY_NAMES = ("llama", "mistral", "qwen2", "qwen3")
+# Qwen2/Qwen3 with per-layer sliding windows: layer 0 full attention, layers 1-2 a 4-token
+# window (shorter than the test sequences, so it matters).
+WINDOWED_NAMES = ("qwen2-sw", "qwen3-sw")
 
 
 def tiny_model(family: str, dtype: torch.dtype = torch.float32, seed: int = 0, attn: str = "sdpa", **overrides):
     torch.manual_seed(seed)
     kw = {**COMMON, **overrides}
+    if family in WINDOWED_NAMES:
+        family = family.removesuffix("-sw")
+        kw.update(use_sliding_window=True, sliding_window=4, max_window_layers=1)
     if family == "llama":
         model = LlamaForCausalLM(LlamaConfig(**kw))
     elif family == "mistral":
