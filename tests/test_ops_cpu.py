@@ -271,6 +271,25 @@ def test_each_vector_isa_matches_float64(isa):
     assert len(worst) == 3 + 3 * 4 * 3 + 3 * 2 and max(worst) <= 1.0, worst
 
 
+@pytest.mark.parametrize("T", [1, 4, 300])  # the skinny kernel and the ATen GEMM path
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_empty_count_leaves_h_bit_exact(T, dtype):
+    """count == 0 with NaN weights: h stays bit-exact (a row computed from them and added would
+    show NaN). Whether an unused weight is read is not visible here; by design it is not."""
+    d, inter = 16, 24
+    h = torch.randn(T, d).to(dtype)
+    nan = torch.full((inter, d), float("nan"), dtype=dtype)
+    idx, cnt = ref.compact(torch.zeros(T, dtype=torch.bool))
+    got = h.clone()
+    ops.skip_mlp_(got, idx, cnt, torch.ones(d, dtype=dtype), 1e-6, nan, nan, nan.t().contiguous())
+    ops.linear_scatter_add_(got, torch.randn(T, inter).to(dtype), idx, cnt, nan.t().contiguous(), None)
+    assert torch.equal(got, h)
+    # Control: one executing row does pick up the NaN.
+    idx1, cnt1 = ref.compact(torch.arange(T) == 0)
+    ops.linear_scatter_add_(got, torch.randn(T, inter).to(dtype), idx1, cnt1, nan.t().contiguous(), None)
+    assert got[0].isnan().all() and torch.equal(got[1:], h[1:])
+
+
 def test_attention_query_without_visible_key_gives_zero():
     q = torch.randn(2, 8)
     k = v = torch.randn(1, 1, 2, 8)
