@@ -238,6 +238,42 @@ def test_gumbel_gates_are_hard_and_straight_through():
     assert model.model.layers[0].mlp.down_proj.weight.grad is not None
 
 
+def test_deterministic_gate_in_train_mode_equals_eval():
+    """gate="deterministic" (LoRA recovery) decides in train mode exactly as in eval mode; the
+    default gate samples Gumbel noise in train mode (the control)."""
+    ids, mask = left_padded_batch()
+    logits, gates = {}, {}
+    for gate, train in (("deterministic", False), ("deterministic", True), ("auto", True)):
+        model = tiny_model("llama")
+        skipgpt.apply(model, SkipConfig(gate=gate, mode="masked"))
+        model.train(train)
+        torch.manual_seed(3)
+        with torch.no_grad():
+            logits[gate, train] = model(input_ids=ids, attention_mask=mask).logits
+        gates[gate, train] = torch.stack([torch.stack(g) for g in skipgpt.state(model).gates])
+    assert model.model.layers[0].self_attn.training and not model.config.attention_dropout
+    assert torch.equal(gates["deterministic", True], gates["deterministic", False])
+    assert torch.equal(logits["deterministic", True], logits["deterministic", False])
+    assert not torch.equal(gates["auto", True], gates["deterministic", False])
+
+
+def test_mod_d_decode_steps_always_execute():
+    """Top-k over a sequence of one keeps its one token: a cached decode step never skips, while
+    the prefill skips the requested share."""
+    model = tiny_model("llama")
+    skipgpt.apply(model, SkipConfig(policy="topk", capacity=0.5, mode="masked"))
+    ids, mask = left_padded_batch()
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+        prefill = skipgpt.stats(model)
+        step = torch.tensor([[5], [6], [7]])
+        model(input_ids=step, attention_mask=torch.cat([mask, torch.ones_like(step)], 1),
+              past_key_values=out.past_key_values, use_cache=True)
+        decode = skipgpt.stats(model)
+    assert 0.4 < prefill["module_sparsity"] < 0.6
+    assert decode["tokens"] == 3 and decode["module_sparsity"] == 0.0
+
+
 def test_inputs_embeds_are_not_mutated():
     model = tiny_model("llama")
     skipgpt.apply(model, SkipConfig(mode="reference", threshold=0.0))
