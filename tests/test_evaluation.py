@@ -7,7 +7,7 @@ import torch
 
 import skipgpt
 from skipgpt import data
-from skipgpt.evaluation import SPARSITY_KEY, evaluate_lm, local_task_names
+from skipgpt.evaluation import SAMPLES_KEY, SPARSITY_KEY, evaluate_lm, local_task_names
 from skipgpt.lm_eval_tasks import LOCAL_TASKS
 from skipgpt.lm_eval_tasks.nextline import N_CHOICES, build_items
 from skipgpt.models import load_model
@@ -38,7 +38,8 @@ def tiny(smollm2):
 @pytest.fixture(scope="module")
 def tiny_results(tiny):
     model, tok = tiny
-    return evaluate_lm(model, tok, [TASK], limit=TINY_LIMIT, batch_size=8)
+    results = evaluate_lm(model, tok, [TASK], limit=TINY_LIMIT, batch_size=8, log_samples=True)
+    return results, results.pop(SAMPLES_KEY)
 
 
 def _normalise(text: str) -> str:
@@ -68,6 +69,7 @@ def test_local_tasks_are_found():
 
 
 def test_patched_tiny_model_end_to_end(tiny_results):
+    tiny_results, _ = tiny_results
     metrics = tiny_results[TASK]
     for name in ("acc", "acc_norm", "acc_stderr", "acc_norm_stderr"):
         assert name in metrics and 0.0 <= metrics[name] <= 1.0, (name, metrics)
@@ -79,6 +81,7 @@ def test_patched_tiny_model_end_to_end(tiny_results):
 
 def test_deterministic_and_padding_free_statistics(tiny, tiny_results):
     model, tok = tiny
+    tiny_results, _ = tiny_results
     assert evaluate_lm(model, tok, [TASK], limit=TINY_LIMIT, batch_size=8) == tiny_results
     # batch_size=1 has no padding at all: the same tokens must be counted, with the same gates.
     unpadded = evaluate_lm(model, tok, [TASK], limit=TINY_LIMIT, batch_size=1)
@@ -92,10 +95,14 @@ def test_deterministic_and_padding_free_statistics(tiny, tiny_results):
 def test_accuracy_equals_direct_scoring(tiny, tiny_results):
     """Oracle: score the choices with the model directly, as lm-eval defines it (the sum of the
     continuation's token log-probabilities, where context and context+continuation are encoded
-    separately and the continuation is the tail), and compare the accuracies."""
+    separately and the continuation is the tail), and compare every item's log-likelihoods and
+    the accuracies."""
     model, tok = tiny
+    tiny_results, samples = tiny_results
+    samples = samples[TASK]
+    assert [x["doc_id"] for x in samples] == list(range(TINY_LIMIT))
     correct = correct_norm = 0
-    for it in build_items("test")[:TINY_LIMIT]:
+    for it, sample in zip(build_items("test")[:TINY_LIMIT], samples):
         context = tok.encode(it["context"])
         wholes = [tok.encode(it["context"] + "\n" + choice) for choice in it["choices"]]
         # The 4 choices in one right-padded batch; the mask keeps padding out of the skip gates.
@@ -107,6 +114,8 @@ def test_accuracy_equals_direct_scoring(tiny, tiny_results):
             sum(float(logprobs[row, len(context) - 1 + i, t]) for i, t in enumerate(w[len(context):]))
             for row, w in enumerate(wholes)
         ]
+        assert sample["target"] == it["label"]
+        assert sample["loglikelihoods"] == pytest.approx(scores, rel=1e-4, abs=1e-3), it["id"]
         correct += max(range(N_CHOICES), key=scores.__getitem__) == it["label"]
         normed = [score / len(choice) for score, choice in zip(scores, it["choices"])]
         correct_norm += max(range(N_CHOICES), key=normed.__getitem__) == it["label"]

@@ -24,10 +24,11 @@ from torch import nn
 from . import patch
 from .lm_eval_tasks import TASK_DIR
 
-__all__ = ["SPARSITY_KEY", "evaluate_lm", "local_task_names"]
+__all__ = ["SAMPLES_KEY", "SPARSITY_KEY", "evaluate_lm", "local_task_names"]
 
 # The entry of the result that holds the realised sparsity (only for patched models).
 SPARSITY_KEY = "sparsity"
+SAMPLES_KEY = "samples"
 LM_EVAL_HINT = "pip install lm-eval==0.4.13"
 
 
@@ -127,7 +128,8 @@ def evaluate_lm(
     device: str | torch.device | None = None,
     include_path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     bootstrap_iters: int = 1000,
-) -> dict[str, dict[str, float]]:
+    log_samples: bool = False,
+) -> dict[str, Any]:
     """Evaluate an already-loaded causal LM on lm-eval tasks; returns ``{task: {metric: value}}``.
 
     Args:
@@ -145,6 +147,9 @@ def evaluate_lm(
         device: move the model there first; ``None`` evaluates it where it is.
         include_path: further directories of task YAMLs.
         bootstrap_iters: bootstrap iterations for the stderr of non-mean metrics.
+        log_samples: also return each example's scores, as ``result["samples"][task]``: a list
+            of ``{"doc_id", "target", "loglikelihoods"}`` (one log-likelihood per choice for
+            multiple-choice tasks), in lm-eval's document order.
 
     Returns:
         ``{task_or_group: {metric: value}}`` with lm-eval's metric names (``acc``, ``acc_norm``,
@@ -158,8 +163,9 @@ def evaluate_lm(
     tasks = [tasks] if isinstance(tasks, str) else list(tasks)
     if not tasks or not all(isinstance(t, str) and t for t in tasks):
         raise ValueError(f"tasks must be a non-empty list of task names, got {tasks!r}")
-    if SPARSITY_KEY in tasks:
-        raise ValueError(f"a task named {SPARSITY_KEY!r} would clash with the sparsity entry of the result")
+    for key in (SPARSITY_KEY, SAMPLES_KEY):
+        if key in tasks:
+            raise ValueError(f"a task named {key!r} would clash with the {key} entry of the result")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     lm_eval, lm_eval_hf, TaskManager = _import_lm_eval()
@@ -191,13 +197,22 @@ def evaluate_lm(
             limit=limit,
             task_manager=task_manager,
             bootstrap_iters=bootstrap_iters,
-            log_samples=False,
+            log_samples=log_samples,
         )
     finally:
         model.train(was_training)
     if output is None:  # lm-eval returns results on rank 0 only
         raise RuntimeError("lm-eval returned no results (not the rank-0 process?)")
-    results = {name: _flatten_metrics(metrics) for name, metrics in output["results"].items()}
+    results: dict[str, Any] = {name: _flatten_metrics(metrics) for name, metrics in output["results"].items()}
+    if log_samples:
+        results[SAMPLES_KEY] = {
+            task: [
+                {"doc_id": int(x["doc_id"]), "target": x["target"],
+                 "loglikelihoods": [float(r[0]) for r in x["filtered_resps"]]}
+                for x in sorted(samples, key=lambda x: x["doc_id"])
+            ]
+            for task, samples in output["samples"].items()
+        }
     if patched:
         s = patch.stats(model, cumulative=True)
         results[SPARSITY_KEY] = {k: float(s[k]) for k in ("attn_skip", "mlp_skip", "module_sparsity", "param_sparsity")}
