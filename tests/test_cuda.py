@@ -146,10 +146,12 @@ ATTN_CASES = [
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", ATTN_CASES)
 @pytest.mark.parametrize("kind", ["all", "some"])
-def test_sparse_query_attention_matches_float64(dtype, case, kind, seed=0):
+def test_sparse_query_attention_matches_float64(dtype, case, kind, seed=0, drop=0):
+    """``drop``: the first keys are not in k/v (a sliding cache returns the last ones), so the
+    keys start at cache position kv_offset = drop."""
     B, S, past, Hkv, G, hd, window, padded = case
     gen = torch.Generator().manual_seed(B * 1000 + S + past + 100000 * seed)
-    T, Lk = B * S, past + S
+    T, Lk = B * S, past + S - drop
     q = _randn(T, Hkv * G * hd, dtype=dtype, gen=gen)
     k, v = _randn(B, Hkv, Lk, hd, dtype=dtype, gen=gen), _randn(B, Hkv, Lk, hd, dtype=dtype, gen=gen)
     q_pos = torch.arange(past, past + S).repeat(B).to(DEV)
@@ -161,11 +163,21 @@ def test_sparse_query_attention_matches_float64(dtype, case, kind, seed=0):
         key_valid = key_valid.to(DEV)
     idx, cnt = _rows(T, kind, gen)
     scale = hd**-0.5
-    got = ops.sparse_query_attention(q, idx, cnt, k, v, q_pos, key_valid, 0, S, scale, window)
-    want = ref.sparse_query_attention(*_cpu64(q, idx, cnt, k, v, q_pos, key_valid), 0, S, scale, window)
+    got = ops.sparse_query_attention(q, idx, cnt, k, v, q_pos, key_valid, drop, S, scale, window)
+    want = ref.sparse_query_attention(*_cpu64(q, idx, cnt, k, v, q_pos, key_valid), drop, S, scale, window)
     n = int(cnt)
     _close(got[:n], want[:n], dtype)
     assert (got[n:] == 0).all()
+
+
+# A sliding cache's keys from position drop on (kv_offset > 0), and a count of 0: decode (split-KV),
+# prefill on the tensor-core kernel, and prefill on the CUDA-core kernel (head_dim 80).
+@pytest.mark.parametrize("case,drop", [((2, 1, 1500, 2, 4, 128, 64, False), 1436), ((2, 1, 900, 2, 2, 64, 0, True), 300),
+                                       ((2, 90, 40, 2, 2, 128, 50, True), 40), ((1, 70, 30, 2, 2, 64, 0, False), 12),
+                                       ((2, 40, 20, 2, 2, 80, 24, True), 16)])
+@pytest.mark.parametrize("kind", ["some", "none"])
+def test_sparse_query_attention_with_kv_offset_or_no_rows(case, drop, kind):
+    test_sparse_query_attention_matches_float64(torch.bfloat16, case, kind, drop=drop)
 
 
 # The tensor-core prefill kernel on each matrix instruction set: mma.sync, or wgmma (plain, or
