@@ -588,10 +588,20 @@ def test_patched_layer_forward_captures_in_a_cuda_graph():
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             out_static = layer(h_static, position_embeddings=(cos, sin))
-        for _ in range(4):
-            h_new = torch.randn(B, S, d, device=DEV, dtype=torch.bfloat16)
+        gen = torch.Generator().manual_seed(5)
+        seen = set()
+        for _ in range(8):
+            h_new = _randn(B, S, d, dtype=torch.bfloat16, gen=gen, scale=3.0)
             want = layer(h_new.clone(), position_embeddings=(cos, sin))
             h_static.copy_(h_new)
             graph.replay()
             torch.cuda.synchronize()
             assert torch.equal(out_static, want)
+            # The masked oracle on the same input: same result within bf16 rounding, and its gates
+            # say which decisions this replay took.
+            skipgpt.set_mode(model, "masked")
+            masked = layer(h_new.clone(), attention_mask=None, position_embeddings=(cos, sin))
+            skipgpt.set_mode(model, "native")
+            _close(out_static.float(), masked.float(), torch.bfloat16)
+            seen.add(tuple(int(g.item()) for g in skipgpt.state(model).gates[1]))
+        assert len(seen) > 1  # the replays really took different skip decisions
