@@ -86,6 +86,37 @@ def test_histogram_and_position_curves_are_consistent(report):
         assert all(0.0 <= r <= 1.0 for r in pos[f"{name}_smoothed"])
 
 
+def test_histogram_and_position_curves_equal_the_gates(calibrated, report):
+    """Rebuilt here from the masked model's own gates: the per-token count of executed modules,
+    and the per-bucket skip rates at true positions (left padding shifts them)."""
+    model, ids, mask = calibrated
+    skipgpt.set_mode(model, "masked")
+    executed, pos_of, valid_of = [], [], []
+    try:
+        with torch.no_grad():
+            for start in range(0, len(ids), 5):
+                m = mask[start:start + 5].bool()
+                model(input_ids=ids[start:start + 5], attention_mask=mask[start:start + 5])
+                g = torch.stack([torch.stack(pair) for pair in skipgpt.state(model).gates])  # [L, 2, B, S]
+                executed.append(g.sum(0))  # [2, B, S]: layers executing attention / MLP per token
+                pos_of.append(m.long().cumsum(-1) - 1)
+                valid_of.append(m)
+    finally:
+        skipgpt.set_mode(model, "auto")
+    executed, pos, valid = torch.cat(executed, 1), torch.cat(pos_of), torch.cat(valid_of)
+    per_token = executed.sum(0)[valid].round().long()
+    assert report["modules_executed_hist"] == torch.bincount(per_token, minlength=2 * LAYERS + 1).tolist()
+
+    curves = report["position"]
+    assert len(curves["bucket_start"]) > 10
+    for b, (lo, hi) in enumerate(zip(curves["bucket_start"], curves["bucket_end"])):
+        sel = valid & (pos >= lo) & (pos < hi)
+        assert curves["tokens"][b] == int(sel.sum())
+        for k, name in enumerate(("attn_skip", "mlp_skip")):
+            want = 1 - float(executed[k][sel].double().sum()) / (int(sel.sum()) * LAYERS)
+            assert curves[name][b] == pytest.approx(want, abs=1e-12), (name, b)
+
+
 def test_pngs_are_valid_images(report):
     for key in ("layer_rates", "position", "modules_hist"):
         path = report["files"][key]
