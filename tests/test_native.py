@@ -214,10 +214,19 @@ def test_skipping_modes_refuse_what_they_cannot_run(case):
 
 
 def test_decode_step_mask_must_cover_the_cache():
+    """A decode step whose mask misses the new token is refused before any layer writes the
+    cache: a retry with the right mask then gives what a fresh run gives."""
     model = tiny_model("llama")
     skipgpt.apply(model, SkipConfig(mode="native"))
     ids, mask = left_padded_batch()
+    step, mask2 = torch.tensor([[5], [6], [7]]), torch.cat([mask, torch.ones(3, 1, dtype=mask.dtype)], 1)
     with torch.no_grad():
+        fresh = model(input_ids=ids, attention_mask=mask, use_cache=True)
+        want = model(input_ids=step, attention_mask=mask2, past_key_values=fresh.past_key_values).logits
         out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+        cache = out.past_key_values
         with pytest.raises(ValueError, match="attention_mask covers 12 positions but the cache plus this input hold 13"):
-            model(input_ids=ids[:, :1], attention_mask=mask, past_key_values=out.past_key_values)
+            model(input_ids=step, attention_mask=mask, past_key_values=cache)
+        assert [cache.get_seq_length(i) for i in range(3)] == [12, 12, 12]
+        got = model(input_ids=step, attention_mask=mask2, past_key_values=cache).logits
+    assert torch.equal(got, want)

@@ -53,13 +53,16 @@ class SkipState:
         device: torch.device | None = None,
     ) -> None:
         """Called before the decoder runs: remember which keys and rows are real tokens."""
-        self.mask_is_4d = attention_mask is not None and attention_mask.dim() != 2
-        self.key_mask = attention_mask.bool() if attention_mask is not None and not self.mask_is_4d else None
-        if self.key_mask is not None and (self.key_mask.shape[0] != batch or self.key_mask.shape[1] < seq):
+        mask_is_4d = attention_mask is not None and attention_mask.dim() != 2
+        if not mask_is_4d and attention_mask is not None and (
+            attention_mask.shape[0] != batch or attention_mask.shape[1] < seq
+        ):  # refused before any state of this forward is set
             raise ValueError(
-                f"attention_mask is {tuple(self.key_mask.shape)}, but the input is {batch} sequences of {seq} "
+                f"attention_mask is {tuple(attention_mask.shape)}, but the input is {batch} sequences of {seq} "
                 f"tokens: it needs {batch} rows and at least {seq} positions (the cache's plus this input's)"
             )
+        self.mask_is_4d = mask_is_4d
+        self.key_mask = attention_mask.bool() if attention_mask is not None and not mask_is_4d else None
         self.valid = self.key_mask[:, -seq:] if self.key_mask is not None and seq > 0 else None
         # Made on the device (a fill, not a host-to-device copy): a CUDA graph may capture a forward.
         self.n_valid = self.valid.sum() if self.valid is not None else torch.full((), batch * seq, device=device)
@@ -256,6 +259,12 @@ class SkipDecoderLayerMixin:
         _check_plain_linears(attn.q_proj, attn.o_proj, self.mlp.gate_proj, self.mlp.up_proj, self.mlp.down_proj)
         B, S, d = hidden_states.shape
         T, hd = B * S, attn.head_dim
+        past = cache.get_seq_length(layer_idx) if cache is not None else 0
+        end = past + S
+        if st.key_mask is not None and st.key_mask.shape[1] != end:  # before any statistic or cache write
+            raise ValueError(
+                f"attention_mask covers {st.key_mask.shape[1]} positions but the cache plus this input hold {end}"
+            )
         h = hidden_states
         if st.clone_all or (layer_idx == 0 and st.clone_first):
             h = h.clone()
@@ -264,7 +273,6 @@ class SkipDecoderLayerMixin:
         st.record(layer_idx, a_cnt, m_cnt)
 
         cos, sin = position_embeddings
-        past = cache.get_seq_length(layer_idx) if cache is not None else 0
         q_pos, cos_rows, sin_rows, every, n_rows = st.row_positions(past, B, S, cos, sin)
 
         # K/V for every token, with the model's math, then into the cache. K is the Q op over
@@ -296,15 +304,8 @@ class SkipDecoderLayerMixin:
         if cache is not None:
             k, v = cache.update(k, v, layer_idx)
         # A dynamic (sliding) cache returns the most recent Lk keys, ending at this step.
-        end, Lk = past + S, k.shape[2]
-        key_valid = None
-        if st.key_mask is not None:
-            if st.key_mask.shape[1] != end:
-                raise ValueError(
-                    f"attention_mask covers {st.key_mask.shape[1]} positions but the cache plus "
-                    f"this input hold {end}"
-                )
-            key_valid = st.key_mask[:, end - Lk : end]
+        Lk = k.shape[2]
+        key_valid = st.key_mask[:, end - Lk : end] if st.key_mask is not None else None
         q_norm = ad.q_norm(attn)
         q = ops.q_proj_rope(
             x_norm, a_idx, a_cnt, attn.q_proj.weight, attn.q_proj.bias,
