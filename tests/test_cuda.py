@@ -170,9 +170,11 @@ def test_sparse_query_attention_matches_float64(dtype, case, kind, seed=0, drop=
     assert (got[n:] == 0).all()
 
 
-# A sliding cache's keys from position drop on (kv_offset > 0), and a count of 0: decode (split-KV),
-# prefill on the tensor-core kernel, and prefill on the CUDA-core kernel (head_dim 80).
-@pytest.mark.parametrize("case,drop", [((2, 1, 1500, 2, 4, 128, 64, False), 1436), ((2, 1, 900, 2, 2, 64, 0, True), 300),
+# A sliding cache's keys from position drop on (kv_offset > 0), and a count of 0: decode on one
+# pass (65 keys) and split-KV (401 keys with a 400-token window; 601 keys), prefill on the
+# tensor-core kernel, and prefill on the CUDA-core kernel (head_dim 80).
+@pytest.mark.parametrize("case,drop", [((2, 1, 1500, 2, 4, 128, 64, False), 1436), ((2, 1, 1500, 2, 4, 128, 400, True), 1100),
+                                       ((2, 1, 900, 2, 2, 64, 0, True), 300),
                                        ((2, 90, 40, 2, 2, 128, 50, True), 40), ((1, 70, 30, 2, 2, 64, 0, False), 12),
                                        ((2, 40, 20, 2, 2, 80, 24, True), 16)])
 @pytest.mark.parametrize("kind", ["some", "none"])
@@ -479,6 +481,10 @@ def test_bad_inputs_name_the_argument():
         ops.linear_scatter_add_(h2[:1].expand_as(h2), a, idx, cnt, w, b)
     with pytest.raises(RuntimeError, match="a must not share memory with h"):
         ops.linear_scatter_add_(h2, h2[:, : a.shape[1]], idx, cnt, w, b)
+    with pytest.raises(RuntimeError, match="a must not share memory with h"):  # a narrower view of h
+        ops.linear_scatter_add_(h2, h2[:, :32], idx, cnt, w[:, :32].contiguous(), b)
+    with pytest.raises(RuntimeError, match="h .*must not have elements that share memory"):
+        ops.linear_scatter_add_(h2.as_strided(h2.shape, (8, 1)), a, idx, cnt, w, b)
     assert torch.equal(h2, h_before)
     h3, idx, cnt, nw, eps, wg, wu, wd = s["skip_mlp_"]
     with pytest.raises(RuntimeError, match="h .*must not have elements that share memory"):

@@ -488,7 +488,18 @@ def test_bad_inputs_name_the_argument():
     h_before = h.clone()
     _raises(ops.linear_scatter_add_, h[:1].expand_as(h), a, idx, cnt, w, b, match="h .*must not have elements that share memory")
     _raises(ops.linear_scatter_add_, h, h, idx, cnt, w, b, match="a must not share memory with h")
+    buf = torch.cat([h, a], 1)  # h and a as column blocks of one buffer: interleaved rows
+    _raises(ops.linear_scatter_add_, buf[:, :16], buf[:, :16], idx, cnt, w, b, match="a must not share memory")
+    _raises(ops.linear_scatter_add_, buf[:, :16], buf[:, 16:], idx, cnt, w, b, match="a must not share memory")
+    _raises(ops.linear_scatter_add_, buf[:, 8:24], buf[:, :16], idx, cnt, w, b, match="a must not share memory")
+    _raises(ops.linear_scatter_add_, h.as_strided(h.shape, (1, 1)), a, idx, cnt, w, b, match="must not have elements that share")
     assert torch.equal(h, h_before)
+    # Rows apart in one buffer (h the top half, a the bottom half) do not overlap: accepted.
+    tall = torch.cat([h, a])
+    want = h.clone()
+    ops.linear_scatter_add_(want, a, idx, cnt, w, b)
+    ops.linear_scatter_add_(tall[:10], tall[10:], idx, cnt, w, b)
+    assert torch.equal(tall[:10], want)
 
     h, idx, cnt, nw, eps, wg, wu, wd = s["skip_mlp_"]
     _raises(ops.skip_mlp_, h, idx, cnt, nw, eps, wg, wu[:-1], wd, match=r"up_weight must be \[24, 16\]")
