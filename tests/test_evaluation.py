@@ -123,6 +123,61 @@ def test_accuracy_equals_direct_scoring(tiny, tiny_results):
     assert tiny_results[TASK]["acc_norm"] == pytest.approx(correct_norm / TINY_LIMIT)
 
 
+_LOCAL_KINDS = """
+task: {name}
+dataset_path: ""
+dataset_name: ""
+custom_dataset: !function skipgpt.lm_eval_tasks.nextline.load_dataset
+test_split: test
+{body}
+metadata:
+  version: 1.0
+"""
+ROLLING = """output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: context
+metric_list:
+  - metric: word_perplexity
+"""
+GENERATE = """output_type: generate_until
+doc_to_text: context
+doc_to_target: "{{choices[label]}}"
+generation_kwargs:
+  until: ["\\n"]
+  max_gen_toks: 6
+  do_sample: false
+metric_list:
+  - metric: exact_match
+"""
+
+
+@torch.no_grad()
+def test_log_samples_of_rolling_and_generation_tasks(tiny, tmp_path):
+    """log_samples on the other two lm-eval request types, against oracles: a rolling task's
+    per-document log-likelihood is the float64 sum over the document's tokens after lm-eval's
+    prefix token (short documents: one window), and a generation task's response is the greedy
+    continuation up to the first newline."""
+    model, tok = tiny
+    for name, body in (("tiny_rolling", ROLLING), ("tiny_generate", GENERATE)):
+        (tmp_path / f"{name}.yaml").write_text(_LOCAL_KINDS.format(name=name, body=body))
+    res = evaluate_lm(model, tok, ["tiny_rolling", "tiny_generate"], limit=3, batch_size=2, include_path=tmp_path,
+                      log_samples=True)
+    items = build_items("test")[:3]
+    rolling, generated = res[SAMPLES_KEY]["tiny_rolling"], res[SAMPLES_KEY]["tiny_generate"]
+    assert [x["doc_id"] for x in rolling] == [x["doc_id"] for x in generated] == [0, 1, 2]
+    for it, r, g in zip(items, rolling, generated):
+        ids = [tok.bos_token_id] + tok.encode(it["context"])  # HFLM's prefix token: BOS, else EOS
+        lp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, :-1].double(), -1)
+        want = float(lp.gather(-1, torch.tensor(ids[1:])[:, None]).sum())
+        assert len(r["loglikelihoods"]) == 1 and r["loglikelihoods"][0] == pytest.approx(want, rel=1e-4)
+        ctx = tok.encode(it["context"])
+        out = model.generate(input_ids=torch.tensor([ctx]), attention_mask=torch.ones(1, len(ctx), dtype=torch.long),
+                             max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+        text = tok.decode(out[0, len(ctx):]).split("\n")[0]
+        assert g["responses"] == [text] and g["target"] == it["choices"][it["label"]]
+    assert res["tiny_rolling"]["word_perplexity"] > 1
+
+
 def test_clear_errors(tiny):
     model, tok = tiny
     with pytest.raises(ValueError, match="batch_size"):

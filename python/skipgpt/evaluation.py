@@ -117,6 +117,23 @@ def _flatten_metrics(task_results: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def _sample_record(sample: dict[str, Any]) -> dict[str, Any]:
+    """One lm-eval sample as plain values: ``loglikelihoods`` (one per request: per choice for
+    loglikelihood / multiple-choice tasks, the document's total for loglikelihood_rolling), or
+    ``responses`` (generated text, generate_until), after the sample's filter."""
+    out: dict[str, Any] = {"doc_id": int(sample["doc_id"]), "filter": str(sample.get("filter", "none")),
+                           "target": sample["target"]}
+    resps = list(sample["filtered_resps"])
+    if resps and all(isinstance(r, (tuple, list)) and len(r) == 2 and isinstance(r[0], (int, float)) for r in resps):
+        out["loglikelihoods"] = [float(r[0]) for r in resps]
+        out["is_greedy"] = [bool(r[1]) for r in resps]
+    elif resps and all(isinstance(r, (int, float)) and not isinstance(r, bool) for r in resps):
+        out["loglikelihoods"] = [float(r) for r in resps]
+    else:
+        out["responses"] = [r if isinstance(r, str) else repr(r) for r in resps]
+    return out
+
+
 def evaluate_lm(
     model: nn.Module,
     tokenizer,
@@ -148,8 +165,10 @@ def evaluate_lm(
         include_path: further directories of task YAMLs.
         bootstrap_iters: bootstrap iterations for the stderr of non-mean metrics.
         log_samples: also return each example's scores, as ``result["samples"][task]``: a list
-            of ``{"doc_id", "target", "loglikelihoods"}`` (one log-likelihood per choice for
-            multiple-choice tasks), in lm-eval's document order.
+            of ``{"doc_id", "filter", "target"}`` plus ``loglikelihoods`` (one per choice for
+            multiple-choice / loglikelihood tasks, with ``is_greedy``; the document's total for
+            loglikelihood_rolling) or ``responses`` (generate_until), ordered by filter and
+            document.
 
     Returns:
         ``{task_or_group: {metric: value}}`` with lm-eval's metric names (``acc``, ``acc_norm``,
@@ -206,11 +225,7 @@ def evaluate_lm(
     results: dict[str, Any] = {name: _flatten_metrics(metrics) for name, metrics in output["results"].items()}
     if log_samples:
         results[SAMPLES_KEY] = {
-            task: [
-                {"doc_id": int(x["doc_id"]), "target": x["target"],
-                 "loglikelihoods": [float(r[0]) for r in x["filtered_resps"]]}
-                for x in sorted(samples, key=lambda x: x["doc_id"])
-            ]
+            task: [_sample_record(x) for x in sorted(samples, key=lambda x: (str(x.get("filter", "none")), x["doc_id"]))]
             for task, samples in output["samples"].items()
         }
     if patched:
