@@ -2,9 +2,10 @@
 // the CPU and CUDA wrappers: their kernels add rows into h without atomics, so no two elements
 // of h may share memory (an expand()ed h would lose updates), and linear_scatter_add_'s input
 // a must not share memory with h (other rows of a would be read after h's rows were written).
-// Both checks are exact for the layouts the ops take (h: 2-D, unit stride in its last
-// dimension) and conservative otherwise: they read no tensor data, so they are safe under CUDA
-// graph capture.
+// The internal check is exact for the layout the ops take (h: 2-D, unit stride in its last
+// dimension); the a-vs-h check is a conservative byte-range test (column blocks of one buffer
+// that share no element are refused too). Neither reads tensor data, so both are safe under
+// CUDA graph capture.
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>

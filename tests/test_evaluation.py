@@ -178,6 +178,21 @@ def test_log_samples_of_rolling_and_generation_tasks(tiny, tmp_path):
     assert res["tiny_rolling"]["word_perplexity"] > 1
 
 
+def test_sample_records_of_every_response_shape():
+    """The shapes lm-eval's filters leave in ``filtered_resps``, kept as plain values."""
+    from skipgpt.evaluation import _sample_record
+
+    base = {"doc_id": 4, "target": 1}
+    mc = _sample_record({**base, "filter": "none", "filtered_resps": [(-1.5, False), (-0.25, True)]})
+    assert mc == {**base, "filter": "none", "loglikelihoods": [-1.5, -0.25], "is_greedy": [False, True]}
+    rolling = _sample_record({**base, "filtered_resps": [-812.0]})
+    assert rolling == {**base, "filter": "none", "loglikelihoods": [-812.0]}
+    text = _sample_record({**base, "filter": "strict-match", "filtered_resps": ["42"]})
+    assert text == {**base, "filter": "strict-match", "responses": ["42"]}
+    several = _sample_record({**base, "filter": "create_test", "filtered_resps": [["def f(): pass", "def g(): pass"]]})
+    assert several["responses"] == [["def f(): pass", "def g(): pass"]]
+
+
 def test_clear_errors(tiny):
     model, tok = tiny
     with pytest.raises(ValueError, match="batch_size"):

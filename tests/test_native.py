@@ -224,9 +224,10 @@ def test_decode_step_mask_must_cover_the_cache():
         fresh = model(input_ids=ids, attention_mask=mask, use_cache=True)
         want = model(input_ids=step, attention_mask=mask2, past_key_values=fresh.past_key_values).logits
         out = model(input_ids=ids, attention_mask=mask, use_cache=True)
-        cache = out.past_key_values
+        cache, before = out.past_key_values, skipgpt.stats(model)
         with pytest.raises(ValueError, match="attention_mask covers 12 positions but the cache plus this input hold 13"):
             model(input_ids=step, attention_mask=mask, past_key_values=cache)
         assert [cache.get_seq_length(i) for i in range(3)] == [12, 12, 12]
+        assert skipgpt.stats(model) == before  # still the last complete forward's
         got = model(input_ids=step, attention_mask=mask2, past_key_values=cache).logits
     assert torch.equal(got, want)

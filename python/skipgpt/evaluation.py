@@ -119,8 +119,9 @@ def _flatten_metrics(task_results: dict[str, Any]) -> dict[str, float]:
 
 def _sample_record(sample: dict[str, Any]) -> dict[str, Any]:
     """One lm-eval sample as plain values: ``loglikelihoods`` (one per request: per choice for
-    loglikelihood / multiple-choice tasks, the document's total for loglikelihood_rolling), or
-    ``responses`` (generated text, generate_until), after the sample's filter."""
+    loglikelihood / multiple-choice tasks, plus the unconditional ones where a task asks for
+    them; the document's total for loglikelihood_rolling), or ``responses`` (generate_until:
+    the text, or the list of texts a filter keeps), after the sample's filter."""
     out: dict[str, Any] = {"doc_id": int(sample["doc_id"]), "filter": str(sample.get("filter", "none")),
                            "target": sample["target"]}
     resps = list(sample["filtered_resps"])
@@ -129,8 +130,10 @@ def _sample_record(sample: dict[str, Any]) -> dict[str, Any]:
         out["is_greedy"] = [bool(r[1]) for r in resps]
     elif resps and all(isinstance(r, (int, float)) and not isinstance(r, bool) for r in resps):
         out["loglikelihoods"] = [float(r) for r in resps]
-    else:
-        out["responses"] = [r if isinstance(r, str) else repr(r) for r in resps]
+    else:  # a string per request, or a list of them (filters that keep several generations)
+        out["responses"] = [
+            r if isinstance(r, str) else [str(x) for x in r] if isinstance(r, (list, tuple)) else repr(r) for r in resps
+        ]
     return out
 
 
@@ -165,10 +168,10 @@ def evaluate_lm(
         include_path: further directories of task YAMLs.
         bootstrap_iters: bootstrap iterations for the stderr of non-mean metrics.
         log_samples: also return each example's scores, as ``result["samples"][task]``: a list
-            of ``{"doc_id", "filter", "target"}`` plus ``loglikelihoods`` (one per choice for
-            multiple-choice / loglikelihood tasks, with ``is_greedy``; the document's total for
-            loglikelihood_rolling) or ``responses`` (generate_until), ordered by filter and
-            document.
+            of ``{"doc_id", "filter", "target"}`` plus ``loglikelihoods`` (one per request: per
+            choice for multiple-choice / loglikelihood tasks, with ``is_greedy``; the document's
+            total for loglikelihood_rolling) or ``responses`` (generate_until), ordered by
+            filter and document.
 
     Returns:
         ``{task_or_group: {metric: value}}`` with lm-eval's metric names (``acc``, ``acc_norm``,

@@ -40,6 +40,9 @@ class SkipState:
         self.mlp_params = torch.tensor([_numel(l.mlp) for l in layers], dtype=torch.float64)
         self.reset_cumulative()
         self._margins: dict[int, tuple] = {}
+        # The counts of the last forward that completed (skipgpt.stats): a refused or interrupted
+        # forward leaves them as they were.
+        self.last_complete: tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor] | None = None
         self._begin(None, 0, 0)
 
     # -- per forward ---------------------------------------------------------------------------
@@ -78,6 +81,7 @@ class SkipState:
         """Called after the decoder ran: add this forward's counts to the running totals."""
         if any(c is None for c in self.exec_counts):
             return  # e.g. a forward that stopped early; nothing consistent to accumulate
+        self.last_complete = (list(self.exec_counts), self.n_valid)
         # Stays on the device: no host sync per forward.
         counts = torch.stack([torch.stack(c) for c in self.exec_counts]).detach().to(torch.float64)
         if self.cum_exec.device != counts.device:  # once: the totals move to the model's device

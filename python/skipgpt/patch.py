@@ -149,7 +149,7 @@ def set_threshold(model: nn.Module, threshold: float) -> None:
 
 
 def stats(model: nn.Module, cumulative: bool = False) -> dict[str, Any]:
-    """Realised skip rates of the last forward (or of all forwards since the last reset).
+    """Realised skip rates of the last complete forward (or of all forwards since the last reset).
 
     Padding tokens never count. Returns per-layer attention/MLP skip rates, their means, the
     module-count sparsity and the parameter-weighted sparsity.
@@ -158,10 +158,11 @@ def stats(model: nn.Module, cumulative: bool = False) -> dict[str, Any]:
     if cumulative:
         counts, n = st.cum_exec.cpu(), float(st.cum_tokens)
     else:
-        if any(c is None for c in st.exec_counts):
+        if st.last_complete is None:
             raise RuntimeError("no complete forward pass has run since SkipGPT was applied")
-        counts = torch.tensor([[float(a), float(m)] for a, m in st.exec_counts], dtype=torch.float64)
-        n = float(st.n_valid)
+        exec_counts, n_valid = st.last_complete
+        counts = torch.tensor([[float(a), float(m)] for a, m in exec_counts], dtype=torch.float64)
+        n = float(n_valid)
     ea, em = counts[:, 0], counts[:, 1]
     denom = max(n, 1.0)
     return {
