@@ -81,7 +81,7 @@ class SkipState:
         """Called after the decoder ran: add this forward's counts to the running totals."""
         if any(c is None for c in self.exec_counts):
             return  # e.g. a forward that stopped early; nothing consistent to accumulate
-        self.last_complete = (list(self.exec_counts), self.n_valid)
+        self.last_complete = (self.exec_counts, self.n_valid)  # _begin makes a new list: no copy needed
         # Stays on the device: no host sync per forward.
         counts = torch.stack([torch.stack(c) for c in self.exec_counts]).detach().to(torch.float64)
         if self.cum_exec.device != counts.device:  # once: the totals move to the model's device
