@@ -74,7 +74,7 @@ def test_router_tuning_can_calibrate_the_inference_threshold(tiny_dir, tmp_path)
     cfg = json.loads((tmp_path / "rt" / "skip_config.json").read_text())
     assert cfg["threshold"] == res["threshold"] and 0.0 < cfg["threshold"] < 1.0
     model, tok = load_skipgpt(args.model, tmp_path / "rt")
-    blocks = data.pack_tokens(data.load_texts(args.data, "train"), tok, 32)[-8:]
+    blocks = data.load_blocks(args.data, "validation", tok, 32, max_blocks=args.val_blocks, seed=0)  # calibrated on these
     with torch.no_grad():
         model(input_ids=blocks)
     assert abs(skipgpt.stats(model)["module_sparsity"] - 0.3) < 0.02
@@ -155,8 +155,10 @@ def test_two_process_accelerate_run(tiny_dir, tmp_path):
     one = skipgpt.checkpoint._read(tmp_path / "l1" / "adapter_model.safetensors")
     init_b = [k for k in one if "lora_B" in k]
     assert one.keys() == two.keys() and init_b and all(one[k].abs().max() > 1e-3 for k in init_b)  # B moved off 0
+    # Adam divides by the root of the squared gradient, so on entries whose gradient is near 0
+    # the reduction-order noise grows to ~1e-6; a missing average would differ by ~lr (5e-3).
     for k in one:
-        assert torch.allclose(one[k], two[k], rtol=1e-4, atol=1e-6), (k, (one[k] - two[k]).abs().max())
+        assert torch.allclose(one[k], two[k], rtol=1e-4, atol=1e-5), (k, (one[k] - two[k]).abs().max())
 
 
 @pytest.mark.parametrize("name", ["shortgpt", "module_drop", "random", "mod_d"])

@@ -32,7 +32,7 @@ def _add_dataclass_args(p: argparse.ArgumentParser, cls, skip=()) -> None:
         elif f.name == "target_modules":
             p.add_argument(flag, nargs="+", default=list(default))
         else:
-            kind = {"int": int, "float": float, "int | None": int, "str | None": str}.get(str(f.type), str)
+            kind = {"int": int, "float": float, "int | None": int, "float | None": float, "str | None": str}.get(str(f.type), str)
             p.add_argument(flag, type=kind, default=default, required=f.name == "out")
 
 

@@ -30,9 +30,13 @@ class SkipConfig:
         mode: ``masked`` (dense compute times gate: the oracle and training path),
             ``reference`` (real skipping in pure PyTorch), ``native`` (the skipgpt_ext
             kernels), or ``auto`` (native when its kernels are built, else reference).
-        gate: ``auto`` (hard straight-through Gumbel gates in train mode, deterministic in eval
-            mode), ``gumbel`` or ``deterministic`` (e.g. LoRA recovery with frozen routers).
-        tau: Gumbel-softmax temperature (training anneals it).
+        gate: ``auto`` (hard straight-through gates in train mode, deterministic in eval
+            mode), ``gumbel`` (straight-through in both) or ``deterministic`` (the inference
+            rule, no gradient; e.g. LoRA recovery with frozen routers).
+        tau: temperature of the straight-through gradient (training anneals it).
+        gate_noise: scale of the Gumbel noise in straight-through gates: ``1.0`` is the
+            paper's hard Gumbel-softmax sample, ``0.0`` the deterministic straight-through gate
+            (its forward is the inference rule). Router tuning anneals it.
         sparsity_target / alpha / sparsity_metric: the global sparsity objective
             ``L = L_LM + alpha * |target - s|`` used by router tuning.
         policy: ``router`` (SkipGPT), or a dynamic baseline: ``topk`` (MoD-D: the ``capacity``
@@ -47,6 +51,7 @@ class SkipConfig:
     mode: str = "auto"
     gate: str = "auto"
     tau: float = 1.0
+    gate_noise: float = 1.0
     sparsity_target: float = 0.25
     alpha: float = 8.0
     sparsity_metric: str = "params"
@@ -70,6 +75,8 @@ class SkipConfig:
             raise ValueError(f"sparsity_target must be in [0, 1), got {self.sparsity_target}")
         if not self.tau > 0:
             raise ValueError(f"tau must be positive, got {self.tau}")
+        if not (self.gate_noise >= 0 and math.isfinite(self.gate_noise)):
+            raise ValueError(f"gate_noise must be finite and >= 0, got {self.gate_noise}")
 
     @property
     def threshold_logit(self) -> float:

@@ -20,6 +20,13 @@ Corpora (document names are ``"<corpus>/<name>"``):
   editor's introduction and notes that are not Milton's). Kept:
   areopagitica, paradise_lost, paradise_regained, poemata, poetical_works.
 * ``"all"``: both of the above.
+* ``"chat"``: the default model's own answers to a few hundred prompts, in its chat template
+  (:mod:`skipgpt.chat`; shipped in the package). Split by a hash of the prompt, 80/10/10.
+* ``"pydoc"``: modern technical English: the docstrings of a fixed list of Python standard
+  library modules (one document per module), split like any other document group.
+
+A mixture of sources is written ``"chat:0.5+shakespeare:0.3+pydoc:0.2"`` (weights are
+fractions of the blocks; :func:`load_blocks`).
 
 Split rule (:func:`split_documents`), the same on every machine and run: within
 each corpus, documents are ordered by the SHA-256 hex digest of their name,
@@ -54,13 +61,31 @@ __all__ = [
     "SPLITS",
     "corpus_documents",
     "ensure_shakespeare",
+    "load_blocks",
     "load_texts",
+    "parse_mix",
     "pack_tokens",
     "split_documents",
     "strip_gutenberg",
 ]
 
 CORPORA = ("shakespeare", "milton", "all")
+SOURCES = (*CORPORA, "chat", "pydoc")  # the built-in text sources
+CHAT_CORPUS = Path(__file__).parent / "assets" / "data" / "smollm2-135m-chat.jsonl.gz"
+PYDOC_MODULES = (
+    "abc", "argparse", "array", "ast", "asyncio", "base64", "bisect", "calendar", "cmath", "codecs",
+    "collections", "concurrent.futures", "configparser", "contextlib", "copy", "csv", "dataclasses",
+    "datetime", "decimal", "difflib", "email", "enum", "fnmatch", "fractions", "ftplib", "functools",
+    "gettext", "glob", "gzip", "hashlib", "heapq", "hmac", "html.parser", "http.client", "http.server",
+    "imaplib", "inspect", "io", "ipaddress", "itertools", "json", "locale", "logging", "lzma", "mailbox",
+    "math", "mimetypes", "multiprocessing", "numbers", "operator", "os", "pathlib", "pickle",
+    "platform", "poplib", "pprint", "queue", "random", "re", "sched", "secrets", "selectors",
+    "shelve", "shlex", "shutil", "signal", "smtplib", "socket", "sqlite3", "ssl", "statistics",
+    "string", "struct", "subprocess", "tarfile", "tempfile", "textwrap", "threading", "time",
+    "timeit", "tokenize", "traceback", "turtle", "typing", "unittest", "urllib.parse",
+    "urllib.request", "uuid", "warnings", "weakref", "xml.dom.minidom", "xml.etree.ElementTree",
+    "zipfile", "zlib",
+)
 SPLITS = ("train", "validation", "test")
 PINNED_TEST = frozenset({"shakespeare/hamlet"})
 
@@ -193,6 +218,40 @@ def corpus_documents(corpus: str = "shakespeare", cache_dir: str | os.PathLike[s
     return dict(sorted(docs.items()))
 
 
+def pydoc_documents() -> dict[str, str]:
+    """``{"pydoc/<module>": text}``: each module's docstring followed by those of its public
+    classes, functions and methods, for :data:`PYDOC_MODULES` (those this Python has)."""
+    import importlib
+    import inspect
+    import warnings
+
+    docs = {}
+    for name in PYDOC_MODULES:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                mod = importlib.import_module(name)
+        except Exception:  # e.g. a Python built without sqlite3 or tkinter
+            continue
+        parts = [inspect.getdoc(mod) or ""]
+        for attr, obj in sorted(vars(mod).items()):
+            if attr.startswith("_") or getattr(obj, "__module__", None) != mod.__name__:
+                continue
+            if inspect.isclass(obj) or inspect.isfunction(obj):
+                doc = inspect.getdoc(obj)
+                if doc:
+                    parts.append(f"{attr}: {doc}")
+                if inspect.isclass(obj):
+                    for m_name, m in sorted(vars(obj).items()):
+                        m_doc = None if m_name.startswith("_") or not inspect.isfunction(m) else inspect.getdoc(m)
+                        if m_doc:
+                            parts.append(f"{attr}.{m_name}: {m_doc}")
+        text = "\n\n".join(p for p in parts if p.strip())
+        if text:
+            docs[f"pydoc/{name}"] = text
+    return docs
+
+
 # --------------------------------------------------------------------------- splits
 
 
@@ -205,7 +264,7 @@ def _normalise_split(split: str) -> str:
 
 def _split_group(name: str) -> str:
     prefix = name.split("/", 1)[0]
-    return prefix if "/" in name and prefix in ("shakespeare", "milton") else ""
+    return prefix if "/" in name and prefix in ("shakespeare", "milton", "pydoc") else ""
 
 
 def split_documents(docs: dict[str, str], split: str) -> dict[str, str]:
@@ -299,6 +358,12 @@ def load_texts(source: str, split: str, *, config: str | None = None, text_field
     """
     if source in CORPORA:
         return list(split_documents(corpus_documents(source), split).values())
+    if source == "pydoc":
+        return list(split_documents(pydoc_documents(), split).values())
+    if source == "chat" or source.endswith((".jsonl.gz",)):
+        from .chat import load_corpus
+
+        return [r["text"] for r in load_corpus(CHAT_CORPUS if source == "chat" else source, _normalise_split(split))]
     files = _local_files(source)
     if files is not None:
         split = _normalise_split(split)
@@ -400,3 +465,49 @@ def pack_tokens(
     if max_blocks is not None:
         n_blocks = min(n_blocks, max_blocks)
     return torch.from_numpy(flat[: n_blocks * block_size].copy()).view(n_blocks, block_size)
+
+
+# --------------------------------------------------------------------------- mixtures
+
+
+def parse_mix(spec: str) -> list[tuple[str, float]]:
+    """``"chat:0.5+shakespeare:0.5"`` -> ``[("chat", 0.5), ("shakespeare", 0.5)]`` (weights
+    normalised to sum 1; a source without ``:w`` weighs 1)."""
+    parts = []
+    for item in spec.split("+"):
+        name, _, weight = item.strip().rpartition(":") if ":" in item else (item.strip(), "", "1")
+        try:
+            w = float(weight)
+        except ValueError:
+            raise ValueError(f"data mixture {spec!r}: weight {weight!r} of {name!r} is not a number") from None
+        if not name or not w > 0 or w != w or w == float("inf"):
+            raise ValueError(f"data mixture {spec!r}: each part is SOURCE or SOURCE:WEIGHT with WEIGHT > 0")
+        parts.append((name, w))
+    total = sum(w for _, w in parts)
+    return [(n, w / total) for n, w in parts]
+
+
+def load_blocks(
+    spec: str, split: str, tokenizer: PreTrainedTokenizerBase, block_size: int,
+    max_blocks: int | None = None, seed: int = 0, progress: bool = True,
+) -> torch.Tensor:
+    """Token blocks ``[N, block_size]`` of a source or a mixture (:func:`parse_mix`).
+
+    A single source is packed in order (:func:`pack_tokens`). A mixture packs each source
+    separately and takes a seeded random subset of each so that the sources make up their
+    weights' share of the blocks, with as many blocks as the scarcest source allows (no source
+    repeats); ``max_blocks`` caps the total.
+    """
+    parts = parse_mix(spec)
+    if len(parts) == 1:
+        return pack_tokens(load_texts(parts[0][0], split), tokenizer, block_size, max_blocks=max_blocks, progress=progress)
+    packed = [pack_tokens(load_texts(name, split), tokenizer, block_size, progress=progress) for name, _ in parts]
+    total = min(len(b) / w for b, (_, w) in zip(packed, parts))
+    if max_blocks is not None:
+        total = min(total, max_blocks)
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for b, (_, w) in zip(packed, parts):
+        k = round(w * total)
+        out.append(b[torch.randperm(len(b), generator=gen)[:k]])
+    return torch.cat(out)

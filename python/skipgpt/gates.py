@@ -1,7 +1,10 @@
 """Gate policies of the masked path: SkipGPT's routers and the dynamic baselines.
 
-- ``router`` (SkipGPT): per token, hard straight-through Gumbel in training, else
-  ``p_exec > threshold``.
+- ``router`` (SkipGPT): per token, ``p_exec > threshold``. In training the decision is made on
+  the margin plus ``noise`` times a Gumbel difference (a standard logistic sample), with the
+  straight-through gradient of ``sigmoid(noisy margin / tau)``: ``noise = 1`` is the paper's
+  hard Gumbel-softmax sample, ``noise = 0`` the deterministic straight-through gate, whose
+  forward is exactly the inference rule.
 - ``topk`` (MoD-D, Mixture-of-Depths retro-fitted): per layer and sequence, the ``capacity``
   fraction of valid tokens with the highest router margin executes. Top-k looks at the whole
   sequence, so it is not causal: evaluate it with teacher-forced perplexity over whole windows;
@@ -15,16 +18,31 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 POLICIES = ("router", "topk", "random")
 
 
-def router_gate(logits: torch.Tensor, gumbel: bool, tau: float, threshold_logit: float) -> torch.Tensor:
-    if gumbel:
-        # Hard straight-through: the forward is the exact one-hot, the backward the softmax's.
-        return F.gumbel_softmax(logits, tau=tau, hard=True)[..., 0]
-    return ((logits[..., 0] - logits[..., 1]) > threshold_logit).to(logits.dtype)
+def router_gate(
+    logits: torch.Tensor, straight_through: bool, tau: float, threshold_logit: float, noise: float = 1.0
+) -> torch.Tensor:
+    """The execute gate ``[...]`` of a router's logits ``[..., 2]`` (index 0 = execute).
+
+    Without ``straight_through``: the inference rule, ``margin > threshold_logit`` (no gradient).
+    With it: the forward is the hard decision on ``margin + noise * L`` (``L`` the difference of
+    two Gumbel samples, i.e. standard logistic), the backward the gradient of
+    ``sigmoid((margin + noise * L - threshold_logit) / tau)``. For two logits this is exactly
+    the hard Gumbel-softmax at ``noise = 1``; at ``noise = 0`` it is deterministic.
+    """
+    margin = logits[..., 0] - logits[..., 1]
+    if not straight_through:
+        return (margin > threshold_logit).to(logits.dtype)
+    if noise:
+        u = torch.rand_like(margin).clamp_(torch.finfo(margin.dtype).tiny, 1.0)
+        margin = margin + noise * (torch.log(u) - torch.log1p(-u))  # logistic = Gumbel - Gumbel
+    z = margin - threshold_logit
+    soft = torch.sigmoid(z / tau)
+    hard = (z > 0).to(soft.dtype)
+    return hard + (soft - soft.detach())  # exactly the hard value in the forward
 
 
 def topk_gate(logits: torch.Tensor, valid: torch.Tensor | None, capacity: float, straight_through: bool) -> torch.Tensor:
@@ -38,7 +56,7 @@ def topk_gate(logits: torch.Tensor, valid: torch.Tensor | None, capacity: float,
     hard = ((rank < k) & valid).to(margin.dtype)
     if straight_through:
         soft = torch.sigmoid(margin)
-        return hard + soft - soft.detach()
+        return hard + (soft - soft.detach())  # exactly the hard value in the forward
     return hard
 
 

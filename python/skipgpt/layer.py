@@ -207,7 +207,7 @@ class SkipDecoderLayerMixin:
             g = gates.random_gate(logits.shape[:2], pos, cfg.capacity, cfg.seed, self.self_attn.layer_idx, module)
             g = g.to(logits.device)
         else:
-            g = gates.router_gate(logits, st.use_gumbel(self.training), cfg.tau, cfg.threshold_logit)
+            g = gates.router_gate(logits, st.use_gumbel(self.training), cfg.tau, cfg.threshold_logit, cfg.gate_noise)
         if st.valid is not None:
             g = g * st.valid.to(g.dtype)  # padding never executes and never counts
         return g

@@ -7,6 +7,7 @@ whose forward skips per token (:mod:`skipgpt.layer`). No weight of the model is 
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -135,6 +136,23 @@ def set_mode(model: nn.Module, mode: str) -> None:
     except ValueError:
         st.config.mode = old
         raise
+
+
+@contextlib.contextmanager
+def overrides(model: nn.Module, **fields: Any):
+    """Set :class:`SkipConfig` fields for the duration of a ``with`` block, then restore them
+    (also on error). E.g. ``with overrides(model, threshold=0.0, gate="deterministic"):`` runs
+    the dense model."""
+    cfg = state(model).config
+    old = {k: getattr(cfg, k) for k in fields}
+    try:
+        for k, v in fields.items():
+            setattr(cfg, k, v)
+        cfg.validate()
+        yield cfg
+    finally:
+        for k, v in old.items():
+            setattr(cfg, k, v)
 
 
 def set_threshold(model: nn.Module, threshold: float) -> None:

@@ -5,11 +5,27 @@ written atomically, exact resume after a kill, and data-parallel training throug
 ``accelerate launch --num_processes N`` with no code change. The loop keeps its own small
 checkpoints (trainable weights, optimiser, scheduler, RNG) instead of saving the frozen model.
 
-Stage 1: the LLM is frozen; only the routers train, with hard straight-through Gumbel gates,
-temperature annealed linearly from ``tau_start`` to ``tau_end``, and the loss
-``L_LM + alpha * |target - s|``, ``s`` the realised sparsity of the batch (padding excluded).
+Stage 1 (router tuning): the LLM is frozen; only the routers train, through hard
+straight-through gates (temperature annealed from ``tau_start`` to ``tau_end``), on
+``L + alpha * |target_t - s|`` with ``s`` the realised sparsity of the batch (padding excluded).
+The recipe (docs/training.md; every lever a flag):
+
+- ``loss``: ``kd`` (default) is the KL divergence from the dense model's next-token
+  distribution (the same frozen model, every module executing, a no-grad forward in the same
+  step) to the skipping model's; ``lm`` the paper's next-token loss; ``kd+lm`` their sum.
+- ``gate_noise`` -> ``gate_noise_end`` over the first ``noise_anneal`` of the steps: the scale of
+  the Gumbel noise in the gate. Ending at 0 trains the deterministic rule used at inference.
+- ``target_ramp``: the target rises linearly from 0 to ``sparsity`` over that fraction of steps.
+- The importance prior (:mod:`skipgpt.importance`): modules whose ablation costs at least
+  ``pin_cost`` nats never skip; ``prior_bias_scale`` raises the other routers' initial margins
+  with their cost; ``bias_lr`` gives the router biases their own learning rate.
+- ``eval_every``: every so many steps the routers are scored on validation blocks with
+  deterministic gates, at a threshold calibrated to the target; ``select="best"`` keeps the
+  best-scoring routers.
+
 Stage 2: routers frozen and deciding deterministically (the model trains under exactly the
-skipping it will have at inference); peft LoRA on q_proj, v_proj, gate_proj; LM loss only.
+skipping it will have at inference); peft LoRA on q_proj, v_proj, gate_proj; LM loss, KD from
+the dense model without LoRA, or both.
 """
 
 from __future__ import annotations
@@ -27,11 +43,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from . import data, models
+from . import data, importance, models
 from .adapters import unwrap
 from .checkpoint import load_routers, read_config, save_routers
 from .config import SkipConfig
-from .patch import apply, calibrate_input_scale, calibrate_threshold, router_parameters, state
+from .patch import apply, calibrate_input_scale, calibrate_threshold, overrides, router_parameters, state
 
 CKPT_DIR = "checkpoints"
 LORA_TARGETS = ("q_proj", "v_proj", "gate_proj")
@@ -43,7 +59,7 @@ class TrainArgs:
 
     out: str
     model: str | None = None
-    data: str = "shakespeare"
+    data: str = "chat:0.5+shakespeare:0.3+pydoc:0.2"
     split: str = "train"
     block_size: int = 256
     max_blocks: int | None = None
@@ -58,6 +74,7 @@ class TrainArgs:
     resume: bool = False
     max_steps_this_run: int | None = None  # stop early (time-boxed jobs); --resume continues
     dtype: str = "float32"
+    loss: str = "kd"  # lm | kd | kd+lm
 
 
 @dataclasses.dataclass
@@ -68,6 +85,17 @@ class RouterArgs(TrainArgs):
     tau_start: float = 5.0
     tau_end: float = 1.0
     router_type: str = "linear"
+    gate_noise: float = 1.0  # Gumbel noise scale of the training gate at step 0 (1 = the paper's sample)
+    gate_noise_end: float = 0.0  # ... annealed linearly to this (0 = deterministic straight-through)
+    noise_anneal: float = 0.5  # fraction of the steps over which the noise anneals
+    target_ramp: float = 0.2  # fraction of the steps over which the target rises from 0
+    pin_cost: float = 1.0  # modules whose ablation costs >= this many nats never skip (inf: none)
+    prior_bias_scale: float = 0.0  # raise initial margins by scale * log10(cost / median), >= 0
+    prior_blocks: int = 4  # calibration blocks for the ablation costs
+    bias_lr: float | None = None  # the router biases' learning rate (default: lr)
+    eval_every: int = 50  # validation every N steps (0: never)
+    val_blocks: int = 8  # validation blocks (selection and threshold calibration)
+    select: str = "best"  # best | last: which routers the run ends with
     # Start near-dense (p_exec = sigmoid(3) = 0.95) and let the penalty pull skipping in where it
     # costs least; 0 (p_exec = 0.5) starts from a wrecked model. Measured on SmolLM2, BENCHMARKS.md.
     init_execute_bias: float = 3.0
@@ -80,6 +108,7 @@ class RouterArgs(TrainArgs):
 class LoraArgs(TrainArgs):
     routers: str = ""
     lr: float = 2e-4
+    loss: str = "lm"
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.1
@@ -116,7 +145,14 @@ def _train(
     load_weights: Callable[[torch.nn.Module, Path], None],
     make_scheduler: Callable[[torch.optim.Optimizer], Any],
     accelerator,
+    after_step: Callable[[torch.nn.Module, int], dict[str, float] | None] | None = None,
+    extra_state: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """The loop. ``params`` is a parameter list or AdamW parameter groups. ``after_step(model,
+    step)`` runs after every optimiser step (validation); the metrics it returns go into that
+    step's log line. ``extra_state`` is the caller's own JSON state (e.g. the best validation
+    score so far): saved with every checkpoint and restored, in place, on resume."""
+    extra_state = {} if extra_state is None else extra_state
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
@@ -133,6 +169,8 @@ def _train(
             scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", map_location="cpu", weights_only=True))
             meta = json.loads((ckpt / "trainer_state.json").read_text())
             step = int(meta["step"])
+            extra_state.clear()
+            extra_state.update(meta.get("extra", {}))
             rng = load_file(str(ckpt / f"rng-{accelerator.process_index}.safetensors"))["torch"]
             torch.set_rng_state(rng)
             accelerator.print(f"resumed from {ckpt} at step {step}")
@@ -154,18 +192,21 @@ def _train(
         step += 1
         bar.update()
         last_logs = {"step": step, "loss": float(loss.detach()), "lr": scheduler.get_last_lr()[0], **logs}
-        if step % args.log_every == 0 or step == stop_at:
+        evaluated = after_step(raw, step) if after_step is not None else None
+        if evaluated:
+            last_logs.update(evaluated)
+        if step % args.log_every == 0 or step == stop_at or evaluated:
             bar.set_postfix({k: round(v, 4) for k, v in last_logs.items() if k not in ("step", "lr")})
             if accelerator.is_main_process:
                 with open(log_path, "a") as f:
                     f.write(json.dumps(last_logs) + "\n")
         if step % args.save_every == 0 or step == stop_at:
-            _save_checkpoint(out, step, raw, optimizer, scheduler, save_weights, accelerator, args.keep_checkpoints)
+            _save_checkpoint(out, step, raw, optimizer, scheduler, save_weights, accelerator, args.keep_checkpoints, extra_state)
     bar.close()
     return {"step": step, "done": step >= args.steps, "seconds": time.perf_counter() - t0, **last_logs}
 
 
-def _save_checkpoint(out, step, raw, optimizer, scheduler, save_weights, accelerator, keep) -> None:
+def _save_checkpoint(out, step, raw, optimizer, scheduler, save_weights, accelerator, keep, extra_state=None) -> None:
     """Write checkpoints/step-N atomically: a temp dir renamed into place once complete."""
     root = out / CKPT_DIR
     final, tmp = root / f"step-{step}", root / f".tmp-step-{step}"
@@ -182,7 +223,7 @@ def _save_checkpoint(out, step, raw, optimizer, scheduler, save_weights, acceler
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "extra": extra_state or {}}))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         for old in sorted(root.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep]:
@@ -196,17 +237,49 @@ def _setup(args: TrainArgs):
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     torch.manual_seed(args.seed + accelerator.process_index)
     model, tok = models.load_model(args.model, dtype=_dtype(args.dtype), device=accelerator.device)
-    blocks = data.pack_tokens(data.load_texts(args.data, args.split), tok, args.block_size, max_blocks=args.max_blocks)
+    blocks = data.load_blocks(args.data, args.split, tok, args.block_size, max_blocks=args.max_blocks, seed=args.seed)
     if len(blocks) < args.batch_size * accelerator.num_processes:
         raise ValueError(
             f"{len(blocks)} blocks of {args.block_size} tokens are too few for batch size "
             f"{args.batch_size} x {accelerator.num_processes} processes"
         )
-    return accelerator, model, tok, blocks
+    n_val = getattr(args, "val_blocks", 8)
+    val = data.load_blocks(args.data, "validation", tok, args.block_size, max_blocks=n_val, seed=0, progress=False)
+    if len(val) == 0:
+        val = blocks[-n_val:]
+    return accelerator, model, tok, blocks, val.to(accelerator.device)
 
 
 def _lm_loss(model, batch) -> torch.Tensor:
     return model(input_ids=batch, labels=batch).loss
+
+
+LOSSES = ("lm", "kd", "kd+lm")
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of KL(teacher || student) of the next-token distributions, in nats:
+    ``sum_v p_t(v) (log p_t(v) - log p_s(v))``, computed in fp32."""
+    log_s = torch.log_softmax(student_logits.float(), dim=-1)
+    log_t = torch.log_softmax(teacher_logits.float(), dim=-1)
+    return (log_t.exp() * (log_t - log_s)).sum(-1).mean()
+
+
+def _distill_loss(kind: str, model, batch, teacher: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    """The training loss ``kind`` (:data:`LOSSES`) of ``model`` on ``batch``; ``teacher()`` gives
+    the dense model's logits (called first, without gradients, so that the state the student's
+    forward leaves behind is the student's)."""
+    if kind not in LOSSES:
+        raise ValueError(f"loss must be one of {list(LOSSES)}, got {kind!r}")
+    if kind == "lm":
+        lm = _lm_loss(model, batch)
+        return lm, {"lm_loss": float(lm.detach())}
+    with torch.no_grad():
+        t_logits = teacher()
+    out = model(input_ids=batch, labels=batch)
+    kd = kd_loss(out.logits, t_logits)
+    logs = {"kd_loss": float(kd.detach()), "lm_loss": float(out.loss.detach())}
+    return (kd + out.loss if kind == "kd+lm" else kd), logs
 
 
 # -- stage 1 --------------------------------------------------------------------------------------
@@ -217,6 +290,7 @@ def router_config(args: RouterArgs) -> SkipConfig:
         mode="masked",
         gate="auto",
         tau=args.tau_start,
+        gate_noise=args.gate_noise,
         sparsity_target=args.sparsity,
         alpha=args.alpha,
         sparsity_metric=args.sparsity_metric,
@@ -225,54 +299,149 @@ def router_config(args: RouterArgs) -> SkipConfig:
     )
 
 
-def train_routers(args: RouterArgs, model=None, blocks=None, accelerator=None) -> dict[str, Any]:
+def target_at(args: RouterArgs, step: int) -> float:
+    """The sparsity target of step ``step`` (0-based): ramps linearly to ``args.sparsity`` over
+    the first ``target_ramp`` of the steps, reaching it at the ramp's last step."""
+    ramp = args.target_ramp * args.steps
+    return args.sparsity if ramp <= 0 else args.sparsity * min(1.0, (step + 1) / ramp)
+
+
+def noise_at(args: RouterArgs, step: int) -> float:
+    """The gate-noise scale of step ``step``: ``gate_noise`` annealed linearly to
+    ``gate_noise_end`` over the first ``noise_anneal`` of the steps."""
+    span = args.noise_anneal * args.steps
+    frac = 1.0 if span <= 0 else min(1.0, step / span)
+    return args.gate_noise + (args.gate_noise_end - args.gate_noise) * frac
+
+
+def _dense_logits(model, raw, batch) -> torch.Tensor:
+    """The teacher: the same frozen model with every module executing."""
+    with overrides(raw, policy="router", threshold=0.0, gate="deterministic"):
+        return model(input_ids=batch).logits
+
+
+def _importance(args: RouterArgs, model, blocks: torch.Tensor, out: Path, accelerator) -> dict | None:
+    """Module ablation costs for the prior, measured once per run directory (on the dense,
+    unpatched model) and kept in ``importance.json``."""
+    if args.pin_cost == math.inf and args.prior_bias_scale == 0:
+        return None
+    path = out / "importance.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    pick = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(0))[: args.prior_blocks]
+    prior = importance.module_costs(model, blocks[pick].to(accelerator.device))
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(prior, indent=1))
+    return prior
+
+
+@torch.no_grad()
+def validate(raw, val: torch.Tensor, target: float, metric: str) -> dict[str, float]:
+    """Deterministic gates at a threshold calibrated to ``target`` on ``val``: the LM loss there,
+    the realised sparsity and the threshold. Leaves the model's config as it was."""
+    from .patch import stats
+
+    was_training = raw.training
+    raw.eval()
+    try:
+        with overrides(raw, mode="masked", gate="deterministic", threshold=state(raw).config.threshold):
+            thr = calibrate_threshold(raw, val, target, metric, iters=12)
+            nll = float(raw(input_ids=val, labels=val).loss)
+            s = stats(raw)["param_sparsity" if metric == "params" else "module_sparsity"]
+    finally:
+        raw.train(was_training)
+    return {"val_nll": nll, "val_sparsity": s, "val_threshold": thr}
+
+
+def train_routers(args: RouterArgs, model=None, blocks=None, accelerator=None, val_blocks=None) -> dict[str, Any]:
     """Stage 1. Writes the routers to ``args.out`` (see :func:`skipgpt.save_routers`)."""
+    if args.loss not in LOSSES or args.select not in ("best", "last"):
+        raise ValueError(f"loss must be one of {list(LOSSES)} and select 'best' or 'last'")
     if model is None:
-        accelerator, model, _, blocks = _setup(args)
+        accelerator, model, _, blocks, val_blocks = _setup(args)
+    if val_blocks is None:
+        val_blocks = blocks[-min(len(blocks), args.val_blocks):].to(accelerator.device)
+    out = Path(args.out)
     cfg = router_config(args)
+    pinned: list[tuple[int, str]] = []
     if not hasattr(unwrap(model), "skipgpt_state"):
+        prior = _importance(args, model, blocks, out, accelerator)
         apply(model, cfg)
         if args.normalize_input:
             calibrate_input_scale(model, blocks[: min(len(blocks), 8)].to(next(model.parameters()).device))
+        if prior is not None:
+            pinned = importance.apply_prior(model, prior["costs"], args.pin_cost, args.prior_bias_scale)
     model.requires_grad_(False)
-    params = router_parameters(model)
+    frozen = {id(p) for r in importance.pinned_routers(model, pinned) for p in r.parameters()}
+    params = [p for p in router_parameters(model) if id(p) not in frozen]
     for p in params:
         p.requires_grad_(True)
+    names = {id(p): n for n, p in unwrap(model).named_parameters()}
+    biases = [p for p in params if names[id(p)].endswith("bias")]
+    groups = [{"params": [p for p in params if not names[id(p)].endswith("bias")]},
+              {"params": biases, "lr": args.bias_lr if args.bias_lr is not None else args.lr}]
     st = state(model)
+    raw = unwrap(model)
+    metric = args.sparsity_metric
+    other_metric = "modules" if metric == "params" else "params"
 
     def loss_fn(m, batch, step):
         st.config.tau = args.tau_start + (args.tau_end - args.tau_start) * step / max(args.steps - 1, 1)
-        lm = _lm_loss(m, batch)
-        s = st.sparsity(args.sparsity_metric)
-        loss = lm + args.alpha * (args.sparsity - s).abs() if args.policy == "router" else lm
+        st.config.gate_noise = noise_at(args, step)
+        task, logs = _distill_loss(args.loss, m, batch, lambda: _dense_logits(m, raw, batch))
+        s = st.sparsity(metric)
+        target = target_at(args, step)
+        loss = task + args.alpha * (target - s).abs() if args.policy == "router" else task
         with torch.no_grad():
             ea = torch.stack([c[0] for c in st.exec_counts]).float().mean() / st.n_valid
             em = torch.stack([c[1] for c in st.exec_counts]).float().mean() / st.n_valid
-            other = st.sparsity("modules" if args.sparsity_metric == "params" else "params")
+            other = st.sparsity(other_metric)
         return loss, {
-            "lm_loss": float(lm.detach()),
+            **logs,
             "sparsity": float(s),
-            "sparsity_" + ("modules" if args.sparsity_metric == "params" else "params"): float(other),
+            "sparsity_" + other_metric: float(other),
+            "target": target,
             "attn_skip": 1 - float(ea),
             "mlp_skip": 1 - float(em),
             "tau": st.config.tau,
+            "gate_noise": st.config.gate_noise,
         }
 
+    extra: dict[str, Any] = {}
+    can_select = args.policy == "router" and args.eval_every > 0
+
+    def after_step(raw_model, step):
+        if not can_select or (step % args.eval_every and step != args.steps) or not accelerator.is_main_process:
+            return None
+        v = validate(raw_model, val_blocks, args.sparsity, metric)
+        best = extra.get("best")
+        if best is None or v["val_nll"] < best["val_nll"]:
+            with overrides(raw_model, threshold=v["val_threshold"]):
+                save_routers(raw_model, out / "best")
+            extra["best"] = {"step": step, **v}
+        return v
+
     result = _train(
-        args, model, params, blocks, loss_fn,
+        args, model, groups, blocks, loss_fn,
         save_weights=save_routers,
         load_weights=lambda m, d: load_routers(m, d),
         make_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0),  # constant
         accelerator=accelerator,
+        after_step=after_step,
+        extra_state=extra,
     )
+    result["pinned"] = [f"{i}.{kind}" for i, kind in pinned]
     if result["done"] and accelerator.is_main_process:
-        raw = accelerator.unwrap_model(model)
-        st.config.tau = args.tau_end
+        st.config.tau, st.config.gate_noise = args.tau_end, args.gate_noise_end
+        if args.select == "best" and extra.get("best"):
+            load_routers(raw, out / "best", restore_threshold=False)
+            result["best"] = extra["best"]
         st.config.gate, st.config.mode = "auto", "auto"  # inference defaults in the saved config
         if args.calibrate_threshold and args.policy == "router":
             raw.eval()
             with torch.no_grad():
-                result["threshold"] = calibrate_threshold(raw, blocks[-8:].to(accelerator.device), args.sparsity, args.sparsity_metric)
+                result["threshold"] = calibrate_threshold(raw, val_blocks, args.sparsity, metric)
         save_routers(raw, args.out)
         (Path(args.out) / "train_args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
     accelerator.wait_for_everyone()
@@ -305,7 +474,7 @@ def finetune_lora(args: LoraArgs, model=None, blocks=None, accelerator=None) -> 
     if not args.routers:
         raise ValueError("finetune_lora needs --routers DIR (the output of train-routers)")
     if model is None:
-        accelerator, model, _, blocks = _setup(args)
+        accelerator, model, _, blocks, _ = _setup(args)
     base = unwrap(model)
     if not hasattr(base, "skipgpt_state"):
         apply(model, from_dir=args.routers)
@@ -314,10 +483,15 @@ def finetune_lora(args: LoraArgs, model=None, blocks=None, accelerator=None) -> 
     for p in router_parameters(model):
         p.requires_grad_(False)
     model = add_lora(model, args)
+    peft_model = model
+
+    def teacher(m, batch):
+        with peft_model.disable_adapter():  # the dense base model: no LoRA, every module executing
+            return _dense_logits(m, unwrap(peft_model), batch)
 
     def loss_fn(m, batch, step):
-        loss = _lm_loss(m, batch)
-        return loss, {"lm_loss": float(loss.detach()), "sparsity": float(st.sparsity())}
+        loss, logs = _distill_loss(args.loss, m, batch, lambda: teacher(m, batch))
+        return loss, {**logs, "sparsity": float(st.sparsity())}
 
     def make_scheduler(opt):
         from transformers import get_cosine_schedule_with_warmup
