@@ -131,7 +131,10 @@ def generate_corpus(
     device = next(model.parameters()).device
     records = load_corpus(partial) if partial is not None and Path(partial).exists() else []
     starts = range(len(records) // batch_size * batch_size, len(prompt_list), batch_size)
-    records = records[: starts.start]
+    if partial is not None and len(records) != starts.start:  # drop an unfinished batch
+        records = records[: starts.start]
+        with open(partial, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     for i in tqdm(starts, desc="Generating chat data", disable=not progress):
         torch.manual_seed(seed + i // batch_size)
         batch = prompt_list[i : i + batch_size]

@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 BASELINES = ("shortgpt", "module_drop", "random", "mod_d")
@@ -135,6 +136,24 @@ def _analyze(ns):
     return 0
 
 
+def _gen_chat(ns):
+    import torch
+
+    from . import chat, models
+
+    if ns.threads:
+        torch.set_num_threads(ns.threads)
+    model, tok = models.load_model(ns.model)
+    partial = ns.out + ".partial.jsonl"
+    records = chat.generate_corpus(model, tok, chat.prompts(ns.num_prompts), max_new_tokens=ns.max_new_tokens,
+                                   batch_size=ns.batch_size, seed=ns.seed, partial=partial)
+    chat.save_corpus(records, ns.out)
+    Path(partial).unlink(missing_ok=True)
+    _print({"out": ns.out, "records": len(records),
+            **{s: sum(r["split"] == s for r in records) for s in ("train", "validation", "test")}})
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .train import LoraArgs, RouterArgs
 
@@ -176,6 +195,16 @@ def build_parser() -> argparse.ArgumentParser:
     lm.add_argument("--num-fewshot", type=int, default=0)
     lm.add_argument("--batch-size", type=int, default=8)
     lm.set_defaults(func=_eval_lm)
+
+    g = sub.add_parser("gen-chat", help="the model's own answers to built-in prompts, as tuning data (--data PATH)")
+    g.add_argument("--model", default=None, help="HF folder or id (default: the embedded SmolLM2-135M)")
+    g.add_argument("--out", required=True, help="output file, .jsonl.gz (a rerun resumes from OUT.partial.jsonl)")
+    g.add_argument("--num-prompts", type=int, default=320, help="how many of the built-in prompts (by hash)")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--threads", type=int, default=None)
+    g.set_defaults(func=_gen_chat)
 
     a = sub.add_parser("analyze", help="routing plots (PNG) and a markdown table")
     _add_eval_model_args(a)

@@ -2,8 +2,9 @@
 
 Loads the model and its committed trained routers (25% or 40% parameter sparsity), generates
 with real skipping, and prints the realised sparsity, decode speed against dense, perplexity
-against dense on held-out text, and the largest logit difference between the skipping path and
-the masked dense oracle. Without trained routers (another model), it falls back to untrained
+against dense on held-out text (Shakespeare and chat), the repeated-4-gram fraction of greedy
+answers to ten chat prompts against dense's, and the largest logit difference between the
+skipping path and the masked dense oracle. Without trained routers (another model), it falls back to untrained
 routers whose biases are calibrated to the requested skip rate.
 """
 
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from . import data, models
+from . import chat, data, models
 from .config import SkipConfig
 from .patch import apply, calibrate_bias, set_mode, state, stats, reset_stats
 from .perplexity import perplexity, token_stream
@@ -63,10 +64,13 @@ def run(args: DemoArgs) -> dict:
         prompt_ids = tok(args.prompt, return_tensors="pt").input_ids
     routers = args.routers or (committed_routers(args.sparsity) if args.model in (None, models.DEFAULT_MODEL) else None)
     held_out = token_stream("shakespeare", "test", tok, args.ppl_tokens)
+    chat_held_out = token_stream("chat", "test", tok, args.ppl_tokens)
 
     with torch.no_grad():
         dense_tokens, dense_s = _timed_generate(model, tok, prompt_ids, args.max_new_tokens)
         dense_ppl = perplexity(model, held_out, window=256, progress=False)
+        dense_chat_ppl = perplexity(model, chat_held_out, window=256, progress=False)
+        dense_rep = chat.chat_eval(model, tok)
 
         if routers:
             apply(model, from_dir=routers)  # the saved config: calibrated threshold included
@@ -83,6 +87,8 @@ def run(args: DemoArgs) -> dict:
         skip_tokens, skip_s = _timed_generate(model, tok, prompt_ids, args.max_new_tokens)
         gen_stats = stats(model, cumulative=True)
         skip_ppl = perplexity(model, held_out, window=256, progress=False)
+        skip_chat_ppl = perplexity(model, chat_held_out, window=256, progress=False)
+        skip_rep = chat.chat_eval(model, tok)
 
         check = held_out[: 2 * 256].view(2, 256)
         skip_logits = model(input_ids=check).logits
@@ -107,10 +113,16 @@ def run(args: DemoArgs) -> dict:
           f"({dense_s / skip_s:.2f}x dense)")
     print(f"perplexity, {skip_ppl['tokens']} held-out tokens (Shakespeare test split, window 256): "
           f"dense {dense_ppl['ppl']:.2f}, SkipGPT {skip_ppl['ppl']:.2f}")
+    print(f"perplexity, {skip_chat_ppl['tokens']} held-out chat tokens (the chat corpus's test split)     : "
+          f"dense {dense_chat_ppl['ppl']:.2f}, SkipGPT {skip_chat_ppl['ppl']:.2f} (sparsity {skip_chat_ppl['param_sparsity']:.3f})")
+    print(f"repeated 4-grams in greedy answers to {len(chat.EVAL_PROMPTS)} chat prompts (64 tokens): "
+          f"dense {dense_rep['rep4']:.3f}, SkipGPT {skip_rep['rep4']:.3f}")
     print(f"max |logit diff| {mode} vs masked oracle on 2x256 held-out tokens: {max_diff:.2e}")
     return {
         "mode": mode, "routers": str(routers) if routers else None,
         "dense_tok_s": n / dense_s, "skip_tok_s": n / skip_s,
         "gen_param_sparsity": gen_stats["param_sparsity"], "heldout_param_sparsity": skip_ppl["param_sparsity"],
         "dense_ppl": dense_ppl["ppl"], "skip_ppl": skip_ppl["ppl"], "max_logit_diff_vs_masked": max_diff,
+        "dense_chat_ppl": dense_chat_ppl["ppl"], "skip_chat_ppl": skip_chat_ppl["ppl"],
+        "dense_rep4": dense_rep["rep4"], "skip_rep4": skip_rep["rep4"],
     }

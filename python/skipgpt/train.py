@@ -399,7 +399,7 @@ def train_routers(args: RouterArgs, model=None, blocks=None, accelerator=None, v
             other = st.sparsity(other_metric)
         return loss, {
             **logs,
-            "sparsity": float(s),
+            "sparsity": float(s.detach()),
             "sparsity_" + other_metric: float(other),
             "target": target,
             "attn_skip": 1 - float(ea),
