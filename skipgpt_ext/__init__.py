@@ -39,8 +39,9 @@ def cpu_isa() -> str:
 
 
 # Row capacities up to which the CUDA linear ops run a GEMV (decode batches) rather than a tiled
-# GEMM: kGemvMaxRows in csrc/cuda/kernels.h.
-CUDA_GEMV_MAX_ROWS = 8
+# GEMM, as the extension exports it (kGemvMaxRows, csrc/cuda/gemv_rows.h; CPU-only builds carry
+# it too). 0 without the extension: there is no GEMV then.
+CUDA_GEMV_MAX_ROWS: int = _C.CUDA_GEMV_MAX_ROWS if _C is not None else 0
 
 # dtypes each device's kernels take (the CUDA GEMMs run on tensor cores: no float32 there).
 KERNEL_DTYPES = {
