@@ -58,6 +58,16 @@ def _mixed(model, ids, mask):
     return s
 
 
+def _in_modes(model, backend, run):
+    """``run(model)`` under the masked oracle, then under ``backend``: both results."""
+    out = {}
+    for mode in ("masked", backend):
+        skipgpt.set_mode(model, mode)
+        with torch.no_grad():
+            out[mode] = run(model)
+    return out["masked"], out[backend]
+
+
 @pytest.mark.parametrize("family", FAMILY_NAMES + WINDOWED_NAMES)
 def test_skipping_equals_masked_prefill_and_cached_chunks(family, backend):
     model = tiny_model(family)
@@ -302,12 +312,10 @@ def test_output_hidden_states_consistent_across_modes(backend):
     model = tiny_model("llama")
     skipgpt.apply(model, SkipConfig(mode="masked"))
     ids, mask = left_padded_batch()
-    hs = {}
-    for mode in ("masked", backend):
-        skipgpt.set_mode(model, mode)
-        with torch.no_grad():
-            hs[mode] = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
-    for a, b in zip(hs["masked"], hs[backend]):
+    masked, got = _in_modes(model, backend,
+                            lambda m: m(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states)
+    assert len(masked) == len(got) == 4  # the embeddings and 3 layers
+    for a, b in zip(masked, got):
         assert (a - b)[mask.bool()].abs().max() <= TOL
 
 
@@ -403,13 +411,14 @@ def test_skipping_keeps_a_wrapped_k_or_v_proj(target, backend):
     assert type(getattr(model.model.layers[0].self_attn, target)) is not torch.nn.Linear
     skipgpt.apply(model, SkipConfig(mode="masked"))
     ids, mask = left_padded_batch()
-    logits = {}
-    for mode in ("masked", backend):
-        skipgpt.set_mode(model, mode)
-        with torch.no_grad():
-            logits[mode] = model(input_ids=ids, attention_mask=mask).logits
-        _mixed(model, ids, mask)
-    assert (logits["masked"] - logits[backend])[mask.bool()].abs().max() <= TOL
+
+    def logits_of_mixed_decisions(m):
+        logits = m(input_ids=ids, attention_mask=mask).logits
+        _mixed(m, ids, mask)
+        return logits
+
+    masked, got = _in_modes(model, backend, logits_of_mixed_decisions)
+    assert (masked - got)[mask.bool()].abs().max() <= TOL
 
 
 # -- what the skipping modes refuse, with a clear error, and nothing lost ----------------------------
