@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import skipgpt_ext
+from cuda_kernel_env import gemm_unavailable  # beside this script
 from skipgpt_ext import reference as ref
 
 LLAMA8B = dict(d=4096, inter=14336, Hq=32, Hkv=8, hd=128)
@@ -253,8 +254,8 @@ def compare_mainloops(T_list, skips, reps: int, loops, attn_kinds=None) -> None:
 
 
 def _mainloop_runs_here(m: str) -> bool:
-    """Whether SKIPGPT_CUDA_GEMM=m can run on this device and build (skipgpt_ext's own check)."""
-    why = skipgpt_ext.cuda_gemm_unavailable(m)
+    """Whether SKIPGPT_CUDA_GEMM=m can run on this device and build (the ops' own check)."""
+    why = gemm_unavailable(m)
     if why is not None:
         print(f"skipping mainloop {m}: {why}", flush=True)
     return why is None

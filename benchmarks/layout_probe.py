@@ -39,13 +39,13 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
-import os
 import sys
 from collections.abc import Callable, Iterator
 
 import torch
 
 import skipgpt_ext
+from cuda_kernel_env import kernel_env  # beside this script
 from skipgpt_ext import reference as ref
 
 DTYPE = torch.bfloat16
@@ -322,15 +322,8 @@ def run_families(families: list[Family]) -> tuple[int, int]:
 def run_variant(env: str, value: str, families: list[Family]) -> tuple[int, int]:
     """run_families under os.environ[env] = value (restored afterwards)."""
     print(f"== {env}={value}")
-    saved = os.environ.get(env)
-    os.environ[env] = value
-    try:
+    with kernel_env(env, value):
         return run_families(families)
-    finally:
-        if saved is None:
-            os.environ.pop(env, None)
-        else:
-            os.environ[env] = saved
 
 
 def main(argv=None) -> int:

@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include "cpu/vec_isa.h"
+#include "cuda/gemv_rows.h"
 
 namespace {
 // The vector ISA the CPU kernels chose for this process (CPU features, capped by
@@ -29,11 +30,18 @@ PyMethodDef methods[] = {
 
 extern "C" {
 // Importing skipgpt_ext._C loads this library, whose static initialisers register the schemas
-// and kernels with the dispatcher. No pybind11 bindings are needed; the module's one function
-// is introspection (cpu_isa).
+// and kernels with the dispatcher. No pybind11 bindings are needed; the module holds only
+// introspection: cpu_isa() and the constant CUDA_GEMV_MAX_ROWS (kGemvMaxRows, exported so
+// that Python never keeps a copy of it; present in CPU-only builds too).
 PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
-  return PyModule_Create(&module_def);
+  PyObject* module = PyModule_Create(&module_def);
+  if (module != nullptr &&
+      PyModule_AddIntConstant(module, "CUDA_GEMV_MAX_ROWS", static_cast<long>(skipgpt::cuda::kGemvMaxRows)) < 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
 }
 }
 

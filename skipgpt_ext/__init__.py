@@ -39,8 +39,9 @@ def cpu_isa() -> str:
 
 
 # Row capacities up to which the CUDA linear ops run a GEMV (decode batches) rather than a tiled
-# GEMM: kGemvMaxRows in csrc/cuda/kernels.h.
-CUDA_GEMV_MAX_ROWS = 8
+# GEMM, as the extension exports it (kGemvMaxRows, csrc/cuda/gemv_rows.h; CPU-only builds carry
+# it too). 0 without the extension: there is no GEMV then.
+CUDA_GEMV_MAX_ROWS: int = _C.CUDA_GEMV_MAX_ROWS if _C is not None else 0
 
 # dtypes each device's kernels take (the CUDA GEMMs run on tensor cores: no float32 there).
 KERNEL_DTYPES = {
@@ -68,34 +69,6 @@ def _has_key_kernels(key: str) -> bool:
     # Kernels register when _C loads and never change afterwards: ask the dispatcher once, not
     # on every layer forward (auto mode calls has_kernels per layer).
     return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"skipgpt::{name}", key) for name in OP_NAMES)
-
-
-def cuda_gemm_unavailable(mainloop: str) -> str | None:
-    """Why ``SKIPGPT_CUDA_GEMM=mainloop`` cannot run on the current CUDA device and build (the
-    ops' own error message), or None. A one-row GEMM takes the GEMV, so the op checks the
-    variable without launching a tiled kernel. The wgmma GEMMs and the wgmma prefill attention
-    kernels share one condition (compute capability 9.0 and sm_90a code), so "wgmma" also
-    answers for ``SKIPGPT_CUDA_ATTN=wgmma`` / ``wgmma-overlap``. The variable is restored."""
-    import os
-
-    from . import reference
-
-    saved = os.environ.get("SKIPGPT_CUDA_GEMM")
-    os.environ["SKIPGPT_CUDA_GEMM"] = mainloop
-    try:
-        x = torch.randn(1, 64, device="cuda", dtype=torch.bfloat16)
-        idx, cnt = reference.compact(torch.ones(1, dtype=torch.bool, device="cuda"))
-        ops.linear_scatter_add_(x.clone(), x, idx, cnt, torch.randn(64, 64, device="cuda", dtype=x.dtype), None)
-    except RuntimeError as e:
-        if "needs a compute-capability 9.0 GPU" not in str(e):
-            raise
-        return str(e).splitlines()[0]
-    finally:
-        if saved is None:
-            os.environ.pop("SKIPGPT_CUDA_GEMM", None)
-        else:
-            os.environ["SKIPGPT_CUDA_GEMM"] = saved
-    return None
 
 
 def require_kernels(device: str | torch.device) -> None:

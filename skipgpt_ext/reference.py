@@ -11,16 +11,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = [
-    "rms_norm",
-    "rotate_half",
-    "route_norm",
-    "compact",
-    "q_proj_rope",
-    "sparse_query_attention",
-    "linear_scatter_add_",
-    "skip_mlp_",
-]
+from . import ops
+
+__all__ = ["rms_norm", "rotate_half", *ops.__all__]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

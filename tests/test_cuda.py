@@ -11,6 +11,8 @@ float64 stays under 1e-2 for bf16 and 3e-3 for fp16, and the largest element err
 from __future__ import annotations
 
 import functools
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +22,9 @@ import skipgpt_ext
 from skipgpt import SkipConfig
 from skipgpt_ext import reference as ref
 from tiny_models import FAMILY_NAMES, WINDOWED_NAMES, left_padded_batch, tiny_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from cuda_kernel_env import gemm_unavailable  # noqa: E402  (the kernel-choice probe, shared with the benchmarks)
 
 HAVE_CUDA = torch.cuda.is_available() and skipgpt_ext.has_kernels("cuda")
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not HAVE_CUDA, reason="needs a CUDA device and the CUDA build")]
@@ -301,7 +306,7 @@ def _wgmma_unavailable_reason() -> str | None:
     None. One row takes the GEMV: the check runs, no wgmma kernel is launched."""
     if torch.cuda.get_device_capability() != (9, 0):
         return "the wgmma kernels run on compute capability 9.0 only"
-    return skipgpt_ext.cuda_gemm_unavailable("wgmma")
+    return gemm_unavailable("wgmma")
 
 
 def _poison_cuda_cache() -> None:

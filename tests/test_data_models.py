@@ -32,11 +32,6 @@ def docs() -> dict[str, str]:
     return data.corpus_documents("all")
 
 
-@pytest.fixture(scope="module")
-def model_and_tokenizer():
-    return models.load_model()
-
-
 # --------------------------------------------------------------------------- corpus
 
 
@@ -94,8 +89,8 @@ def test_splits(docs: dict[str, str]) -> None:
 # --------------------------------------------------------------------------- packing
 
 
-def test_pack_tokens(docs: dict[str, str], model_and_tokenizer) -> None:
-    _, tok = model_and_tokenizer
+def test_pack_tokens(docs: dict[str, str], smollm2) -> None:
+    _, tok = smollm2
     hamlet = docs["shakespeare/hamlet"]
     blocks = data.pack_tokens([hamlet], tok, 512)
     direct = tok(hamlet, add_special_tokens=False)["input_ids"]
@@ -176,8 +171,8 @@ def test_converted_tokenizer_round_trips() -> None:
     assert len(tok) == 49152
 
 
-def test_model_perplexity_on_hamlet(docs: dict[str, str], model_and_tokenizer) -> None:
-    model, tok = model_and_tokenizer
+def test_model_perplexity_on_hamlet(docs: dict[str, str], smollm2) -> None:
+    model, tok = smollm2
     assert not model.training and tok.pad_token is not None
     tok.padding_side = "left"  # settable by the caller
     assert tok.padding_side == "left"
@@ -196,8 +191,8 @@ def test_model_perplexity_on_hamlet(docs: dict[str, str], model_and_tokenizer) -
     assert 35 < ppl < 80
 
 
-def test_converted_logits_match_gguf(model_and_tokenizer) -> None:
-    model, tok = model_and_tokenizer
+def test_converted_logits_match_gguf(smollm2) -> None:
+    model, tok = smollm2
     folder, gguf_file = models.gguf_source()
     gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32).eval()
     ids = tok("To be, or not to be, that is the question:", return_tensors="pt")["input_ids"]

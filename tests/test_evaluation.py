@@ -10,16 +10,10 @@ from skipgpt import data
 from skipgpt.evaluation import SAMPLES_KEY, SPARSITY_KEY, evaluate_lm, local_task_names
 from skipgpt.lm_eval_tasks import LOCAL_TASKS
 from skipgpt.lm_eval_tasks.nextline import N_CHOICES, build_items
-from skipgpt.models import load_model
 from tiny_models import tiny_model
 
 TASK = "skipgpt_nextline"
 TINY_LIMIT = 20
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    return load_model()
 
 
 @pytest.fixture(scope="module")

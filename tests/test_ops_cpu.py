@@ -434,6 +434,29 @@ def test_opcheck(name, dtype):
     torch.library.opcheck(getattr(torch.ops.skipgpt, name).default, _samples(dtype)[name])
 
 
+def test_python_wrappers_follow_the_schemas():
+    """The op set is declared once, in C++: the namespace holds exactly OP_NAMES, and ops.py and
+    reference.py take each op's arguments under the schema's names, in its order."""
+    import inspect
+
+    declared = {n.split("::", 1)[1].split(".")[0] for n in torch._C._dispatch_get_all_op_names() if n.startswith("skipgpt::")}
+    assert declared == set(skipgpt_ext.OP_NAMES)
+    for name in skipgpt_ext.OP_NAMES:
+        schema = [a.name for a in getattr(torch.ops.skipgpt, name).default._schema.arguments]
+        for module in (ops, ref):
+            assert list(inspect.signature(getattr(module, name)).parameters) == schema, (module.__name__, name)
+
+
+def test_cuda_gemv_rows_come_from_the_extension():
+    """CUDA_GEMV_MAX_ROWS is the extension's kGemvMaxRows (exported in CPU-only builds too), not a copy."""
+    import re
+    from pathlib import Path
+
+    header = (Path(__file__).resolve().parents[1] / "csrc" / "cuda" / "gemv_rows.h").read_text()
+    want = int(re.search(r"kGemvMaxRows = (\d+);", header).group(1))
+    assert skipgpt_ext._C.CUDA_GEMV_MAX_ROWS == want and skipgpt_ext.CUDA_GEMV_MAX_ROWS == want
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_opcheck_plain_projection(dtype):
     """q_proj_rope without cos/sin (the layer's V) is a schema case of its own."""

@@ -1,4 +1,8 @@
-"""The patched model against its oracles: the unpatched HF model and the masked dense path."""
+"""The patched model against its oracles: the unpatched HF model and the masked dense path.
+
+Every family, in prefill (left padding), cached chunks and generate(). The skipping tests run
+on both backends (the ``backend`` fixture: the pure-PyTorch reference ops and the native CPU
+kernels; the native cases are skipped where the kernels are not built)."""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import pytest
 import torch
 
 import skipgpt
+import skipgpt_ext
 from skipgpt import SkipConfig
 from tiny_models import FAMILY_NAMES, WINDOWED_NAMES, left_padded_batch, tiny_model
 
@@ -18,8 +23,8 @@ def _logits(model, ids, mask, **kw):
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES + WINDOWED_NAMES)
-@pytest.mark.parametrize("mode", ["masked", "reference"])
-def test_execute_all_equals_unpatched(family, mode):
+def test_execute_all_equals_unpatched(family, any_mode):
+    mode = any_mode
     model = tiny_model(family)
     ids, mask = left_padded_batch()
     dense = _logits(model, ids, mask)
@@ -33,8 +38,8 @@ def test_execute_all_equals_unpatched(family, mode):
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
-@pytest.mark.parametrize("mode", ["masked", "reference"])
-def test_skip_all_is_norm_head_of_embeddings(family, mode):
+def test_skip_all_is_norm_head_of_embeddings(family, any_mode):
+    mode = any_mode
     model = tiny_model(family)
     ids, mask = left_padded_batch()
     with torch.no_grad():
@@ -53,15 +58,25 @@ def _mixed(model, ids, mask):
     return s
 
 
+def _in_modes(model, backend, run):
+    """``run(model)`` under the masked oracle, then under ``backend``: both results."""
+    out = {}
+    for mode in ("masked", backend):
+        skipgpt.set_mode(model, mode)
+        with torch.no_grad():
+            out[mode] = run(model)
+    return out["masked"], out[backend]
+
+
 @pytest.mark.parametrize("family", FAMILY_NAMES + WINDOWED_NAMES)
-def test_reference_equals_masked_prefill_and_decode(family):
+def test_skipping_equals_masked_prefill_and_cached_chunks(family, backend):
     model = tiny_model(family)
     skipgpt.apply(model, SkipConfig(mode="masked"))  # untrained routers: ~50% random decisions
     ids, mask = left_padded_batch()
     new = torch.randint(3, 128, (3, 4), generator=torch.Generator().manual_seed(7))
     mask2 = torch.cat([mask, torch.ones_like(new)], 1)
     results = {}
-    for mode in ("masked", "reference"):
+    for mode in ("masked", backend):
         skipgpt.set_mode(model, mode)
         with torch.no_grad():
             out = model(input_ids=ids, attention_mask=mask, use_cache=True)
@@ -70,7 +85,7 @@ def test_reference_equals_masked_prefill_and_decode(family):
             step = model(input_ids=new[:, :3], attention_mask=mask2[:, :-1], past_key_values=cache, use_cache=True)
             one = model(input_ids=new[:, 3:], attention_mask=mask2, past_key_values=step.past_key_values, use_cache=True)
         results[mode] = (out.logits, step.logits, one.logits, s1)
-    (pm, sm, om, stm), (pr, sr, orr, str_) = results["masked"], results["reference"]
+    (pm, sm, om, stm), (pr, sr, orr, str_) = results["masked"], results[backend]
     valid = mask.bool()
     assert (pm - pr)[valid].abs().max() <= TOL
     assert (sm - sr).abs().max() <= TOL
@@ -79,12 +94,12 @@ def test_reference_equals_masked_prefill_and_decode(family):
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES + WINDOWED_NAMES)
-def test_generate_reference_matches_masked(family):
+def test_generate_matches_masked(family, backend):
     model = tiny_model(family)
     skipgpt.apply(model, SkipConfig(mode="masked"))
     ids, mask = left_padded_batch()
-    outs = {}
-    for mode in ("masked", "reference"):
+    outs, sparsity = {}, {}
+    for mode in ("masked", backend):
         skipgpt.set_mode(model, mode)
         skipgpt.reset_stats(model)
         outs[mode] = model.generate(
@@ -94,13 +109,15 @@ def test_generate_reference_matches_masked(family):
         # Every prompt token is routed once in prefill, then 3 tokens per step for 31 steps.
         assert cum["tokens"] == int(mask.sum()) + 3 * 31
         assert 0.1 < cum["param_sparsity"] < 0.9
+        sparsity[mode] = cum["param_sparsity"]
     assert outs["masked"].shape == (3, ids.shape[1] + 32)
-    assert torch.equal(outs["masked"], outs["reference"])
+    assert torch.equal(outs["masked"], outs[backend])
+    assert sparsity["masked"] == sparsity[backend]
 
 
-def test_generate_sampling_runs_with_skipping():
+def test_generate_sampling_runs_with_skipping(backend):
     model = tiny_model("llama")
-    skipgpt.apply(model, SkipConfig(mode="reference"))
+    skipgpt.apply(model, SkipConfig(mode=backend))
     ids, mask = left_padded_batch()
     torch.manual_seed(0)
     a = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=True, top_k=20, pad_token_id=0)
@@ -117,14 +134,14 @@ HALF_TOL = {torch.bfloat16: 2 * 2.0**-8, torch.float16: 2 * 2.0**-11}
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_half_precision_reference_close_to_masked(family, dtype):
+def test_half_precision_close_to_masked(family, dtype, backend):
     model = tiny_model(family, dtype=dtype)
     skipgpt.apply(model, SkipConfig(threshold=0.5))
     ids, mask = left_padded_batch()
     skipgpt.set_mode(model, "masked")
     a = _logits(model, ids, mask).float()
     sa = skipgpt.stats(model)
-    skipgpt.set_mode(model, "reference")
+    skipgpt.set_mode(model, backend)
     b = _logits(model, ids, mask).float()
     # Same decisions in both paths, and a real mix of executed and skipped modules.
     assert skipgpt.stats(model) == sa and 0.2 < sa["param_sparsity"] < 0.8
@@ -213,14 +230,14 @@ def test_native_mode_errors_clearly_without_kernels_for_the_device():
     assert skipgpt.state(model).resolve_mode(True, torch.device("cpu")) == "masked"
 
 
-def test_mlp_router_variant_reference_equals_masked():
+def test_mlp_router_variant_equals_masked(backend):
     model = tiny_model("mistral")
     skipgpt.apply(model, SkipConfig(router_type="mlp", mode="masked"))
     assert model.model.layers[0].router_mlp.weight_predictor[0].weight.shape == (16, 64)
     ids, mask = left_padded_batch()
     a = _logits(model, ids, mask)
     _mixed(model, ids, mask)
-    skipgpt.set_mode(model, "reference")
+    skipgpt.set_mode(model, backend)
     b = _logits(model, ids, mask)
     assert (a - b)[mask.bool()].abs().max() <= TOL
 
@@ -277,9 +294,9 @@ def test_mod_d_decode_steps_always_execute():
     assert decode["tokens"] == 3 and decode["module_sparsity"] == 0.0
 
 
-def test_inputs_embeds_are_not_mutated():
+def test_inputs_embeds_are_not_mutated(backend):
     model = tiny_model("llama")
-    skipgpt.apply(model, SkipConfig(mode="reference", threshold=0.0))
+    skipgpt.apply(model, SkipConfig(mode=backend, threshold=0.0))
     ids, mask = left_padded_batch()
     emb = model.model.embed_tokens(ids).detach()
     keep = emb.clone()
@@ -291,16 +308,14 @@ def test_inputs_embeds_are_not_mutated():
     assert (a - b)[mask.bool()].abs().max() <= TOL
 
 
-def test_output_hidden_states_consistent_across_modes():
+def test_output_hidden_states_consistent_across_modes(backend):
     model = tiny_model("llama")
     skipgpt.apply(model, SkipConfig(mode="masked"))
     ids, mask = left_padded_batch()
-    hs = {}
-    for mode in ("masked", "reference"):
-        skipgpt.set_mode(model, mode)
-        with torch.no_grad():
-            hs[mode] = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
-    for a, b in zip(hs["masked"], hs["reference"]):
+    masked, got = _in_modes(model, backend,
+                            lambda m: m(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states)
+    assert len(masked) == len(got) == 4  # the embeddings and 3 layers
+    for a, b in zip(masked, got):
         assert (a - b)[mask.bool()].abs().max() <= TOL
 
 
@@ -325,3 +340,147 @@ def test_calibrate_threshold_hits_target_sparsity():
     _logits(model, ids, mask)
     # Decisions are per token, so the rate moves in steps of one token-module; 2 points is ample.
     assert abs(skipgpt.stats(model)["param_sparsity"] - 0.4) < 0.02
+
+
+# -- the native backend, and what both skipping backends share ---------------------------------------
+@pytest.mark.skipif(not skipgpt_ext.has_kernels("cpu"), reason="native CPU kernels not built")
+def test_auto_mode_resolves_to_native_in_eval_and_masked_in_train():
+    model = tiny_model("llama")
+    skipgpt.apply(model, SkipConfig(mode="auto"))
+    st = skipgpt.state(model)
+    assert st.resolve_mode(False, torch.device("cpu")) == "native"
+    assert st.resolve_mode(True, torch.device("cpu")) == "masked"
+
+
+@pytest.mark.parametrize("family", WINDOWED_NAMES)
+def test_per_layer_windows_execute_all_equals_hf(family, backend):
+    """Every module executing, the skipping path equals the unpatched HF model, whose layers 1-2
+    use the window (checked: without it the logits differ)."""
+    model = tiny_model(family)
+    assert [skipgpt.adapters.FAMILIES[type(model).__name__].window(l.self_attn) for l in model.model.layers] == [0, 4, 4]
+    ids, mask = left_padded_batch()
+    full = tiny_model(family.removesuffix("-sw"))
+    with torch.no_grad():
+        dense = model(input_ids=ids, attention_mask=mask).logits
+        assert (dense - full(input_ids=ids, attention_mask=mask).logits)[mask.bool()].abs().max() > 1e-2
+        skipgpt.apply(model, SkipConfig(threshold=0.0, mode=backend))
+        got = model(input_ids=ids, attention_mask=mask).logits
+    assert skipgpt.stats(model)["param_sparsity"] == 0.0
+    assert (got - dense)[mask.bool()].abs().max() <= TOL
+
+
+def test_router_update_invalidates_cached_margins(backend):
+    model = tiny_model("llama")
+    skipgpt.apply(model, SkipConfig(mode=backend))
+    ids, mask = left_padded_batch()
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+        before = skipgpt.stats(model)["attn_skip"]
+        for layer in model.model.layers:  # make every attention router execute everything
+            layer.router_attention.weight_predictor.bias.copy_(torch.tensor([100.0, -100.0]))
+        model(input_ids=ids, attention_mask=mask)
+    assert before > 0.1 and skipgpt.stats(model)["attn_skip"] == 0.0
+
+
+def test_router_buffer_update_invalidates_cached_margins(backend):
+    model = tiny_model("llama")
+    skipgpt.apply(model, SkipConfig(mode=backend))
+    ids, mask = left_padded_batch()
+    layer = model.model.layers[0]
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+        # Any router tensor may enter the margin (e.g. an input-scale buffer): a change to a
+        # buffer must rebuild the cached margins just like a parameter change.
+        buf = next(layer.router_attention.buffers(), None)
+        if buf is None:
+            pytest.skip("this Router has no buffers")
+        buf.mul_(0.5)
+        w, b = skipgpt.state(model).stacked_margins(0, layer.router_attention, layer.router_mlp)
+        wa, ba = layer.router_attention.margin_linear()
+        assert torch.equal(w[0], wa) and torch.equal(b[0], ba)
+
+
+@pytest.mark.parametrize("target", ["k_proj", "v_proj"])
+def test_skipping_keeps_a_wrapped_k_or_v_proj(target, backend):
+    """K and V run through the fused projection op only for a plain nn.Linear; a LoRA-wrapped
+    one (random, non-zero adapter) must keep the module path, so skipping still equals masked."""
+    peft = pytest.importorskip("peft")
+    model = tiny_model("qwen3")  # k_norm too
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=[target], init_lora_weights=False)
+    model = peft.get_peft_model(model, lora).base_model.model
+    assert type(getattr(model.model.layers[0].self_attn, target)) is not torch.nn.Linear
+    skipgpt.apply(model, SkipConfig(mode="masked"))
+    ids, mask = left_padded_batch()
+
+    def logits_of_mixed_decisions(m):
+        logits = m(input_ids=ids, attention_mask=mask).logits
+        _mixed(m, ids, mask)
+        return logits
+
+    masked, got = _in_modes(model, backend, logits_of_mixed_decisions)
+    assert (masked - got)[mask.bool()].abs().max() <= TOL
+
+
+# -- what the skipping modes refuse, with a clear error, and nothing lost ----------------------------
+def _four_d_mask(ids, mask):
+    B, S = ids.shape
+    causal = torch.ones(S, S, dtype=torch.bool).tril()
+    keep = causal[None, None] & mask.bool()[:, None, None, :]
+    return torch.zeros(B, 1, S, S).masked_fill(~keep, float("-inf"))
+
+
+def _lora_q(model):
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"]))
+
+
+REFUSED = {
+    "4d_mask": ({}, {}, lambda m, ids, mask: m(input_ids=ids, attention_mask=_four_d_mask(ids, mask)),
+                ValueError, "need the 2D attention_mask"),
+    "static_cache": ({}, {}, lambda m, ids, mask: m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2,
+                                                             do_sample=False, pad_token_id=0, cache_implementation="static"),
+                     NotImplementedError, "support the dynamic KV cache.*got StaticLayer"),
+    "mlp_bias": ({"mlp_bias": True}, {}, None, NotImplementedError, "do not support MLP biases"),
+    "policy": ({}, {"policy": "topk", "capacity": 0.5}, None, ValueError, "policy='topk' runs in mode='masked' only"),
+    "lora_wrapped_q": ({}, {}, lambda m, ids, mask: _lora_q(m)(input_ids=ids, attention_mask=mask),
+                       NotImplementedError, "need plain nn.Linear projections"),
+    "short_mask": ({}, {}, lambda m, ids, mask: m(input_ids=ids, attention_mask=mask[:, 1:]),
+                   ValueError, r"attention_mask is \(3, 11\), but the input is 3 sequences of 12 tokens"),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED)
+def test_skipping_modes_refuse_what_they_cannot_run(case, backend):
+    model_kw, cfg_kw, call, exc, match = REFUSED[case]
+    model = tiny_model("llama", **model_kw)
+    ids, mask = left_padded_batch()
+    skipgpt.apply(model, SkipConfig(mode="masked", **cfg_kw))
+    with torch.no_grad():
+        before = model(input_ids=ids, attention_mask=mask).logits
+        skipgpt.set_mode(model, backend)
+        with pytest.raises(exc, match=match):
+            (call or (lambda m, i, k: m(input_ids=i, attention_mask=k)))(model, ids, mask)
+        # Nothing lost: the masked path still gives the same logits (a fresh LoRA adds zero).
+        skipgpt.set_mode(model, "masked")
+        assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, before)
+
+
+def test_decode_step_mask_must_cover_the_cache(backend):
+    """A decode step whose mask misses the new token is refused before any layer writes the
+    cache: a retry with the right mask then gives what a fresh run gives."""
+    model = tiny_model("llama")
+    skipgpt.apply(model, SkipConfig(mode=backend))
+    ids, mask = left_padded_batch()
+    step, mask2 = torch.tensor([[5], [6], [7]]), torch.cat([mask, torch.ones(3, 1, dtype=mask.dtype)], 1)
+    with torch.no_grad():
+        fresh = model(input_ids=ids, attention_mask=mask, use_cache=True)
+        want = model(input_ids=step, attention_mask=mask2, past_key_values=fresh.past_key_values).logits
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+        cache, before = out.past_key_values, skipgpt.stats(model)
+        with pytest.raises(ValueError, match="attention_mask covers 12 positions but the cache plus this input hold 13"):
+            model(input_ids=step, attention_mask=mask, past_key_values=cache)
+        assert [cache.get_seq_length(i) for i in range(3)] == [12, 12, 12]
+        assert skipgpt.stats(model) == before  # still the last complete forward's
+        got = model(input_ids=step, attention_mask=mask2, past_key_values=cache).logits
+    assert torch.equal(got, want)

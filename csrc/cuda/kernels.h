@@ -15,6 +15,8 @@
 
 #include <cstdint>
 
+#include "gemv_rows.h"
+
 namespace skipgpt::cuda {
 
 enum class DType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
@@ -71,9 +73,8 @@ struct GemmParams {
   float head_norm_eps = 0.f;
   int head_dim = 0;
 };
-// launch_gemm hands row capacities M <= kGemvMaxRows (decode batches) to launch_gemv
-// (gemv.cu): one warp per output feature, same epilogues and rounding.
-constexpr int64_t kGemvMaxRows = 8;
+// launch_gemm hands row capacities M <= kGemvMaxRows (gemv_rows.h; decode batches) to
+// launch_gemv (gemv.cu): one warp per output feature, same epilogues and rounding.
 cudaError_t launch_gemm(const GemmParams& p, Epilogue epi, DType dtype, cudaStream_t stream);
 // The tiled mainloop launch_gemm uses for larger M, from SKIPGPT_CUDA_GEMM (read at every launch,
 // so tests can switch): unset, "auto" or "mma": mma.sync (gemm.cu); "wgmma" / "wgmma-ws" /
