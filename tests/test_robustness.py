@@ -310,6 +310,25 @@ def test_skipping_modes_refuse_training_with_gradients(mode):
         assert p.grad is not None and p.grad.abs().sum() > 0
 
 
+def test_gradient_checkpointing_recomputes_with_its_forwards_state():
+    """Masked-mode training under gradient checkpointing: the layers re-run in backward get
+    their forward's state (through the keyword argument), so the gradients are those of a run
+    without checkpointing."""
+    ids, mask = left_padded_batch()
+    grads = []
+    for checkpointing in (False, True):
+        model = skipgpt.apply(tiny_model("llama"), SkipConfig(mode="masked"))
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        torch.manual_seed(0)  # the same Gumbel samples (checkpointing replays the RNG state)
+        out = model(input_ids=ids, attention_mask=mask, labels=ids, use_cache=False)
+        (out.loss + skipgpt.state(model).sparsity()).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and any("router_" in n for n in grads[0])
+    assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6) for n in grads[0])
+
+
 def test_eval_mode_forward_with_grad_enabled_still_runs():
     """Inference without torch.no_grad() (what many users write) is not refused."""
     model = skipgpt.apply(tiny_model("llama"), SkipConfig(mode=SKIP_MODE))
