@@ -1,16 +1,19 @@
 // The device-independent checks of the in-place ops (linear_scatter_add_, skip_mlp_), shared by
 // the CPU and CUDA wrappers: their kernels add rows into h without atomics, so no two elements
-// of h may share memory (an expand()ed h would lose updates), and linear_scatter_add_'s input
-// a must not share memory with h (other rows of a would be read after h's rows were written).
-// The internal check is exact for the layout the ops take (h: 2-D, unit stride in its last
-// dimension); the a-vs-h check is a conservative byte-range test (column blocks of one buffer
-// that share no element are refused too). Neither reads tensor data, so both are safe under
-// CUDA graph capture.
+// of h may share memory (an expand()ed h would lose updates), and no input the op reads (a,
+// the weights, the bias, the norm weight, idx, count) may share memory with h (it would be read
+// after h's rows were written: a bias that is a row of h, or a weight that is h, gives wrong
+// sums). The internal check is exact for the layout the ops take (h: 2-D, unit stride in its
+// last dimension); the input-vs-h check is a conservative byte-range test (column blocks of one
+// buffer that share no element are refused too). Neither reads tensor data, so both are safe
+// under CUDA graph capture.
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
 #include <cstdint>
+#include <initializer_list>
+#include <optional>
 #include <utility>
 
 namespace skipgpt {
@@ -39,5 +42,15 @@ inline void check_no_overlap_with_h(const at::Tensor& h, const at::Tensor& t, co
   TORCH_CHECK(t1 < h0 || h1 < t0, op, ": ", name, " must not share memory with h, which is updated in place; "
               "clone() it first");
 }
+
+// Every read-only input of an in-place op, by name, against h.
+inline void check_inputs_apart_from_h(const at::Tensor& h,
+                                      std::initializer_list<std::pair<const at::Tensor*, const char*>> inputs,
+                                      const char* op) {
+  for (const auto& [t, name] : inputs)
+    if (t != nullptr && t->defined()) check_no_overlap_with_h(h, *t, op, name);
+}
+
+inline const at::Tensor* opt_ptr(const std::optional<at::Tensor>& t) { return t.has_value() ? &*t : nullptr; }
 
 }  // namespace skipgpt

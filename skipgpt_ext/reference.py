@@ -54,6 +54,32 @@ def route_norm(
     return rms_norm(h, norm_weight, eps), attn_idx, attn_count, mlp_idx, mlp_count
 
 
+# Positions (kv_offset + key index, q_pos, the window) stay in [0, 2^62]: no int64 overflow in
+# the kernels' position arithmetic (csrc/position_args.h).
+MAX_POSITION = 1 << 62
+
+
+def _byte_span(t: torch.Tensor) -> tuple[int, int]:
+    last = sum((s - 1) * st for s, st in zip(t.shape, t.stride()))
+    first = t.data_ptr()
+    return first, first + (last + 1) * t.element_size() - 1
+
+
+def _check_apart_from_h(op: str, h: torch.Tensor, **inputs: torch.Tensor | None) -> None:
+    """The in-place ops' contract (csrc/inplace_args.h): no read-only input may share memory with
+    ``h``, which the kernels write while they read the inputs. Conservative byte ranges, as there."""
+    if h.numel() == 0:
+        return
+    h0, h1 = _byte_span(h)
+    storage = h.untyped_storage().data_ptr()
+    for name, t in inputs.items():
+        if t is None or t.numel() == 0 or t.untyped_storage().data_ptr() != storage:
+            continue
+        t0, t1 = _byte_span(t)
+        if not (t1 < h0 or h1 < t0):
+            raise RuntimeError(f"skipgpt::{op}: {name} must not share memory with h, which is updated in place; clone() it first")
+
+
 def _rows(t: torch.Tensor, idx: torch.Tensor, count: torch.Tensor) -> tuple[int, torch.Tensor]:
     n = int(count)
     return n, idx[:n]
@@ -107,6 +133,14 @@ def sparse_query_attention(
     window: int,
 ) -> torch.Tensor:
     B, Hkv, Lk, hd = k.shape
+    op = "skipgpt::sparse_query_attention"
+    if not 0 <= kv_offset <= MAX_POSITION - Lk:
+        raise RuntimeError(f"{op}: kv_offset (the cache position of key 0) must be in [0, 2^62 - Lk] = "
+                           f"[0, {MAX_POSITION - Lk}], got {kv_offset}")
+    if not 0 <= window <= MAX_POSITION:
+        raise RuntimeError(f"{op}: window must be in [0, 2^62] (0 = none), got {window}")
+    if q_pos.numel() and not (int(q_pos.min()) >= 0 and int(q_pos.max()) < MAX_POSITION):
+        raise RuntimeError(f"{op}: q_pos must hold positions in [0, 2^62)")
     out = torch.zeros_like(q)
     n, rows = _rows(q, idx, count)
     if n == 0:
@@ -126,8 +160,13 @@ def sparse_query_attention(
         kb, vb = k[b].to(torch.float32), v[b].to(torch.float32)  # [Hkv, Lk, hd]
         scores = torch.einsum("mhgd,hld->mhgl", qb, kb) * scale
         scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
-        p = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no visible key give 0
-        ob = torch.einsum("mhgl,hld->mhgd", p, vb)
+        p = torch.softmax(scores, dim=-1)
+        # A row with no visible key gives 0 (its softmax is 0/0). Any other NaN propagates, as in
+        # the kernels and dense attention: a NaN or inf in the query, in a visible key or in a
+        # visible value makes the output non-finite. (A non-finite value of a key the query cannot
+        # see reaches it here through 0 * inf, and in the kernels where that key shares a tile
+        # with visible ones: the contract leaves that case unspecified.)
+        ob = torch.einsum("mhgl,hld->mhgd", p, vb).masked_fill(~visible.any(-1)[:, None, None, None], 0.0)
         out[sel] = ob.reshape(len(sel), -1).to(q.dtype)
     return out
 
@@ -140,6 +179,7 @@ def linear_scatter_add_(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
 ) -> None:
+    _check_apart_from_h("linear_scatter_add_", h, a=a, weight=weight, bias=bias, idx=idx, count=count)
     n, rows = _rows(a, idx, count)
     if n == 0:
         return
@@ -156,6 +196,10 @@ def skip_mlp_(
     up_weight: torch.Tensor,
     down_weight: torch.Tensor,
 ) -> None:
+    _check_apart_from_h(
+        "skip_mlp_", h, norm_weight=norm_weight, gate_weight=gate_weight, up_weight=up_weight,
+        down_weight=down_weight, idx=idx, count=count,
+    )
     n, rows = _rows(h, idx, count)
     if n == 0:
         return

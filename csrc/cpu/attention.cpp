@@ -15,6 +15,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../position_args.h"
 #include "common.h"
 #include "vec_isa.h"
 #include "vec_math.h"
@@ -29,7 +30,12 @@ static_assert(kKeyTile % 64 == 0, "the tile kernels pack whole K panels of 64 (A
 // Online-softmax step of one row over one tile (the generic path): returns the rescale factor
 // of the old state and overwrites the scores with the tile's probabilities relative to the new
 // running max (all 0 when every key of the tile is masked). The reductions keep 8 lanes, so the
-// compiler vectorises them (SSE2, NEON) without -ffast-math.
+// compiler vectorises them (SSE2, NEON) without -ffast-math. Masked keys hold -inf, so a NaN
+// score is a visible key's: it makes the row NaN (as in dense attention), never a masked row.
+// 1 / the softmax sum of a row; 0 for a row that saw no key, NaN for a NaN sum (so that the
+// output is NaN even where the accumulated P V happens to be finite).
+inline float no_key_zero_inv(float sum) { return sum > 0 ? 1.0f / sum : (sum == 0 ? 0.0f : sum); }
+
 float softmax_tile_row(float* s, int64_t nk, float& row_max, float& row_sum) {
   constexpr float ninf = -std::numeric_limits<float>::infinity();
   float lanes[8] = {ninf, ninf, ninf, ninf, ninf, ninf, ninf, ninf};
@@ -39,7 +45,8 @@ float softmax_tile_row(float* s, int64_t nk, float& row_max, float& row_sum) {
   float mx = ninf;
   for (int l = 0; l < 8; ++l) mx = std::max(mx, lanes[l]);
   for (; j < nk; ++j) mx = std::max(mx, s[j]);
-  if (mx == ninf) {
+  if (mx == ninf) {  // every key masked, or every visible score NaN (the max skips NaN)
+    if (std::any_of(s, s + nk, [](float x) { return std::isnan(x); })) row_sum = std::numeric_limits<float>::quiet_NaN();
     std::fill(s, s + nk, 0.0f);
     return 1.0f;
   }
@@ -236,10 +243,11 @@ void attend(const at::Tensor& q, const int64_t* idx, int64_t n, const at::Tensor
       for (int64_t qi = 0; qi < m; ++qi) {
         for (int64_t gg = 0; gg < G; ++gg) {
           const int64_t r = qi * G + gg;
-          const float inv = row_sum[r] > 0 ? 1.0f / row_sum[r] : 0.0f;  // no visible key: 0
+          const float inv = no_key_zero_inv(row_sum[r]);
           scalar_t* dst = op + (i0 + qi) * os + (g * G + gg) * hd;
           const float* src = O.data() + r * hd;
-          for (int64_t d = 0; d < hd; ++d) dst[d] = static_cast<scalar_t>(src[d] * inv);
+          // A row that saw no key is exactly 0 (even where masked values were not finite).
+          for (int64_t d = 0; d < hd; ++d) dst[d] = inv == 0.0f ? scalar_t(0) : static_cast<scalar_t>(src[d] * inv);
         }
       }
     }
@@ -266,7 +274,7 @@ at::Tensor sparse_query_attention_cpu(const at::Tensor& q_in, const at::Tensor& 
               " must be a multiple of Hkv * head_dim = ", Hkv * hd, " (GQA)");
   TORCH_CHECK(seq_len > 0 && B * seq_len == T, op, ": seq_len must satisfy B * seq_len == T (", B, " * ", seq_len,
               " vs ", T, ")");
-  TORCH_CHECK(window >= 0, op, ": window must be >= 0 (0 = none), got ", window);
+  check_position_args(kv_offset, Lk, window, op);
   check_cpu(q_pos, op, "q_pos");
   TORCH_CHECK(q_pos.scalar_type() == at::kLong, op, ": q_pos must be int64, got ", q_pos.scalar_type());
   TORCH_CHECK(q_pos.dim() == 1 && q_pos.size(0) == T, op, ": q_pos must be [", T, "], got ", q_pos.sizes());
@@ -290,6 +298,10 @@ at::Tensor sparse_query_attention_cpu(const at::Tensor& q_in, const at::Tensor& 
   const at::Tensor v = v_in.stride(3) == 1 ? v_in : v_in.contiguous();
   const auto idx_c = idx.contiguous();
   const auto pos_c = q_pos.contiguous();
+  const int64_t* pp = pos_c.data_ptr<int64_t>();
+  for (int64_t i = 0; i < T; ++i)
+    TORCH_CHECK(pp[i] >= 0 && pp[i] < kMaxPosition, op, ": q_pos must hold positions in [0, 2^62), got q_pos[", i,
+                "] = ", pp[i]);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "sparse_query_attention", [&] {
     attend<scalar_t>(q, idx_c.data_ptr<int64_t>(), n, k, v, pos_c.data_ptr<int64_t>(),
                      kv_valid.defined() ? kv_valid.data_ptr<bool>() : nullptr, kv_offset, seq_len,

@@ -209,13 +209,14 @@ void linear_scatter_add_cpu(at::Tensor& h, const at::Tensor& a, const at::Tensor
   check_cpu(a, op, "a");
   check_same_dtype(a, h, op, "a", "h");
   TORCH_CHECK(a.dim() == 2 && a.size(0) == T, op, ": a must be [", T, ", in_features], got ", a.sizes());
-  check_no_overlap_with_h(h, a, op, "a");
   check_weight(weight, h, d, a.size(1), op, "weight", "h");
   if (bias.has_value()) {
     check_cpu(*bias, op, "bias");
     check_same_dtype(*bias, h, op, "bias", "h");
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == d, op, ": bias must be [", d, "], got ", bias->sizes());
   }
+  check_inputs_apart_from_h(h, {{&a, "a"}, {&weight, "weight"}, {opt_ptr(bias), "bias"}, {&idx, "idx"}, {&count, "count"}},
+                            op);
   const int64_t n = read_count_and_check_idx(idx, count, T, op);
   if (n == 0) return;  // no weight byte is read
   const auto idx_c = idx.contiguous();
@@ -263,6 +264,9 @@ void skip_mlp_cpu(at::Tensor& h, const at::Tensor& idx, const at::Tensor& count,
   check_weight(gate_weight, h, I, d, op, "gate_weight", "h");
   check_weight(up_weight, h, I, d, op, "up_weight", "h");
   check_weight(down_weight, h, d, I, op, "down_weight", "h");
+  check_inputs_apart_from_h(h, {{&norm_weight, "norm_weight"}, {&gate_weight, "gate_weight"}, {&up_weight, "up_weight"},
+                                {&down_weight, "down_weight"}, {&idx, "idx"}, {&count, "count"}},
+                            op);
   const int64_t n = read_count_and_check_idx(idx, count, T, op);
   if (n == 0) return;  // no weight byte is read
   const auto idx_c = idx.contiguous();

@@ -59,10 +59,11 @@ struct Vec {
   }
   static inline float reduce_max(reg x) { return _mm512_reduce_max_ps(x); }
   static inline float reduce_add(reg x) { return _mm512_reduce_add_ps(x); }
-  // exp for x <= 0, the polynomial of exp_nonpos; exactly 0 below -87 (and for -inf).
+  // exp for x <= 0, the polynomial of exp_nonpos; exactly 0 below -87 (and for -inf); NaN stays
+  // NaN (max_ps returns its second operand when either is NaN), as the scalar exp_nonpos does.
   static inline reg exp_nonpos(reg x) {
-    const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_GE_OQ);
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_NLT_UQ);
+    x = _mm512_max_ps(_mm512_set1_ps(-87.0f), x);
     const reg t = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
                                        _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
     reg r = _mm512_fnmadd_ps(t, _mm512_set1_ps(0.693145751953125f), x);
@@ -116,10 +117,11 @@ struct Vec {
     m = _mm_add_ss(m, _mm_movehdup_ps(m));
     return _mm_cvtss_f32(m);
   }
-  // exp for x <= 0, the polynomial of exp_nonpos; exactly 0 below -87 (and for -inf).
+  // exp for x <= 0, the polynomial of exp_nonpos; exactly 0 below -87 (and for -inf); NaN stays
+  // NaN (max_ps returns its second operand when either is NaN), as the scalar exp_nonpos does.
   static inline reg exp_nonpos(reg x) {
     const __m256 tiny = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_LT_OQ);
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    x = _mm256_max_ps(_mm256_set1_ps(-87.0f), x);
     const __m256 t = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
     __m256 r = _mm256_fnmadd_ps(t, _mm256_set1_ps(0.693145751953125f), x);
     r = _mm256_fnmadd_ps(t, _mm256_set1_ps(1.428606765330187045e-06f), r);

@@ -18,6 +18,7 @@
 #include <tuple>
 
 #include "../inplace_args.h"
+#include "../position_args.h"
 #include "../rope_args.h"
 #include "kernels.h"
 
@@ -288,7 +289,8 @@ at::Tensor sparse_query_attention_cuda(const at::Tensor& q_in, const at::Tensor&
               Hq / Hkv, " and ", hd);
   TORCH_CHECK(seq_len > 0 && B * seq_len == T, op, ": seq_len must satisfy B * seq_len == T (", B, " * ", seq_len,
               " vs ", T, ")");
-  TORCH_CHECK(window >= 0, op, ": window must be >= 0 (0 = none), got ", window);
+  // q_pos's values are the caller's contract here (reading them would sync with the host).
+  check_position_args(kv_offset, Lk, window, op);
   check_cuda(q_pos, q_in, op, "q_pos");
   check_dtype(q_pos, at::kLong, op, "q_pos", "token positions");
   check_shape(q_pos, {T}, op, "q_pos");
@@ -376,11 +378,12 @@ void linear_scatter_add_cuda(at::Tensor& h, const at::Tensor& a, const at::Tenso
   TORCH_CHECK(a.scalar_type() == h.scalar_type(), op, ": a must have the dtype of h (", h.scalar_type(), "), got ",
               a.scalar_type());
   TORCH_CHECK(a.dim() == 2 && a.size(0) == T, op, ": a must be [", T, ", in_features], got ", a.sizes());
-  check_no_overlap_with_h(h, a, op, "a");
   check_rows16(a, op, "a");
   check_gemm_weight(weight_in, h, d, a.size(1), op, "weight", "h");
   check_bias(bias, h, d, op);
   check_idx(idx, count, T, h, op);
+  check_inputs_apart_from_h(h, {{&a, "a"}, {&weight_in, "weight"}, {opt_ptr(bias), "bias"}, {&idx, "idx"}, {&count, "count"}},
+                            op);
   const auto weight = aligned16(weight_in);
   const auto b = bias.has_value() ? bias->contiguous() : at::Tensor();
   gemm_scatter_add(h, a.data_ptr(), a.stride(0), a.size(1), weight, b.defined() ? b.data_ptr() : nullptr, idx, count,
@@ -403,6 +406,9 @@ void skip_mlp_cuda(at::Tensor& h, const at::Tensor& idx, const at::Tensor& count
   check_gemm_weight(up_in, h, I, d, op, "up_weight", "h");
   check_gemm_weight(down_in, h, d, I, op, "down_weight", "h");
   check_idx(idx, count, T, h, op);
+  check_inputs_apart_from_h(h, {{&norm_weight, "norm_weight"}, {&gate_in, "gate_weight"}, {&up_in, "up_weight"},
+                                {&down_in, "down_weight"}, {&idx, "idx"}, {&count, "count"}},
+                            op);
   const auto nw = norm_weight.contiguous();
   const auto gate = aligned16(gate_in), up = aligned16(up_in), down = aligned16(down_in);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();

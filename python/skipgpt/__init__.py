@@ -7,7 +7,7 @@
 """
 
 from .adapters import FAMILIES, UnsupportedModelError
-from .checkpoint import CheckpointMismatchError, load_routers, read_config, save_routers
+from .checkpoint import CheckpointError, CheckpointMismatchError, load_routers, read_config, save_routers
 from .config import SkipConfig
 from .patch import (
     apply,
@@ -49,5 +49,6 @@ __all__ = [
     "read_config",
     "FAMILIES",
     "UnsupportedModelError",
+    "CheckpointError",
     "CheckpointMismatchError",
 ]

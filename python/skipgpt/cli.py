@@ -155,9 +155,11 @@ def _gen_chat(ns):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .argcheck import CheckedParser
     from .train import LoraArgs, RouterArgs
 
-    p = argparse.ArgumentParser(prog="skipgpt", description="SkipGPT: per-token module skipping for HF LLMs")
+    # Every flag is range-checked at parse time by its rule in skipgpt.argcheck.RULES.
+    p = CheckedParser(prog="skipgpt", description="SkipGPT: per-token module skipping for HF LLMs")
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="generate with skipping on the default model and compare with dense")
@@ -217,7 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ns = build_parser().parse_args(argv)
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    if getattr(ns, "stride", None) is not None and ns.stride > ns.window:
+        parser.error(f"argument --stride: must be <= --window ({ns.window}), got {ns.stride}")
     return ns.func(ns)
 
 

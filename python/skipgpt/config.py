@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,11 @@ class SkipConfig:
         self.validate()
 
     def validate(self) -> None:
+        """Check every field; numbers of other types (numpy scalars, ints) become Python
+        ``float``/``int`` (so the config saves as JSON). Errors name the field."""
+        for name in _FLOAT_FIELDS:
+            setattr(self, name, _real(name, getattr(self, name)))
+        self.seed = _integer("seed", self.seed)
         _check_choice("router_type", self.router_type, ROUTER_TYPES)
         _check_choice("mode", self.mode, MODES)
         _check_choice("gate", self.gate, GATE_MODES)
@@ -77,6 +83,8 @@ class SkipConfig:
             raise ValueError(f"tau must be positive, got {self.tau}")
         if not (self.gate_noise >= 0 and math.isfinite(self.gate_noise)):
             raise ValueError(f"gate_noise must be finite and >= 0, got {self.gate_noise}")
+        if not self.alpha >= 0:
+            raise ValueError(f"alpha must be >= 0, got {self.alpha}")
 
     @property
     def threshold_logit(self) -> float:
@@ -107,6 +115,25 @@ def threshold_to_logit(p: float) -> float:
     return math.log(p) - math.log1p(-p)
 
 
+_FLOAT_FIELDS = ("init_execute_bias", "threshold", "tau", "sparsity_target", "alpha", "capacity")
+
+
+def _real(name: str, value: Any) -> float:
+    """``value`` as a finite Python float; a string, bool, None, NaN or inf is refused."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def _integer(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+    return int(value)
+
+
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
+    if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")

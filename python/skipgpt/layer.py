@@ -15,6 +15,7 @@ Three backends share this structure:
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
@@ -29,25 +30,20 @@ from .config import SkipConfig
 from .sparsity import realised_sparsity
 
 
-class SkipState:
-    """Run-time state shared by the layers of one patched model (not a Module: no weights)."""
+# The keyword argument through which the decoder's pre-hook hands one forward's state to that
+# forward's layers (HF passes a decoder's extra keyword arguments on to every layer).
+FORWARD_KWARG = "skipgpt_forward"
 
-    def __init__(self, config: SkipConfig, adapter: FamilyAdapter, layers: nn.ModuleList) -> None:
-        self.config = config
-        self.adapter = adapter
-        self.num_layers = len(layers)
-        self.attn_params = torch.tensor([_numel(l.self_attn) for l in layers], dtype=torch.float64)
-        self.mlp_params = torch.tensor([_numel(l.mlp) for l in layers], dtype=torch.float64)
-        self.reset_cumulative()
-        self._margins: dict[int, tuple] = {}
-        # The counts of the last forward that completed (skipgpt.stats): a refused or interrupted
-        # forward leaves them as they were.
-        self.last_complete: tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor] | None = None
-        self._begin(None, 0, 0)
 
-    # -- per forward ---------------------------------------------------------------------------
-    def _begin(
+class ForwardState:
+    """What one forward of the decoder knows and records: which keys and rows are real tokens,
+    and each layer's execute counts and gates. Created by the decoder's pre-hook and handed to
+    that forward's layers only, so concurrent forwards (threads) and copies of the model never
+    share one."""
+
+    def __init__(
         self,
+        num_layers: int,
         attention_mask: torch.Tensor | None,
         batch: int,
         seq: int,
@@ -55,11 +51,10 @@ class SkipState:
         clone_all: bool = False,
         device: torch.device | None = None,
     ) -> None:
-        """Called before the decoder runs: remember which keys and rows are real tokens."""
         mask_is_4d = attention_mask is not None and attention_mask.dim() != 2
         if not mask_is_4d and attention_mask is not None and (
             attention_mask.shape[0] != batch or attention_mask.shape[1] < seq
-        ):  # refused before any state of this forward is set
+        ):
             raise ValueError(
                 f"attention_mask is {tuple(attention_mask.shape)}, but the input is {batch} sequences of {seq} "
                 f"tokens: it needs {batch} rows and at least {seq} positions (the cache's plus this input's)"
@@ -73,35 +68,128 @@ class SkipState:
         # inputs_embeds (layer 0), or every layer's output when hidden states are recorded.
         self.clone_first = clone_first
         self.clone_all = clone_all
-        self._rows: tuple | None = None  # per-forward row positions and RoPE rows, shared by layers
-        self.exec_counts: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * self.num_layers
-        self.gates: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * self.num_layers
+        self._rows: tuple | None = None  # row positions and RoPE rows, shared by the layers
+        self.exec_counts: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_layers
+        self.gates: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_layers
 
-    def _end(self) -> None:
-        """Called after the decoder ran: add this forward's counts to the running totals."""
-        if any(c is None for c in self.exec_counts):
+    def complete(self) -> bool:
+        return all(c is not None for c in self.exec_counts)
+
+    def record(self, layer_idx: int, exec_attn: torch.Tensor, exec_mlp: torch.Tensor) -> None:
+        self.exec_counts[layer_idx] = (exec_attn, exec_mlp)
+
+    def row_positions(self, past: int, B: int, S: int, cos: torch.Tensor, sin: torch.Tensor):
+        """Per-row cache positions and RoPE rows ``[T]``, ``[T, hd]``, plus the identity
+        compaction (every row, count T) that the K and V projections run with: the same for every
+        layer of a forward, so they are built once (the entry holds ``cos`` itself, so a hit is
+        exact)."""
+        hit = self._rows
+        if hit is None or hit[0] is not cos or hit[1] != (past, B, S):
+            hd, T, dev = cos.shape[-1], B * S, cos.device
+            q_pos = torch.arange(past, past + S, device=dev).repeat(B)
+            every = torch.arange(T, device=dev)
+            hit = (cos, (past, B, S), q_pos, cos.expand(B, S, hd).reshape(T, hd), sin.expand(B, S, hd).reshape(T, hd),
+                   every, torch.full((), T, dtype=torch.long, device=dev))
+            self._rows = hit
+        return hit[2:]
+
+
+class SkipState:
+    """What the layers of one patched model share (not a Module: no weights): the config, the
+    family adapter, the margin cache and the statistics of complete forwards.
+
+    Per-forward state lives in a :class:`ForwardState`. Each thread's latest forward stays
+    readable here (``exec_counts``, ``gates``, ``n_valid``, ``sparsity()``: the router-tuning
+    loop reads them after its forward); ``last_complete`` and the cumulative counters are
+    updated under a lock when any thread's forward completes. A deep copy (or an unpickled
+    model) gets a state of its own.
+    """
+
+    def __init__(self, config: SkipConfig, adapter: FamilyAdapter, layers: nn.ModuleList) -> None:
+        self.config = config
+        self.adapter = adapter
+        self.num_layers = len(layers)
+        self.attn_params = torch.tensor([_numel(l.self_attn) for l in layers], dtype=torch.float64)
+        self.mlp_params = torch.tensor([_numel(l.mlp) for l in layers], dtype=torch.float64)
+        self.reset_cumulative()
+        # The counts of the last forward that completed (skipgpt.stats): a refused or interrupted
+        # forward leaves them as they were.
+        self.last_complete: tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor] | None = None
+        self._init_runtime()
+
+    def _init_runtime(self) -> None:
+        self._lock = threading.Lock()
+        self._local = threading.local()  # .forward: this thread's current or latest forward
+        self._margins: dict[int, tuple] = {}
+
+    # A lock and a thread-local cannot be copied or pickled; a copy starts with fresh ones (and an
+    # empty margin cache, whose keys name the original's tensors).
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k not in ("_lock", "_local", "_margins")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._init_runtime()
+
+    # -- per forward ---------------------------------------------------------------------------
+    def _begin(
+        self,
+        attention_mask: torch.Tensor | None,
+        batch: int,
+        seq: int,
+        clone_first: bool = False,
+        clone_all: bool = False,
+        device: torch.device | None = None,
+    ) -> ForwardState:
+        """Called before the decoder runs: a new forward in this thread (refused before anything
+        is set when the mask does not fit the input)."""
+        fwd = ForwardState(self.num_layers, attention_mask, batch, seq, clone_first, clone_all, device)
+        self._local.forward = fwd
+        return fwd
+
+    def forward_state(self) -> ForwardState:
+        """This thread's current forward, or its latest one."""
+        fwd = getattr(self._local, "forward", None)
+        if fwd is None:
+            fwd = self._local.forward = ForwardState(self.num_layers, None, 0, 0)
+        return fwd
+
+    def _end(self, fwd: ForwardState | None = None, completed: bool = True) -> None:
+        """Called after the decoder ran: add a complete forward's counts to the running totals."""
+        fwd = fwd if fwd is not None else self.forward_state()
+        self._local.forward = fwd  # after a nested forward, the outer one is this thread's latest
+        if not completed or not fwd.complete():
             return  # e.g. a forward that stopped early; nothing consistent to accumulate
-        self.last_complete = (self.exec_counts, self.n_valid)  # _begin makes a new list: no copy needed
         # Stays on the device: no host sync per forward.
-        counts = torch.stack([torch.stack(c) for c in self.exec_counts]).detach().to(torch.float64)
-        if self.cum_exec.device != counts.device:  # once: the totals move to the model's device
-            self.cum_exec, self.cum_tokens = self.cum_exec.to(counts.device), self.cum_tokens.to(counts.device)
-        self.cum_exec = self.cum_exec + counts
-        self.cum_tokens = self.cum_tokens + self.n_valid.to(counts.device)
+        counts = torch.stack([torch.stack(c) for c in fwd.exec_counts]).detach().to(torch.float64)
+        with self._lock:
+            self.last_complete = (fwd.exec_counts, fwd.n_valid)
+            if self.cum_exec.device != counts.device:  # once: the totals move to the model's device
+                self.cum_exec, self.cum_tokens = self.cum_exec.to(counts.device), self.cum_tokens.to(counts.device)
+            self.cum_exec = self.cum_exec + counts
+            self.cum_tokens = self.cum_tokens + fwd.n_valid.to(counts.device)
 
     def reset_cumulative(self) -> None:
         self.cum_exec = torch.zeros(self.num_layers, 2, dtype=torch.float64)
         self.cum_tokens = torch.zeros((), dtype=torch.float64)
 
+    # This thread's latest forward, as attributes (the training loop and the analysis read them).
+    exec_counts = property(lambda self: self.forward_state().exec_counts)
+    gates = property(lambda self: self.forward_state().gates)
+    valid = property(lambda self: self.forward_state().valid)
+    n_valid = property(lambda self: self.forward_state().n_valid)
+
     def record(self, layer_idx: int, exec_attn: torch.Tensor, exec_mlp: torch.Tensor) -> None:
-        self.exec_counts[layer_idx] = (exec_attn, exec_mlp)
+        self.forward_state().record(layer_idx, exec_attn, exec_mlp)
 
     def sparsity(self, metric: str | None = None) -> torch.Tensor:
-        """Realised sparsity of the last forward, differentiable in masked mode (router tuning)."""
-        ea = torch.stack([c[0] for c in self.exec_counts]).to(torch.float32)
-        em = torch.stack([c[1] for c in self.exec_counts]).to(torch.float32)
+        """Realised sparsity of this thread's last forward, differentiable in masked mode (router
+        tuning)."""
+        fwd = self.forward_state()
+        ea = torch.stack([c[0] for c in fwd.exec_counts]).to(torch.float32)
+        em = torch.stack([c[1] for c in fwd.exec_counts]).to(torch.float32)
         return realised_sparsity(
-            ea, em, self.n_valid.to(ea.device), self.attn_params, self.mlp_params,
+            ea, em, fwd.n_valid.to(ea.device), self.attn_params, self.mlp_params,
             metric or self.config.sparsity_metric,
         )
 
@@ -148,21 +236,6 @@ class SkipState:
         self._margins[layer_idx] = (key, w, b)
         return w, b
 
-    def row_positions(self, past: int, B: int, S: int, cos: torch.Tensor, sin: torch.Tensor):
-        """Per-row cache positions and RoPE rows ``[T]``, ``[T, hd]``, plus the identity
-        compaction (every row, count T) that the K and V projections run with: the same for every
-        layer of a forward, so they are built once (the entry holds ``cos`` itself, so a hit is
-        exact)."""
-        hit = self._rows
-        if hit is None or hit[0] is not cos or hit[1] != (past, B, S):
-            hd, T, dev = cos.shape[-1], B * S, cos.device
-            q_pos = torch.arange(past, past + S, device=dev).repeat(B)
-            every = torch.arange(T, device=dev)
-            hit = (cos, (past, B, S), q_pos, cos.expand(B, S, hd).reshape(T, hd), sin.expand(B, S, hd).reshape(T, hd),
-                   every, torch.full((), T, dtype=torch.long, device=dev))
-            self._rows = hit
-        return hit[2:]
-
     def use_gumbel(self, training: bool) -> bool:
         return self.config.gate == "gumbel" or (self.config.gate == "auto" and training)
 
@@ -175,7 +248,9 @@ class SkipDecoderLayerMixin:
     """Mixed in front of a family's decoder-layer class by :func:`skipgpt.apply`.
 
     The layer keeps its own ``self_attn``, ``mlp`` and norms; it gains ``router_attention``,
-    ``router_mlp`` and a shared ``skip_state``.
+    ``router_mlp`` and a shared ``skip_state``. The state of the forward in progress comes in as
+    the ``skipgpt_forward`` keyword argument (the decoder's pre-hook adds it); a layer called on
+    its own uses its thread's latest :class:`ForwardState`.
     """
 
     skip_state: SkipState
@@ -190,16 +265,27 @@ class SkipDecoderLayerMixin:
         **kwargs: Any,
     ) -> torch.Tensor:
         st = self.skip_state
+        fwd = kwargs.pop(FORWARD_KWARG, None)
+        if fwd is None:
+            fwd = st.forward_state()
         ops = st.backend(self.training, hidden_states.device, hidden_states.dtype)
         if ops is None:
-            return self._masked_forward(hidden_states, attention_mask, position_embeddings, kwargs)
-        return self._skipping_forward(ops, hidden_states, position_embeddings, kwargs)
+            return self._masked_forward(fwd, hidden_states, attention_mask, position_embeddings, kwargs)
+        if self.training and torch.is_grad_enabled():
+            # The skipping ops run outside autograd (and the reference updates h in place): a
+            # backward would silently leave every gradient None. Refused before anything runs.
+            raise RuntimeError(
+                f"SkipGPT mode={st.config.mode!r} has no "
+                "gradients: it is for inference. Train with mode='masked' (skipgpt.set_mode(model, 'masked'); "
+                "mode='auto' does this in train mode), or run this forward under model.eval() or torch.no_grad()."
+            )
+        return self._skipping_forward(fwd, ops, hidden_states, position_embeddings, kwargs)
 
     # -- the oracle and training path ------------------------------------------------------------
-    def _gate(self, logits: torch.Tensor, module: int, kwargs: dict) -> torch.Tensor:
+    def _gate(self, fwd: ForwardState, logits: torch.Tensor, module: int, kwargs: dict) -> torch.Tensor:
         st, cfg = self.skip_state, self.skip_state.config
         if cfg.policy == "topk":
-            g = gates.topk_gate(logits, st.valid, cfg.capacity, straight_through=self.training)
+            g = gates.topk_gate(logits, fwd.valid, cfg.capacity, straight_through=self.training)
         elif cfg.policy == "random":
             pos = kwargs.get("position_ids")
             if pos is None:
@@ -208,16 +294,15 @@ class SkipDecoderLayerMixin:
             g = g.to(logits.device)
         else:
             g = gates.router_gate(logits, st.use_gumbel(self.training), cfg.tau, cfg.threshold_logit, cfg.gate_noise)
-        if st.valid is not None:
-            g = g * st.valid.to(g.dtype)  # padding never executes and never counts
+        if fwd.valid is not None:
+            g = g * fwd.valid.to(g.dtype)  # padding never executes and never counts
         return g
 
-    def _masked_forward(self, h, attention_mask, position_embeddings, kwargs) -> torch.Tensor:
-        st = self.skip_state
-        g_attn = self._gate(self.router_attention(h), 0, kwargs)
-        g_mlp = self._gate(self.router_mlp(h), 1, kwargs)
-        st.record(self.self_attn.layer_idx, g_attn.sum(), g_mlp.sum())
-        st.gates[self.self_attn.layer_idx] = (g_attn, g_mlp)
+    def _masked_forward(self, fwd, h, attention_mask, position_embeddings, kwargs) -> torch.Tensor:
+        g_attn = self._gate(fwd, self.router_attention(h), 0, kwargs)
+        g_mlp = self._gate(fwd, self.router_mlp(h), 1, kwargs)
+        fwd.record(self.self_attn.layer_idx, g_attn.sum(), g_mlp.sum())
+        fwd.gates[self.self_attn.layer_idx] = (g_attn, g_mlp)
 
         a, _ = self.self_attn(
             hidden_states=self.input_layernorm(h),
@@ -230,10 +315,10 @@ class SkipDecoderLayerMixin:
         return h + m * g_mlp.unsqueeze(-1).to(m.dtype)
 
     # -- real skipping ---------------------------------------------------------------------------
-    def _route(self, ops, h2: torch.Tensor):
+    def _route(self, fwd, ops, h2: torch.Tensor):
         """Both decisions plus the attention RMSNorm of every row (K/V need all of them)."""
         st, norm = self.skip_state, self.input_layernorm
-        row_valid = st.valid.reshape(-1) if st.valid is not None else None
+        row_valid = fwd.valid.reshape(-1) if fwd.valid is not None else None
         ra, rm = self.router_attention, self.router_mlp
         thr = st.config.threshold_logit
         if ra.router_type == "linear" and rm.router_type == "linear":
@@ -249,13 +334,13 @@ class SkipDecoderLayerMixin:
         m_idx, m_cnt = ops.compact(decide[1])
         return reference.rms_norm(h2, norm.weight, norm_eps(norm)), a_idx, a_cnt, m_idx, m_cnt
 
-    def _skipping_forward(self, ops, hidden_states, position_embeddings, kwargs) -> torch.Tensor:
+    def _skipping_forward(self, fwd, ops, hidden_states, position_embeddings, kwargs) -> torch.Tensor:
         st, attn, ad = self.skip_state, self.self_attn, self.skip_state.adapter
         layer_idx = attn.layer_idx
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if cache is not None:  # first: generate builds a 4D mask for a static cache
             _check_dynamic_cache(cache, layer_idx)
-        if st.mask_is_4d:
+        if fwd.mask_is_4d:
             raise ValueError(
                 "SkipGPT's skipping modes need the 2D attention_mask (batch, keys); got a "
                 "pre-built 4D mask. Pass the 2D padding mask, or use mode='masked'."
@@ -265,19 +350,19 @@ class SkipDecoderLayerMixin:
         T, hd = B * S, attn.head_dim
         past = cache.get_seq_length(layer_idx) if cache is not None else 0
         end = past + S
-        if st.key_mask is not None and st.key_mask.shape[1] != end:  # before any statistic or cache write
+        if fwd.key_mask is not None and fwd.key_mask.shape[1] != end:  # before any statistic or cache write
             raise ValueError(
-                f"attention_mask covers {st.key_mask.shape[1]} positions but the cache plus this input hold {end}"
+                f"attention_mask covers {fwd.key_mask.shape[1]} positions but the cache plus this input hold {end}"
             )
         h = hidden_states
-        if st.clone_all or (layer_idx == 0 and st.clone_first):
+        if fwd.clone_all or (layer_idx == 0 and fwd.clone_first):
             h = h.clone()
         h2 = h.reshape(T, d)
-        x_norm, a_idx, a_cnt, m_idx, m_cnt = self._route(ops, h2)
-        st.record(layer_idx, a_cnt, m_cnt)
+        x_norm, a_idx, a_cnt, m_idx, m_cnt = self._route(fwd, ops, h2)
+        fwd.record(layer_idx, a_cnt, m_cnt)
 
         cos, sin = position_embeddings
-        q_pos, cos_rows, sin_rows, every, n_rows = st.row_positions(past, B, S, cos, sin)
+        q_pos, cos_rows, sin_rows, every, n_rows = fwd.row_positions(past, B, S, cos, sin)
 
         # K/V for every token, with the model's math, then into the cache. K is the Q op over
         # every row (projection, per-head norm, RoPE in one call), V the same op without RoPE;
@@ -309,7 +394,7 @@ class SkipDecoderLayerMixin:
             k, v = cache.update(k, v, layer_idx)
         # A dynamic (sliding) cache returns the most recent Lk keys, ending at this step.
         Lk = k.shape[2]
-        key_valid = st.key_mask[:, end - Lk : end] if st.key_mask is not None else None
+        key_valid = fwd.key_mask[:, end - Lk : end] if fwd.key_mask is not None else None
         q_norm = ad.q_norm(attn)
         q = ops.q_proj_rope(
             x_norm, a_idx, a_cnt, attn.q_proj.weight, attn.q_proj.bias,

@@ -147,7 +147,26 @@ def resolve_model_path(name_or_path: str | None = None) -> str:
     """
     if name_or_path is None or name_or_path in _DEFAULT_ALIASES:
         return str(ensure_smollm2())
+    problem = model_path_problem(name_or_path)
+    if problem:
+        raise (NotADirectoryError if Path(name_or_path).expanduser().exists() else FileNotFoundError)(problem)
     return str(Path(name_or_path).expanduser()) if Path(name_or_path).expanduser().is_dir() else name_or_path
+
+
+def model_path_problem(name_or_path: str) -> str | None:
+    """Why ``name_or_path`` names no model, or None. A string that can only be a local path
+    (starting with ``/``, ``.`` or ``~``, with more than one ``/``, or naming an existing file)
+    must be a folder; anything else may be a hub id (``org/name``)."""
+    if name_or_path in _DEFAULT_ALIASES:
+        return None
+    p = Path(name_or_path).expanduser()
+    if p.is_dir():
+        return None
+    if p.exists():
+        return f"{name_or_path} is a file, not a model folder"
+    if name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1 or "\\" in name_or_path:
+        return f"no such model folder: {name_or_path}"
+    return None
 
 
 def load_model(

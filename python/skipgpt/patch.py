@@ -8,6 +8,9 @@ whose forward skips per token (:mod:`skipgpt.layer`). No weight of the model is 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import math
+import numbers
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -16,7 +19,7 @@ from torch import nn
 
 from .adapters import adapter_for, unwrap
 from .config import SkipConfig
-from .layer import SkipDecoderLayerMixin, SkipState
+from .layer import FORWARD_KWARG, SkipDecoderLayerMixin, SkipState
 from .router import Router
 from .sparsity import realised_sparsity
 
@@ -50,7 +53,7 @@ def apply(model: nn.Module, config: SkipConfig | None = None, from_dir: str | Pa
         from_dir: a directory written by :func:`skipgpt.save_routers` (or an authors' router
             checkpoint file) to load the routers from.
     """
-    from .checkpoint import load_routers, read_config
+    from .checkpoint import assign_routers, model_fit, read_checkpoint, read_config
 
     base = unwrap(model)
     adapter = adapter_for(base)
@@ -60,27 +63,39 @@ def apply(model: nn.Module, config: SkipConfig | None = None, from_dir: str | Pa
     if config is None:
         config = read_config(from_dir) if from_dir is not None and Path(from_dir).is_dir() else SkipConfig()
     config.validate()
-
     layers = adapter.layers(base)
     hidden = base.config.hidden_size
-    st = SkipState(config, adapter, layers)
-    for layer in layers:
-        device = layer.input_layernorm.weight.device
-        layer.router_attention = Router(hidden, config.router_type, config.init_execute_bias, device=device)
-        layer.router_mlp = Router(hidden, config.router_type, config.init_execute_bias, device=device)
-        layer.__class__ = _skip_class(type(layer))
-        # A plain attribute, not a submodule: the state holds no weights and must not be saved.
-        object.__setattr__(layer, "skip_state", st)
+    # Everything that can be refused is checked before the model changes: a refused apply leaves
+    # it exactly as it was (and draws no random router weights).
+    loaded = None
+    if from_dir is not None:
+        loaded = read_checkpoint(from_dir, model_fit(adapter, len(layers), hidden), config.router_type)
 
-    decoder = adapter.decoder(base)
-    hooks = (
-        decoder.register_forward_pre_hook(_make_pre_hook(st), with_kwargs=True),
-        decoder.register_forward_hook(lambda *_: st._end()),
-    )
-    object.__setattr__(base, "skipgpt_state", st)
-    object.__setattr__(base, "_skipgpt_hooks", hooks)
-    if from_dir is not None:  # an explicit config keeps its own threshold
-        load_routers(model, from_dir, restore_threshold=not explicit_config)
+    st = SkipState(config, adapter, layers)
+    try:
+        for layer in layers:
+            device = layer.input_layernorm.weight.device
+            layer.router_attention = Router(hidden, config.router_type, config.init_execute_bias, device=device)
+            layer.router_mlp = Router(hidden, config.router_type, config.init_execute_bias, device=device)
+            layer.__class__ = _skip_class(type(layer))
+            # A plain attribute, not a submodule: the state holds no weights and must not be saved.
+            object.__setattr__(layer, "skip_state", st)
+
+        decoder = adapter.decoder(base)
+        # The hooks find the state on the module they are called with (not in a closure), so a
+        # deep copy of the model runs with its own state.
+        object.__setattr__(decoder, "_skipgpt_state", st)
+        hooks = (
+            decoder.register_forward_pre_hook(_decoder_pre_hook, with_kwargs=True),
+            decoder.register_forward_hook(_decoder_post_hook, with_kwargs=True, always_call=True),
+        )
+        object.__setattr__(base, "skipgpt_state", st)
+        object.__setattr__(base, "_skipgpt_hooks", hooks)
+        if loaded is not None:  # an explicit config keeps its own threshold
+            assign_routers(model, loaded, restore_threshold=not explicit_config)
+    except BaseException:
+        _undo(base, adapter)
+        raise
     return model
 
 
@@ -88,31 +103,46 @@ def remove(model: nn.Module) -> nn.Module:
     """Take the routers off and restore the original layer classes; returns the model."""
     base = unwrap(model)
     st = state(base)
-    for layer in st.adapter.layers(base):
-        layer.__class__ = next(c for c in type(layer).__mro__[1:] if c is not SkipDecoderLayerMixin)
-        del layer.router_attention, layer.router_mlp
-        object.__delattr__(layer, "skip_state")
-    for hook in base._skipgpt_hooks:
-        hook.remove()
-    object.__delattr__(base, "_skipgpt_hooks")
-    object.__delattr__(base, "skipgpt_state")
+    _undo(base, st.adapter)
     return model
 
 
-def _make_pre_hook(st: SkipState):
-    def pre_hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]):
-        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        embeds = kwargs.get("inputs_embeds")
-        inputs = embeds if embeds is not None else ids
-        record_hidden = bool(kwargs.get("output_hidden_states") or module.config.output_hidden_states)
-        st._begin(
-            mask, inputs.shape[0], inputs.shape[1], clone_first=embeds is not None, clone_all=record_hidden,
-            device=inputs.device,
-        )
-        return None
+def _undo(base: nn.Module, adapter) -> None:
+    """Take off whatever :func:`apply` put on (also a partial application)."""
+    for layer in adapter.layers(base):
+        if isinstance(layer, SkipDecoderLayerMixin):
+            layer.__class__ = next(c for c in type(layer).__mro__[1:] if c is not SkipDecoderLayerMixin)
+        for name in ("router_attention", "router_mlp"):
+            if name in layer._modules:
+                delattr(layer, name)
+        layer.__dict__.pop("skip_state", None)
+    for hook in base.__dict__.pop("_skipgpt_hooks", ()):
+        hook.remove()
+    adapter.decoder(base).__dict__.pop("_skipgpt_state", None)
+    base.__dict__.pop("skipgpt_state", None)
 
-    return pre_hook
+
+def _decoder_pre_hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]):
+    """Start one forward: its :class:`ForwardState` goes to this forward's layers as a keyword
+    argument (so concurrent forwards and copies of the model never share one)."""
+    mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    embeds = kwargs.get("inputs_embeds")
+    inputs = embeds if embeds is not None else ids
+    record_hidden = bool(kwargs.get("output_hidden_states") or module.config.output_hidden_states)
+    fwd = module._skipgpt_state._begin(
+        mask, inputs.shape[0], inputs.shape[1], clone_first=embeds is not None, clone_all=record_hidden,
+        device=inputs.device,
+    )
+    return args, {**kwargs, FORWARD_KWARG: fwd}
+
+
+def _decoder_post_hook(module: nn.Module, args: tuple, kwargs: dict[str, Any], output):
+    # Also called when the forward raised (always_call; output None then): nothing accumulates.
+    fwd = kwargs.get(FORWARD_KWARG)
+    if fwd is not None:
+        module._skipgpt_state._end(fwd, completed=output is not None)
+    return None
 
 
 def routers(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
@@ -129,13 +159,7 @@ def router_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 def set_mode(model: nn.Module, mode: str) -> None:
     """``masked`` | ``reference`` | ``native`` | ``auto`` (native if built, else reference)."""
-    st = state(model)
-    old, st.config.mode = st.config.mode, mode
-    try:
-        st.config.validate()
-    except ValueError:
-        st.config.mode = old
-        raise
+    _set_config(model, mode=mode)
 
 
 @contextlib.contextmanager
@@ -157,13 +181,15 @@ def overrides(model: nn.Module, **fields: Any):
 
 def set_threshold(model: nn.Module, threshold: float) -> None:
     """Execute iff ``p_exec > threshold`` (0 executes everything, 1 skips everything)."""
+    _set_config(model, threshold=threshold)
+
+
+def _set_config(model: nn.Module, **fields: Any) -> None:
+    """Set config fields if the result validates; a refused value changes nothing."""
     st = state(model)
-    old, st.config.threshold = st.config.threshold, float(threshold)
-    try:
-        st.config.validate()
-    except ValueError:
-        st.config.threshold = old
-        raise
+    new = dataclasses.replace(st.config, **fields)  # validated (and numbers normalised) here
+    for name in fields:
+        setattr(st.config, name, getattr(new, name))
 
 
 def stats(model: nn.Module, cumulative: bool = False) -> dict[str, Any]:
@@ -174,13 +200,19 @@ def stats(model: nn.Module, cumulative: bool = False) -> dict[str, Any]:
     """
     st = state(model)
     if cumulative:
-        counts, n = st.cum_exec.cpu(), float(st.cum_tokens)
-    else:
-        if st.last_complete is None:
-            raise RuntimeError("no complete forward pass has run since SkipGPT was applied")
-        exec_counts, n_valid = st.last_complete
-        counts = torch.tensor([[float(a), float(m)] for a, m in exec_counts], dtype=torch.float64)
-        n = float(n_valid)
+        return _summary(st, st.cum_exec.cpu(), float(st.cum_tokens))
+    last = st.last_complete
+    if last is None:
+        raise RuntimeError("no complete forward pass has run since SkipGPT was applied")
+    return _forward_summary(st, *last)
+
+
+def _forward_summary(st: SkipState, exec_counts, n_valid) -> dict[str, Any]:
+    counts = torch.tensor([[float(a), float(m)] for a, m in exec_counts], dtype=torch.float64)
+    return _summary(st, counts, float(n_valid))
+
+
+def _summary(st: SkipState, counts: torch.Tensor, n: float) -> dict[str, Any]:
     ea, em = counts[:, 0], counts[:, 1]
     denom = max(n, 1.0)
     return {
@@ -242,10 +274,13 @@ def calibrate_bias(model: nn.Module, input_ids: torch.Tensor, skip_rate: float, 
     """
     st = state(model)
     thr = st.config.threshold_logit
-    if not 0.0 < skip_rate < 1.0 or not torch.isfinite(torch.tensor(thr)):
-        raise ValueError("calibrate_bias needs 0 < skip_rate < 1 and a threshold strictly between 0 and 1")
+    if isinstance(skip_rate, bool) or not isinstance(skip_rate, numbers.Real) or not 0.0 < skip_rate < 1.0:
+        raise ValueError(f"calibrate_bias: skip_rate must be in (0, 1), got {skip_rate!r}")
+    if not math.isfinite(thr):
+        raise ValueError(f"calibrate_bias needs a threshold strictly between 0 and 1, got {st.config.threshold}")
     layers = st.adapter.layers(unwrap(model))
     old_mode = st.config.mode
+    saved = [p.detach().clone() for p in router_parameters(model)]
     st.config.mode = "masked"
     try:
         for layer in layers:
@@ -259,6 +294,10 @@ def calibrate_bias(model: nn.Module, input_ids: torch.Tensor, skip_rate: float, 
                 last = router.weight_predictor if router.router_type == "linear" else router.weight_predictor[2]
                 last.bias[0] += float(shift) / 2
                 last.bias[1] -= float(shift) / 2
+    except BaseException:  # a failed calibration leaves the routers as they were
+        for p, old in zip(router_parameters(model), saved):
+            p.copy_(old)
+        raise
     finally:
         st.config.mode = old_mode
 
@@ -309,15 +348,28 @@ def calibrate_threshold(
     Router tuning meets its target on Gumbel samples; the deterministic rule p_exec > 0.5 can
     land elsewhere (routers still unsure execute every time). Sparsity grows monotonically
     with the threshold, so a bisection on it finds the rate. Returns the threshold (also set).
+    A refused or failed call leaves the threshold as it was.
     """
     st = state(model)
-    lo, hi = 0.0, 1.0
-    for _ in range(iters):
-        mid = (lo + hi) / 2
-        set_threshold(model, mid)
-        model(input_ids=input_ids, attention_mask=attention_mask)
-        s = stats(model)["param_sparsity" if metric == "params" else "module_sparsity"]
-        lo, hi = (mid, hi) if s < target else (lo, mid)
-    best = (lo + hi) / 2
-    set_threshold(model, best)
+    if isinstance(target, bool) or not isinstance(target, numbers.Real) or not 0.0 <= target <= 1.0:
+        raise ValueError(f"calibrate_threshold: target must be a sparsity in [0, 1], got {target!r}")
+    if metric not in ("params", "modules"):
+        raise ValueError(f"calibrate_threshold: metric must be 'params' or 'modules', got {metric!r}")
+    if isinstance(iters, bool) or not isinstance(iters, numbers.Integral) or iters < 1:
+        raise ValueError(f"calibrate_threshold: iters must be a positive integer, got {iters!r}")
+    key = "param_sparsity" if metric == "params" else "module_sparsity"
+    old = st.config.threshold
+    try:
+        lo, hi = 0.0, 1.0
+        for _ in range(iters):
+            mid = (lo + hi) / 2
+            set_threshold(model, mid)
+            model(input_ids=input_ids, attention_mask=attention_mask)
+            fwd = st.forward_state()  # this call's forward, whatever other threads run
+            s = _forward_summary(st, fwd.exec_counts, fwd.n_valid)[key]
+            lo, hi = (mid, hi) if s < target else (lo, mid)
+        set_threshold(model, (lo + hi) / 2)
+    except BaseException:
+        set_threshold(model, old)
+        raise
     return st.config.threshold

@@ -35,7 +35,7 @@ def perplexity(
     not depend on batching. Returns the perplexity, the token count and, for a SkipGPT model,
     the realised sparsity over all scored windows (both metrics).
     """
-    stride = stride or window
+    stride = window if stride is None else stride
     if not 0 < stride <= window:
         raise ValueError(f"need 0 < stride <= window, got stride={stride}, window={window}")
     n = tokens.numel()

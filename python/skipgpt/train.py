@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 
 from . import data, importance, models
 from .adapters import unwrap
+from .argcheck import check_fields
 from .checkpoint import load_routers, read_config, save_routers
 from .config import SkipConfig
 from .patch import apply, calibrate_input_scale, calibrate_threshold, overrides, router_parameters, state
@@ -130,9 +131,97 @@ def _batches(n: int, batch_size: int, seed: int, step: int, rank: int, world: in
     return perm[start : start + batch_size]
 
 
+def _checkpoints(out: Path) -> list[Path]:
+    """The complete checkpoints under ``out``, oldest first (temp dirs and stray names ignored)."""
+    ckpts = [p for p in (out / CKPT_DIR).glob("step-*") if p.is_dir() and p.name[5:].isdigit()]
+    return sorted(ckpts, key=lambda p: int(p.name[5:]))
+
+
 def _latest_checkpoint(out: Path) -> Path | None:
-    ckpts = sorted((out / CKPT_DIR).glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    ckpts = _checkpoints(out)
     return ckpts[-1] if ckpts else None
+
+
+# Arguments a resumed run may change: they do not change what the run computes.
+RESUME_MAY_DIFFER = frozenset({"out", "resume", "max_steps_this_run", "save_every", "log_every", "keep_checkpoints"})
+
+
+def check_resume_args(saved: dict | None, args: TrainArgs, where: Path) -> None:
+    """Refuse to resume a run with arguments that change its result (naming each difference)."""
+    if saved is None:
+        return  # a checkpoint written before the arguments were recorded
+    now = json.loads(json.dumps(dataclasses.asdict(args), default=list))
+    diff = [
+        f"--{k.replace('_', '-')} {saved[k]!r} -> {now[k]!r}"
+        for k in sorted(now)
+        if k in saved and k not in RESUME_MAY_DIFFER and saved[k] != now[k]
+    ]
+    if diff:
+        raise ValueError(
+            f"--resume: {where} was written by a run with other arguments ({'; '.join(diff)}). Resume with "
+            "the same arguments, or train into another --out."
+        )
+
+
+def _resume(out: Path, args, raw, optimizer, scheduler, load_weights, accelerator, extra_state=None) -> int:
+    """Load the newest readable checkpoint and return its step (0 when there is none). An
+    unreadable one is reported and the one before it tried; arguments that differ from the
+    checkpointed run's are refused. ``extra_state`` is refilled from the checkpoint."""
+    ckpts = _checkpoints(out)
+    if not ckpts:
+        accelerator.print(f"--resume: no checkpoint under {out / CKPT_DIR}; starting at step 0")
+        return 0
+    failed: list[str] = []
+    for ckpt in reversed(ckpts):
+        try:  # everything is read (and checked) before anything is loaded
+            meta = json.loads((ckpt / "trainer_state.json").read_text())
+            step = int(meta["step"])
+            opt_state = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True)
+            sched_state = torch.load(ckpt / "scheduler.pt", map_location="cpu", weights_only=True)
+            rng = load_file(str(ckpt / f"rng-{accelerator.process_index}.safetensors"))["torch"]
+        except Exception as e:  # noqa: BLE001 - any damage makes the checkpoint unusable
+            failed.append(f"{ckpt.name} ({_why(e)})")
+            accelerator.print(f"checkpoint {ckpt} is unreadable ({_why(e)}); trying the previous one")
+            continue
+        check_resume_args(meta.get("args"), args, ckpt)
+        try:
+            load_weights(raw, ckpt)
+            optimizer.load_state_dict(opt_state)
+            scheduler.load_state_dict(sched_state)
+        except Exception as e:  # noqa: BLE001 - the next checkpoint overwrites whatever was loaded
+            failed.append(f"{ckpt.name} ({_why(e)})")
+            accelerator.print(f"checkpoint {ckpt} does not load ({_why(e)}); trying the previous one")
+            continue
+        torch.set_rng_state(rng)
+        if extra_state is not None:
+            extra_state.clear()
+            extra_state.update(meta.get("extra", {}))
+        accelerator.print(f"resumed from {ckpt} at step {step}" + (f" (skipped unreadable {', '.join(failed)})" if failed else ""))
+        return step
+    raise RuntimeError(f"--resume: no checkpoint under {out / CKPT_DIR} is readable: {'; '.join(failed)}")
+
+
+def _why(e: Exception) -> str:
+    first = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {first[:200]}"
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Keep the log lines of steps up to ``step`` (a resumed run writes the later ones again;
+    a line cut by a kill is dropped)."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(entry, dict) and isinstance(entry.get("step"), int) and entry["step"] <= step:
+            keep.append(line + "\n")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(keep))
+    os.replace(tmp, path)
 
 
 def _train(
@@ -153,29 +242,21 @@ def _train(
     step's log line. ``extra_state`` is the caller's own JSON state (e.g. the best validation
     score so far): saved with every checkpoint and restored, in place, on resume."""
     extra_state = {} if extra_state is None else extra_state
+    check_fields(args)  # the CLI checked these at parse time; Python callers get the same checks
     out = Path(args.out)
+    if not args.resume and _checkpoints(out):
+        raise ValueError(f"{out} holds checkpoints of an earlier run; pass --resume to continue it, or use another --out")
     out.mkdir(parents=True, exist_ok=True)
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     scheduler = make_scheduler(optimizer)
     model, optimizer = accelerator.prepare(model, optimizer)
     raw = accelerator.unwrap_model(model)
 
-    step = 0
-    if args.resume:
-        ckpt = _latest_checkpoint(out)
-        if ckpt is not None:
-            load_weights(raw, ckpt)
-            optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True))
-            scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", map_location="cpu", weights_only=True))
-            meta = json.loads((ckpt / "trainer_state.json").read_text())
-            step = int(meta["step"])
-            extra_state.clear()
-            extra_state.update(meta.get("extra", {}))
-            rng = load_file(str(ckpt / f"rng-{accelerator.process_index}.safetensors"))["torch"]
-            torch.set_rng_state(rng)
-            accelerator.print(f"resumed from {ckpt} at step {step}")
+    step = _resume(out, args, raw, optimizer, scheduler, load_weights, accelerator, extra_state) if args.resume else 0
 
     log_path = out / "log.jsonl"
+    if accelerator.is_main_process:
+        _truncate_log(log_path, step)
     last_logs: dict[str, float] = {}
     stop_at = args.steps if args.max_steps_this_run is None else min(args.steps, step + args.max_steps_this_run)
     bar = tqdm(total=args.steps, initial=step, desc=type(args).__name__.replace("Args", ""), disable=not accelerator.is_main_process)
@@ -201,13 +282,14 @@ def _train(
                 with open(log_path, "a") as f:
                     f.write(json.dumps(last_logs) + "\n")
         if step % args.save_every == 0 or step == stop_at:
-            _save_checkpoint(out, step, raw, optimizer, scheduler, save_weights, accelerator, args.keep_checkpoints, extra_state)
+            _save_checkpoint(out, step, raw, optimizer, scheduler, save_weights, accelerator, args.keep_checkpoints, args, extra_state)
     bar.close()
     return {"step": step, "done": step >= args.steps, "seconds": time.perf_counter() - t0, **last_logs}
 
 
-def _save_checkpoint(out, step, raw, optimizer, scheduler, save_weights, accelerator, keep, extra_state=None) -> None:
-    """Write checkpoints/step-N atomically: a temp dir renamed into place once complete."""
+def _save_checkpoint(out, step, raw, optimizer, scheduler, save_weights, accelerator, keep, args=None, extra_state=None) -> None:
+    """Write checkpoints/step-N atomically: a temp dir renamed into place once complete. The
+    run's arguments go with it (``--resume`` refuses other ones), and the caller's ``extra_state``."""
     root = out / CKPT_DIR
     final, tmp = root / f"step-{step}", root / f".tmp-step-{step}"
     accelerator.wait_for_everyone()
@@ -223,10 +305,12 @@ def _save_checkpoint(out, step, raw, optimizer, scheduler, save_weights, acceler
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "extra": extra_state or {}}))
+        meta = {"step": step, "args": dataclasses.asdict(args) if args is not None else None,
+                "extra": extra_state or {}}
+        (tmp / "trainer_state.json").write_text(json.dumps(meta, default=list))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        for old in sorted(root.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep]:
+        for old in _checkpoints(out)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
 
@@ -356,8 +440,7 @@ def validate(raw, val: torch.Tensor, target: float, metric: str) -> dict[str, fl
 
 def train_routers(args: RouterArgs, model=None, blocks=None, accelerator=None, val_blocks=None) -> dict[str, Any]:
     """Stage 1. Writes the routers to ``args.out`` (see :func:`skipgpt.save_routers`)."""
-    if args.loss not in LOSSES or args.select not in ("best", "last"):
-        raise ValueError(f"loss must be one of {list(LOSSES)} and select 'best' or 'last'")
+    check_fields(args)
     if model is None:
         accelerator, model, _, blocks, val_blocks = _setup(args)
     if val_blocks is None:
@@ -471,6 +554,7 @@ def _load_adapter(model, directory: Path) -> None:
 
 def finetune_lora(args: LoraArgs, model=None, blocks=None, accelerator=None) -> dict[str, Any]:
     """Stage 2. Writes routers + LoRA adapter to ``args.out`` as one artefact."""
+    check_fields(args)
     if not args.routers:
         raise ValueError("finetune_lora needs --routers DIR (the output of train-routers)")
     if model is None:
