@@ -171,3 +171,27 @@ def test_repeated_ngram_fraction_and_chat_split():
     assert set(splits) == {"train", "validation", "test"}
     assert 0.05 < splits.count("test") / len(splits) < 0.15
     assert not set(chat.EVAL_PROMPTS) & set(chat.prompts())
+
+
+def test_shipped_chat_corpus_matches_the_prompt_list():
+    records = chat.load_corpus(data.CHAT_CORPUS)
+    assert [r["prompt"] for r in records] == chat.prompts(len(records))
+    assert all(r["split"] == chat.split_of(r["prompt"]) and r["answer"] in r["text"] for r in records)
+    assert data.load_texts("chat", "test") == [r["text"] for r in records if r["split"] == "test"]
+
+
+def test_chat_generation_resumes_to_the_uninterrupted_corpus(tiny_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir / "model")
+    tok = AutoTokenizer.from_pretrained(tiny_dir / "model")
+    prompts = chat.prompts(6)
+    kw = dict(max_new_tokens=6, batch_size=2, progress=False)
+    whole = chat.generate_corpus(model, tok, prompts, **kw)
+    partial = tmp_path / "part.jsonl"
+    chat.generate_corpus(model, tok, prompts[:4], partial=partial, **kw)  # "killed" after 2 batches
+    with open(partial, "a") as f:
+        f.write('{"prompt": "a torn line')  # and mid-write
+    resumed = chat.generate_corpus(model, tok, prompts, partial=partial, **kw)
+    assert resumed == whole and chat.load_corpus(partial) == whole
+    assert [r["prompt"] for r in whole] == prompts and len({r["answer"] for r in whole}) > 1

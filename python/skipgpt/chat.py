@@ -129,9 +129,9 @@ def generate_corpus(
     """
     prompt_list = list(prompt_list if prompt_list is not None else prompts())
     device = next(model.parameters()).device
-    records = load_corpus(partial) if partial is not None and Path(partial).exists() else []
+    records = _read_partial(partial) if partial is not None and Path(partial).exists() else []
     starts = range(len(records) // batch_size * batch_size, len(prompt_list), batch_size)
-    if partial is not None and len(records) != starts.start:  # drop an unfinished batch
+    if partial is not None and Path(partial).exists():  # keep whole batches; drop a torn line
         records = records[: starts.start]
         with open(partial, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
@@ -153,6 +153,19 @@ def generate_corpus(
             with open(partial, "a", encoding="utf-8") as f:
                 for r in new:
                     f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    return records
+
+
+def _read_partial(path) -> list[dict]:
+    """The records of a partial file; a last line torn by a kill is dropped."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i != len(lines) - 1:
+                raise
     return records
 
 
