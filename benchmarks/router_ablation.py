@@ -71,25 +71,37 @@ def train(ns, arm: str, target: float, seed: int) -> Path:
     return d
 
 
-def evaluate(ns, d: Path | None, cache: dict) -> dict:
-    """Perplexity (and realised sparsity) of run ``d`` (None: dense) on each of ``ns.eval_sets``;
-    each (run, set) is computed once and kept in evals.jsonl."""
+def evaluate(ns, d: Path | str | None, cache: dict) -> dict:
+    """Perplexity (and realised sparsity) of run ``d`` on each of ``ns.eval_sets``, and the
+    repeated-4-gram fraction of greedy chat answers (``rep4``). ``d`` is a router folder, None
+    (dense) or ``"shortgpt-<target>"`` (the ShortGPT baseline, calibrated as in
+    quality_smollm2.py). Each (run, metric) is computed once and kept in evals.jsonl."""
     import skipgpt
+    from skipgpt import chat, data
+    from skipgpt.baselines import baseline
     from skipgpt.perplexity import perplexity, token_stream
     from skipgpt.train import load_skipgpt
 
     key = str(d) if d else "dense"
     row = cache.setdefault(key, {"run": key})
-    todo = [n for n in ns.eval_sets if n not in row]
+    todo = [n for n in (*ns.eval_sets, "rep4") if n not in row]
     if not todo:
         return row
-    model, tok = load_skipgpt(None, d)
-    if d is not None:
+    if isinstance(d, str) and d.startswith("shortgpt-"):
+        model, tok = load_skipgpt(None, None)
+        calib = data.pack_tokens(data.load_texts("shakespeare", "validation"), tok, 128, max_blocks=16, progress=False)
+        baseline(model, "shortgpt", float(d.split("-")[1]) / 100, calib)
+    else:
+        model, tok = load_skipgpt(None, d)
+    if skipgpt.is_patched(model):
         skipgpt.set_mode(model, "masked")
     for name in todo:
-        tokens = token_stream(name, "test", tok, ns.eval_tokens)
-        r = perplexity(model, tokens, window=256, batch_size=4, progress=False)
-        part = {"run": key, name: r["ppl"], name + "_sparsity": r.get("param_sparsity", 0.0), name + "_tokens": r["tokens"]}
+        if name == "rep4":
+            part = {"run": key, "rep4": chat.chat_eval(model, tok)["rep4"]}
+        else:
+            tokens = token_stream(name, "test", tok, ns.eval_tokens)
+            r = perplexity(model, tokens, window=256, batch_size=4, progress=False)
+            part = {"run": key, name: r["ppl"], name + "_sparsity": r.get("param_sparsity", 0.0), name + "_tokens": r["tokens"]}
         row.update(part)
         with open(Path(ns.out) / "evals.jsonl", "a") as f:
             f.write(json.dumps(part) + "\n")
@@ -115,9 +127,9 @@ def report(ns) -> str:
              + " | param sparsity (" + " / ".join(sets) + ") | best step |", "|---" * (5 + len(sets)) + "|"]
     by_arm: dict[tuple[str, str], list] = {}
     for key, row in cache.items():
-        if key == "dense":
-            continue
         name = Path(key).name
+        if key == "dense" or name.count("-") < 2 or not name.rsplit("-", 1)[1].startswith("s"):
+            continue
         arm, tgt, seed = name.rsplit("-", 2)
         by_arm.setdefault((arm, tgt), []).append((seed, row, Path(key)))
     for (arm, tgt), rows in sorted(by_arm.items()):
@@ -134,7 +146,14 @@ def report(ns) -> str:
             best.append(str(min(evals, key=lambda l: l["val_nll"])["step"]) if evals and ARMS.get(arm, {}).get("select", "best") == "best" else "last")
         lines.append(f"| {arm} | {tgt}% | {','.join(s for s, _, _ in rows)} | " + " | ".join(cells) + f" | {sp} | {','.join(best)} |")
     dense_cells = ", ".join(f"{n} {dense[n]:.2f}" for n in sets)
-    return f"Dense perplexity: {dense_cells}\n\n" + "\n".join(lines)
+    others = ["", "| model | " + " | ".join(f"{n} PPL (param sparsity)" for n in sets) + " | chat repeated 4-grams |",
+              "|---" * (2 + len(sets)) + "|"]
+    for key, row in cache.items():
+        if not any(n in row for n in sets):
+            continue
+        cells = " | ".join(f"{row[n]:.2f} ({row.get(n + '_sparsity', 0):.3f})" if n in row else "-" for n in sets)
+        others.append(f"| {key} | {cells} | " + (f"{row['rep4']:.3f} |" if "rep4" in row else "- |"))
+    return f"Dense perplexity: {dense_cells}\n\n" + "\n".join(lines + others)
 
 
 def main() -> None:
@@ -152,6 +171,7 @@ def main() -> None:
     p.add_argument("--eval-sets", nargs="+", default=list(EVAL_SETS), choices=EVAL_SETS)
     p.add_argument("--max-steps-this-run", type=int, default=None)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--compare", nargs="*", default=[], help="also evaluate these router folders, or shortgpt-25 / shortgpt-40")
     p.add_argument("--report", action="store_true", help="print the table of what is finished")
     ns = p.parse_args()
     Path(ns.out).mkdir(parents=True, exist_ok=True)
@@ -162,6 +182,8 @@ def main() -> None:
         torch.set_num_threads(ns.threads)
     cache = load_cache(Path(ns.out))
     evaluate(ns, None, cache)
+    for extra in ns.compare:  # router folders or shortgpt-<target>, evaluated beside the runs
+        print(json.dumps(evaluate(ns, extra if extra.startswith("shortgpt-") else Path(extra), cache)), flush=True)
     for seed in ns.seeds:
         for target in ns.targets:
             for arm in ns.arms:
