@@ -16,10 +16,10 @@ import torch
 from safetensors.torch import load_file
 
 import skipgpt
-from skipgpt import cli, models
+from skipgpt import cli, load_skipgpt, models
 from skipgpt.argcheck import RULES
 from skipgpt.perplexity import perplexity
-from skipgpt.train import RouterArgs, load_skipgpt, train_routers
+from skipgpt.train import RouterArgs, train_routers
 from tiny_models import tiny_model
 
 

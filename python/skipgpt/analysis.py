@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import patch
+from .skip_state import is_patched, state
 from .sparsity import realised_sparsity
 
 __all__ = ["analyze", "POSITION_BUCKETS", "SMOOTH_WINDOW"]
@@ -224,7 +224,7 @@ def analyze(
         token counts, raw and smoothed skip rates); ``modules_executed_hist`` (number of tokens
         that executed 0, 1, ..., 2L modules); and ``files`` (paths of what was written).
     """
-    if not patch.is_patched(model):
+    if not is_patched(model):
         raise ValueError("analyze needs a SkipGPT model; call skipgpt.apply(model, SkipConfig()) first")
     if input_ids.dim() != 2 or input_ids.numel() == 0:
         raise ValueError(f"input_ids must be a non-empty [blocks, seq_len] tensor, got shape {tuple(input_ids.shape)}")
@@ -236,7 +236,7 @@ def analyze(
     if not mask.any():
         raise ValueError("attention_mask marks no token as real")
 
-    st = patch.state(model)
+    st = state(model)
     device = next(model.parameters()).device
     saved = (st.config.mode, st.config.gate, model.training, st.cum_exec.clone(), st.cum_tokens.clone())
     st.config.mode, st.config.gate = "masked", "deterministic"  # the gates the skipping modes would use

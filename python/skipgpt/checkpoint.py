@@ -26,8 +26,8 @@ from torch import nn
 
 from .adapters import unwrap
 from .config import SkipConfig
-from .patch import state
 from .router import Router
+from .skip_state import state
 
 ROUTERS_FILE = "routers.safetensors"
 CONFIG_FILE = "skip_config.json"
@@ -259,9 +259,7 @@ def assign_routers(model: nn.Module, loaded: LoadedRouters, restore_threshold: b
         full = {"input_scale": torch.ones(()), **params}
         router.load_state_dict({k: v.to(torch.float32) for k, v in full.items()})
     if restore_threshold and loaded.threshold is not None:
-        from .patch import set_threshold
-
-        set_threshold(model, loaded.threshold)
+        state(model).set_config(threshold=loaded.threshold)
 
 
 def _write_pair(directory: Path, files: dict[str, bytes]) -> None:

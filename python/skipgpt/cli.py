@@ -76,8 +76,7 @@ def load_for_eval(ns):
 
     from . import data
     from .baselines import baseline
-    from .patch import set_mode, set_threshold
-    from .train import load_skipgpt
+    from .patch import load_skipgpt, set_mode, set_threshold
 
     model, tok = load_skipgpt(ns.model, ns.routers)
     info: dict[str, Any] = {"model": ns.model or "smollm2-135m", "routers": ns.routers}

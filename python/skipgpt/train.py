@@ -46,9 +46,11 @@ from tqdm.auto import tqdm
 from . import data, importance, models
 from .adapters import unwrap
 from .argcheck import check_fields
-from .checkpoint import load_routers, read_config, save_routers
+from .checkpoint import load_routers, save_routers
 from .config import SkipConfig
-from .patch import apply, calibrate_input_scale, calibrate_threshold, overrides, router_parameters, state
+from .calibration import calibrate_input_scale, calibrate_threshold
+from .patch import apply, load_skipgpt, router_parameters, stats  # load_skipgpt: re-exported for callers of train
+from .skip_state import overrides, state
 
 CKPT_DIR = "checkpoints"
 LORA_TARGETS = ("q_proj", "v_proj", "gate_proj")
@@ -424,8 +426,6 @@ def _importance(args: RouterArgs, model, blocks: torch.Tensor, out: Path, accele
 def validate(raw, val: torch.Tensor, target: float, metric: str) -> dict[str, float]:
     """Deterministic gates at a threshold calibrated to ``target`` on ``val``: the LM loss there,
     the realised sparsity and the threshold. Leaves the model's config as it was."""
-    from .patch import stats
-
     was_training = raw.training
     raw.eval()
     try:
@@ -597,26 +597,3 @@ def finetune_lora(args: LoraArgs, model=None, blocks=None, accelerator=None) -> 
     accelerator.wait_for_everyone()
     return result
 
-
-def load_skipgpt(model_or_path=None, artefact: str | os.PathLike | None = None, merge: bool = True, dtype=torch.float32):
-    """Load a model with SkipGPT routers (and a LoRA adapter, if the artefact has one).
-
-    With ``merge=True`` the LoRA weights are merged, so the skipping modes (which read plain
-    ``nn.Linear`` weights) work at inference.
-    """
-    if isinstance(model_or_path, torch.nn.Module):
-        model, tok = model_or_path, None
-    else:
-        model, tok = models.load_model(model_or_path, dtype=dtype)
-    if artefact is None:
-        return model, tok
-    artefact = Path(artefact)
-    apply(model, read_config(artefact), from_dir=artefact)
-    if (artefact / "adapter_config.json").exists():
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(artefact))
-        if merge:
-            model = model.merge_and_unload()
-    model.eval()
-    return model, tok
