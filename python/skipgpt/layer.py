@@ -7,10 +7,15 @@ Three backends share this structure:
 - ``masked``: the model's own attention and MLP on every token, output times gate. It is the
   oracle and the training path (router gradients need f(h) for skipped tokens too).
 - ``reference`` / ``native``: real skipping through the skipgpt op set
-  (:mod:`skipgpt_ext.reference` in pure PyTorch, or the compiled :mod:`skipgpt_ext.ops`).
-  K/V run for every token (later tokens attend to all earlier ones); only executing tokens
-  get the Q projection, an attention row, the O projection and the MLP, whose results are
-  scatter-added into the residual in place.
+  (:mod:`skipgpt_ext.reference` in pure PyTorch, or the compiled :mod:`skipgpt_ext.ops`),
+  in five steps:
+  1. check: refuse what the ops cannot run (a 4D mask, a static cache, wrapped projections,
+     a mask that does not cover the cache) before any statistic or cache write;
+  2. route: both decisions and the attention RMSNorm of every row, in one pass over h;
+  3. K/V: for every token (later tokens attend to all earlier ones), appended to the cache;
+  4. attention: only the executing tokens get the Q projection, an attention row and the O
+     projection, scatter-added into the residual in place;
+  5. MLP: only its executing tokens run the MLP (its norm included), scatter-added in place.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from skipgpt_ext import reference
 
 from . import gates
 from .adapters import norm_eps
-from .skip_state import FORWARD_KWARG, ForwardState, SkipState
+from .skip_state import FORWARD_KWARG, ForwardState, RowTables, SkipState
 
 
 class SkipDecoderLayerMixin:
@@ -98,8 +103,46 @@ class SkipDecoderLayerMixin:
         m = self.mlp(self.post_attention_layernorm(h))
         return h + m * g_mlp.unsqueeze(-1).to(m.dtype)
 
-    # -- real skipping ---------------------------------------------------------------------------
-    def _route(self, fwd, ops, h2: torch.Tensor):
+    # -- real skipping: check, route, K/V, attention, MLP ---------------------------------------
+    def _skipping_forward(self, fwd, ops, hidden_states, position_embeddings, kwargs) -> torch.Tensor:
+        """The layer through the op set ``ops``, in the steps of the module docstring."""
+        layer_idx = self.self_attn.layer_idx
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        B, S, d = hidden_states.shape
+        past = self._check_skipping_inputs(fwd, cache, S)
+        h = hidden_states
+        if fwd.clone_all or (layer_idx == 0 and fwd.clone_first):
+            h = h.clone()
+        h_rows = h.reshape(B * S, d)  # the residual stream, one row per token, updated in place
+
+        x_norm, attn_idx, attn_count, mlp_idx, mlp_count = self._route(fwd, ops, h_rows)
+        fwd.record(layer_idx, attn_count, mlp_count)
+        rows = fwd.row_tables(past, B, S, *position_embeddings)
+        k, v = self._keys_values(ops, x_norm, rows, position_embeddings, B, S, cache)
+        self._attention_(ops, fwd, h_rows, x_norm, attn_idx, attn_count, k, v, rows, past + S, S)
+        self._mlp_(ops, h_rows, mlp_idx, mlp_count)
+        return h
+
+    def _check_skipping_inputs(self, fwd: ForwardState, cache, S: int) -> int:
+        """Refuse what the skipping ops cannot run, before any statistic or cache write; returns
+        the number of positions already in the cache."""
+        attn, mlp = self.self_attn, self.mlp
+        if cache is not None:  # first: generate builds a 4D mask for a static cache
+            _check_dynamic_cache(cache, attn.layer_idx)
+        if fwd.mask_is_4d:
+            raise ValueError(
+                "SkipGPT's skipping modes need the 2D attention_mask (batch, keys); got a "
+                "pre-built 4D mask. Pass the 2D padding mask, or use mode='masked'."
+            )
+        _check_plain_linears(attn.q_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+        past = cache.get_seq_length(attn.layer_idx) if cache is not None else 0
+        if fwd.key_mask is not None and fwd.key_mask.shape[1] != past + S:
+            raise ValueError(
+                f"attention_mask covers {fwd.key_mask.shape[1]} positions but the cache plus this input hold {past + S}"
+            )
+        return past
+
+    def _route(self, fwd, ops, h_rows: torch.Tensor):
         """Both decisions plus the attention RMSNorm of every row (K/V need all of them)."""
         st, norm = self.skip_state, self.input_layernorm
         row_valid = fwd.valid.reshape(-1) if fwd.valid is not None else None
@@ -107,96 +150,82 @@ class SkipDecoderLayerMixin:
         thr = st.config.threshold_logit
         if ra.router_type == "linear" and rm.router_type == "linear":
             w, b = st.stacked_margins(self.self_attn.layer_idx, ra, rm)
-            return ops.route_norm(h2, norm.weight, norm_eps(norm), w, b, thr, row_valid)
+            return ops.route_norm(h_rows, norm.weight, norm_eps(norm), w, b, thr, row_valid)
         # A non-linear router cannot fold into the norm pass: decide in torch, compact natively.
         decide = []
         for router in (ra, rm):
-            logits = router(h2)
+            logits = router(h_rows)
             ex = (logits[:, 0] - logits[:, 1]) > thr
             decide.append(ex & row_valid if row_valid is not None else ex)
-        a_idx, a_cnt = ops.compact(decide[0])
-        m_idx, m_cnt = ops.compact(decide[1])
-        return reference.rms_norm(h2, norm.weight, norm_eps(norm)), a_idx, a_cnt, m_idx, m_cnt
+        attn_idx, attn_count = ops.compact(decide[0])
+        mlp_idx, mlp_count = ops.compact(decide[1])
+        return reference.rms_norm(h_rows, norm.weight, norm_eps(norm)), attn_idx, attn_count, mlp_idx, mlp_count
 
-    def _skipping_forward(self, fwd, ops, hidden_states, position_embeddings, kwargs) -> torch.Tensor:
-        st, attn, ad = self.skip_state, self.self_attn, self.skip_state.adapter
-        layer_idx = attn.layer_idx
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        if cache is not None:  # first: generate builds a 4D mask for a static cache
-            _check_dynamic_cache(cache, layer_idx)
-        if fwd.mask_is_4d:
-            raise ValueError(
-                "SkipGPT's skipping modes need the 2D attention_mask (batch, keys); got a "
-                "pre-built 4D mask. Pass the 2D padding mask, or use mode='masked'."
-            )
-        _check_plain_linears(attn.q_proj, attn.o_proj, self.mlp.gate_proj, self.mlp.up_proj, self.mlp.down_proj)
-        B, S, d = hidden_states.shape
-        T, hd = B * S, attn.head_dim
-        past = cache.get_seq_length(layer_idx) if cache is not None else 0
-        end = past + S
-        if fwd.key_mask is not None and fwd.key_mask.shape[1] != end:  # before any statistic or cache write
-            raise ValueError(
-                f"attention_mask covers {fwd.key_mask.shape[1]} positions but the cache plus this input hold {end}"
-            )
-        h = hidden_states
-        if fwd.clone_all or (layer_idx == 0 and fwd.clone_first):
-            h = h.clone()
-        h2 = h.reshape(T, d)
-        x_norm, a_idx, a_cnt, m_idx, m_cnt = self._route(fwd, ops, h2)
-        fwd.record(layer_idx, a_cnt, m_cnt)
+    def _keys_values(self, ops, x_norm, rows: RowTables, position_embeddings, B: int, S: int, cache):
+        """K and V of every token (later tokens attend to all earlier ones), with the model's math,
+        appended to the cache; returns the cache's K and V ``[B, Hkv, Lk, head_dim]``.
 
-        cos, sin = position_embeddings
-        q_pos, cos_rows, sin_rows, every, n_rows = fwd.row_positions(past, B, S, cos, sin)
-
-        # K/V for every token, with the model's math, then into the cache. K is the Q op over
-        # every row (projection, per-head norm, RoPE in one call), V the same op without RoPE;
-        # a wrapped projection (LoRA) keeps the module path. On CUDA, past a decode batch, K and
-        # V take the module path too: every row executes, so compaction gains nothing, and
-        # cuBLAS is the faster dense GEMM ("dense K/V may use cuBLAS"); decode batches keep the
-        # op's GEMV (one pass over the weights, RoPE fused).
-        k_norm = ad.k_norm(attn)
-        fuse_kv = x_norm.device.type != "cuda" or B * S <= skipgpt_ext.CUDA_GEMV_MAX_ROWS
-        if fuse_kv and type(attn.k_proj) is nn.Linear:
-            k = ops.q_proj_rope(
-                x_norm, every, n_rows, attn.k_proj.weight, attn.k_proj.bias,
-                k_norm.weight if k_norm is not None else None,
-                norm_eps(k_norm) if k_norm is not None else 0.0,
-                cos_rows, sin_rows,
-            ).view(B, S, -1, hd).transpose(1, 2)
+        K is the Q op over every row (projection, per-head norm, RoPE in one call), V the same op
+        without RoPE; a wrapped projection (LoRA) keeps the module path. On CUDA, past a decode
+        batch, K and V take the module path too: every row executes, so compaction gains
+        nothing, and cuBLAS is the faster dense GEMM ("dense K/V may use cuBLAS"); decode
+        batches keep the op's GEMV (one pass over the weights, RoPE fused)."""
+        attn, hd = self.self_attn, self.self_attn.head_dim
+        k_norm = self.skip_state.adapter.k_norm(attn)
+        fuse = x_norm.device.type != "cuda" or B * S <= skipgpt_ext.CUDA_GEMV_MAX_ROWS
+        if fuse and type(attn.k_proj) is nn.Linear:
+            k = _proj_rope(ops, x_norm, rows.all_idx, rows.all_count, attn.k_proj, k_norm, rows)
+            k = k.view(B, S, -1, hd).transpose(1, 2)
         else:
             k = attn.k_proj(x_norm).view(B, S, -1, hd)
             if k_norm is not None:
                 k = k_norm(k)
+            cos, sin = position_embeddings
             k = k.transpose(1, 2)
             k = k * cos.unsqueeze(1) + reference.rotate_half(k) * sin.unsqueeze(1)
-        if fuse_kv and type(attn.v_proj) is nn.Linear:
-            v = ops.q_proj_rope(x_norm, every, n_rows, attn.v_proj.weight, attn.v_proj.bias, None, 0.0, None, None)
+        if fuse and type(attn.v_proj) is nn.Linear:
+            v = _proj_rope(ops, x_norm, rows.all_idx, rows.all_count, attn.v_proj, None, None)
         else:
             v = attn.v_proj(x_norm)
         v = v.view(B, S, -1, hd).transpose(1, 2)
         if cache is not None:
-            k, v = cache.update(k, v, layer_idx)
+            k, v = cache.update(k, v, attn.layer_idx)
+        return k, v
+
+    def _attention_(self, ops, fwd, h_rows, x_norm, idx, count, k, v, rows: RowTables, end: int, S: int) -> None:
+        """Attention of the executing rows, added into ``h_rows`` in place: Q of those rows, their
+        attention rows against the cache's keys (positions up to ``end``), the O projection
+        scatter-added."""
+        attn = self.self_attn
+        q = _proj_rope(ops, x_norm, idx, count, attn.q_proj, self.skip_state.adapter.q_norm(attn), rows)
         # A dynamic (sliding) cache returns the most recent Lk keys, ending at this step.
         Lk = k.shape[2]
         key_valid = fwd.key_mask[:, end - Lk : end] if fwd.key_mask is not None else None
-        q_norm = ad.q_norm(attn)
-        q = ops.q_proj_rope(
-            x_norm, a_idx, a_cnt, attn.q_proj.weight, attn.q_proj.bias,
-            q_norm.weight if q_norm is not None else None,
-            norm_eps(q_norm) if q_norm is not None else 0.0,
-            cos_rows, sin_rows,
-        )
         o = ops.sparse_query_attention(
-            q, a_idx, a_cnt, k, v, q_pos, key_valid, end - Lk, S, float(attn.scaling), ad.window(attn)
+            q, idx, count, k, v, rows.positions, key_valid, end - Lk, S, float(attn.scaling),
+            self.skip_state.adapter.window(attn),
         )
-        ops.linear_scatter_add_(h2, o, a_idx, a_cnt, attn.o_proj.weight, attn.o_proj.bias)
+        ops.linear_scatter_add_(h_rows, o, idx, count, attn.o_proj.weight, attn.o_proj.bias)
 
+    def _mlp_(self, ops, h_rows, idx, count) -> None:
+        """The MLP of the executing rows (its norm included), added into ``h_rows`` in place."""
         norm, mlp = self.post_attention_layernorm, self.mlp
         ops.skip_mlp_(
-            h2, m_idx, m_cnt, norm.weight, norm_eps(norm),
+            h_rows, idx, count, norm.weight, norm_eps(norm),
             mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight,
         )
-        return h
+
+
+def _proj_rope(ops, x, idx, count, proj: nn.Linear, head_norm: nn.Module | None, rows: RowTables | None):
+    """``proj`` of rows ``idx[:count]`` of ``x``, compacted; with ``rows``, each head normalised by
+    ``head_norm`` (Qwen3) and rotated at its row's position (RoPE)."""
+    return ops.q_proj_rope(
+        x, idx, count, proj.weight, proj.bias,
+        head_norm.weight if head_norm is not None else None,
+        norm_eps(head_norm) if head_norm is not None else 0.0,
+        rows.cos if rows is not None else None,
+        rows.sin if rows is not None else None,
+    )
 
 
 def _check_plain_linears(*modules: nn.Module) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import threading
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -29,6 +29,16 @@ from .sparsity import realised_sparsity
 # The keyword argument through which the decoder's pre-hook hands one forward's state to that
 # forward's layers (HF passes a decoder's extra keyword arguments on to every layer).
 FORWARD_KWARG = "skipgpt_forward"
+
+
+class RowTables(NamedTuple):
+    """Per-row tables of one forward's ``T = B * S`` token rows, shared by its layers."""
+
+    positions: torch.Tensor  # [T] int64: each row's position in the cache
+    cos: torch.Tensor  # [T, head_dim]: each row's RoPE table
+    sin: torch.Tensor  # [T, head_dim]
+    all_idx: torch.Tensor  # [T] int64: the identity compaction (every row), that K and V run with
+    all_count: torch.Tensor  # 0-dim int64: T
 
 
 class ForwardState:
@@ -64,7 +74,7 @@ class ForwardState:
         # inputs_embeds (layer 0), or every layer's output when hidden states are recorded.
         self.clone_first = clone_first
         self.clone_all = clone_all
-        self._rows: tuple | None = None  # row positions and RoPE rows, shared by the layers
+        self._row_tables: tuple[torch.Tensor, tuple, RowTables] | None = None  # see row_tables()
         self.exec_counts: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_layers
         self.gates: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_layers
 
@@ -74,20 +84,22 @@ class ForwardState:
     def record(self, layer_idx: int, exec_attn: torch.Tensor, exec_mlp: torch.Tensor) -> None:
         self.exec_counts[layer_idx] = (exec_attn, exec_mlp)
 
-    def row_positions(self, past: int, B: int, S: int, cos: torch.Tensor, sin: torch.Tensor):
-        """Per-row cache positions and RoPE rows ``[T]``, ``[T, hd]``, plus the identity
-        compaction (every row, count T) that the K and V projections run with: the same for every
-        layer of a forward, so they are built once (the entry holds ``cos`` itself, so a hit is
-        exact)."""
-        hit = self._rows
-        if hit is None or hit[0] is not cos or hit[1] != (past, B, S):
+    def row_tables(self, past: int, B: int, S: int, cos: torch.Tensor, sin: torch.Tensor) -> RowTables:
+        """The :class:`RowTables` of this forward's ``B x S`` token rows, whose first position
+        in the cache is ``past``. The same for every layer of a forward, so built once (the
+        cache entry holds ``cos`` itself, so a hit is exact)."""
+        cached = self._row_tables
+        if cached is None or cached[0] is not cos or cached[1] != (past, B, S):
             hd, T, dev = cos.shape[-1], B * S, cos.device
-            q_pos = torch.arange(past, past + S, device=dev).repeat(B)
-            every = torch.arange(T, device=dev)
-            hit = (cos, (past, B, S), q_pos, cos.expand(B, S, hd).reshape(T, hd), sin.expand(B, S, hd).reshape(T, hd),
-                   every, torch.full((), T, dtype=torch.long, device=dev))
-            self._rows = hit
-        return hit[2:]
+            tables = RowTables(
+                positions=torch.arange(past, past + S, device=dev).repeat(B),
+                cos=cos.expand(B, S, hd).reshape(T, hd),
+                sin=sin.expand(B, S, hd).reshape(T, hd),
+                all_idx=torch.arange(T, device=dev),
+                all_count=torch.full((), T, dtype=torch.long, device=dev),
+            )
+            cached = self._row_tables = (cos, (past, B, S), tables)
+        return cached[2]
 
 
 class SkipState:
