@@ -165,8 +165,8 @@ class SkipDecoderLayerMixin:
         """K and V of every token (later tokens attend to all earlier ones), with the model's math,
         appended to the cache; returns the cache's K and V ``[B, Hkv, Lk, head_dim]``.
 
-        K is the Q op over every row (projection, per-head norm, RoPE in one call), V the same op
-        without RoPE; a wrapped projection (LoRA) keeps the module path. On CUDA, past a decode
+        K is Q's op (gather_linear) over every row (projection, per-head norm, RoPE in one call), V
+        the same op without RoPE; a wrapped projection (LoRA) keeps the module path. On CUDA, past a decode
         batch, K and V take the module path too: every row executes, so compaction gains
         nothing, and cuBLAS is the faster dense GEMM ("dense K/V may use cuBLAS"); decode
         batches keep the op's GEMV (one pass over the weights, RoPE fused)."""
@@ -219,7 +219,7 @@ class SkipDecoderLayerMixin:
 def _proj_rope(ops, x, idx, count, proj: nn.Linear, head_norm: nn.Module | None, rows: RowTables | None):
     """``proj`` of rows ``idx[:count]`` of ``x``, compacted; with ``rows``, each head normalised by
     ``head_norm`` (Qwen3) and rotated at its row's position (RoPE)."""
-    return ops.q_proj_rope(
+    return ops.gather_linear(
         x, idx, count, proj.weight, proj.bias,
         head_norm.weight if head_norm is not None else None,
         norm_eps(head_norm) if head_norm is not None else 0.0,
