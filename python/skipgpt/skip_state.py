@@ -140,18 +140,11 @@ class SkipState:
         self._init_runtime()
 
     # -- per forward ---------------------------------------------------------------------------
-    def _begin(
-        self,
-        attention_mask: torch.Tensor | None,
-        batch: int,
-        seq: int,
-        clone_first: bool = False,
-        clone_all: bool = False,
-        device: torch.device | None = None,
-    ) -> ForwardState:
-        """Called before the decoder runs: a new forward in this thread (refused before anything
-        is set when the mask does not fit the input)."""
-        fwd = ForwardState(self.num_layers, attention_mask, batch, seq, clone_first, clone_all, device)
+    def _begin(self, attention_mask: torch.Tensor | None, batch: int, seq: int, **options: Any) -> ForwardState:
+        """Called before the decoder runs: a new forward in this thread (``options`` are
+        :class:`ForwardState`'s; refused before anything is set when the mask does not fit the
+        input)."""
+        fwd = ForwardState(self.num_layers, attention_mask, batch, seq, **options)
         self._local.forward = fwd
         return fwd
 
