@@ -10,27 +10,12 @@
 #include <vector>
 
 #include "common.h"
+#include "row_ops.h"
 #include "skinny_gemm.h"
 #include "vec_isa.h"
 #include "vec_math.h"
 
 namespace skipgpt::cpu {
-
-#if defined(SKIPGPT_X86_VEC)
-SKIPGPT_BEGIN_AVX512
-namespace avx512_rows {
-using Vec = avx512_vec::Vec;
-#include "row_ops.inc"
-}  // namespace avx512_rows
-SKIPGPT_END_ISA
-
-SKIPGPT_BEGIN_AVX2
-namespace avx2_rows {
-using Vec = avx2_vec::Vec;
-#include "row_ops.inc"
-}  // namespace avx2_rows
-SKIPGPT_END_ISA
-#endif
 
 namespace {
 

@@ -9,25 +9,10 @@
 #include <vector>
 
 #include "common.h"
+#include "row_ops.h"
 #include "vec_isa.h"
 
 namespace skipgpt::cpu {
-
-#if defined(SKIPGPT_X86_VEC)
-SKIPGPT_BEGIN_AVX512
-namespace avx512_rn {
-using Vec = avx512_vec::Vec;
-#include "row_ops.inc"
-}  // namespace avx512_rn
-SKIPGPT_END_ISA
-
-SKIPGPT_BEGIN_AVX2
-namespace avx2_rn {
-using Vec = avx2_vec::Vec;
-#include "row_ops.inc"
-}  // namespace avx2_rn
-SKIPGPT_END_ISA
-#endif
 
 namespace {
 
@@ -58,18 +43,18 @@ void route_norm_rows(const at::Tensor& h, const scalar_t* nw, double eps, const 
           // One read of the row feeds the norm statistic and both router margins.
           float st[3];
           if (isa == Isa::kAvx512)
-            avx512_rn::row_stats<scalar_t>(row, w0, w1, d, st);
+            avx512_rows::row_stats<scalar_t>(row, w0, w1, d, st);
           else
-            avx2_rn::row_stats<scalar_t>(row, w0, w1, d, st);
+            avx2_rows::row_stats<scalar_t>(row, w0, w1, d, st);
           const bool ok = valid == nullptr || valid[r];
           ex_attn[r] = ok && (st[1] + rb[0]) > threshold;
           ex_mlp[r] = ok && (st[2] + rb[1]) > threshold;
           const float inv = 1.0f / std::sqrt(st[0] / static_cast<float>(d) + static_cast<float>(eps));
           if constexpr (std::is_same_v<scalar_t, float>) {
             if (isa == Isa::kAvx512)
-              avx512_rn::write_norm_f32(row, nw, inv, d, o);
+              avx512_rows::write_norm_f32(row, nw, inv, d, o);
             else
-              avx2_rn::write_norm_f32(row, nw, inv, d, o);
+              avx2_rows::write_norm_f32(row, nw, inv, d, o);
           } else {  // as HF: normalise in fp32, round to the input dtype, then scale
             for (int64_t j = 0; j < d; ++j)
               o[j] = static_cast<scalar_t>(static_cast<float>(nw[j]) *
