@@ -165,16 +165,16 @@ class SkipDecoderLayerMixin:
         """K and V of every token (later tokens attend to all earlier ones), with the model's math,
         appended to the cache; returns the cache's K and V ``[B, Hkv, Lk, head_dim]``.
 
-        K is Q's op (gather_linear) over every row (projection, per-head norm, RoPE in one call), V
-        the same op without RoPE; a wrapped projection (LoRA) keeps the module path. On CUDA, past a decode
-        batch, K and V take the module path too: every row executes, so compaction gains
-        nothing, and cuBLAS is the faster dense GEMM ("dense K/V may use cuBLAS"); decode
+        K is Q's op (gather_linear) over every row (projection, per-head norm, RoPE in one call),
+        V the same op without RoPE; a wrapped projection (LoRA) keeps the module path. On CUDA,
+        past a decode batch, K and V take the module path too: every row executes, so compaction
+        gains nothing, and cuBLAS is the faster dense GEMM ("dense K/V may use cuBLAS"); decode
         batches keep the op's GEMV (one pass over the weights, RoPE fused)."""
         attn, hd = self.self_attn, self.self_attn.head_dim
         k_norm = self.skip_state.adapter.k_norm(attn)
         fuse = x_norm.device.type != "cuda" or B * S <= skipgpt_ext.CUDA_GEMV_MAX_ROWS
         if fuse and type(attn.k_proj) is nn.Linear:
-            k = _proj_rope(ops, x_norm, rows.all_idx, rows.all_count, attn.k_proj, k_norm, rows)
+            k = _project_rows(ops, x_norm, rows.all_idx, rows.all_count, attn.k_proj, k_norm, rows)
             k = k.view(B, S, -1, hd).transpose(1, 2)
         else:
             k = attn.k_proj(x_norm).view(B, S, -1, hd)
@@ -184,7 +184,7 @@ class SkipDecoderLayerMixin:
             k = k.transpose(1, 2)
             k = k * cos.unsqueeze(1) + reference.rotate_half(k) * sin.unsqueeze(1)
         if fuse and type(attn.v_proj) is nn.Linear:
-            v = _proj_rope(ops, x_norm, rows.all_idx, rows.all_count, attn.v_proj, None, None)
+            v = _project_rows(ops, x_norm, rows.all_idx, rows.all_count, attn.v_proj, None, None)
         else:
             v = attn.v_proj(x_norm)
         v = v.view(B, S, -1, hd).transpose(1, 2)
@@ -197,7 +197,7 @@ class SkipDecoderLayerMixin:
         attention rows against the cache's keys (positions up to ``end``), the O projection
         scatter-added."""
         attn = self.self_attn
-        q = _proj_rope(ops, x_norm, idx, count, attn.q_proj, self.skip_state.adapter.q_norm(attn), rows)
+        q = _project_rows(ops, x_norm, idx, count, attn.q_proj, self.skip_state.adapter.q_norm(attn), rows)
         # A dynamic (sliding) cache returns the most recent Lk keys, ending at this step.
         Lk = k.shape[2]
         key_valid = fwd.key_mask[:, end - Lk : end] if fwd.key_mask is not None else None
@@ -216,7 +216,7 @@ class SkipDecoderLayerMixin:
         )
 
 
-def _proj_rope(ops, x, idx, count, proj: nn.Linear, head_norm: nn.Module | None, rows: RowTables | None):
+def _project_rows(ops, x, idx, count, proj: nn.Linear, head_norm: nn.Module | None, rows: RowTables | None):
     """``proj`` of rows ``idx[:count]`` of ``x``, compacted; with ``rows``, each head normalised by
     ``head_norm`` (Qwen3) and rotated at its row's position (RoPE)."""
     return ops.gather_linear(
