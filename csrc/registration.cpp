@@ -55,9 +55,15 @@ TORCH_LIBRARY(skipgpt, m) {
       "(Tensor x_norm, Tensor attn_idx, Tensor attn_count, Tensor mlp_idx, Tensor mlp_count)");
   // In-order compaction of a boolean row mask (routers that are not a single linear map).
   m.def("compact(Tensor mask) -> (Tensor idx, Tensor count)");
-  // q_c[i] = rope(head_norm(x[idx[i]] @ W^T + b), cos[idx[i]], sin[idx[i]]) for i < count.
-  // Without cos/sin (both absent) it is the plain compacted projection (no head norm then):
-  // the layer's V for every row.
+  // The compacted projection of rows idx[:count] of x, with an optional per-head RMSNorm and RoPE
+  // epilogue: out[i] = rope(head_norm(x[idx[i]] @ W^T + b), cos[idx[i]], sin[idx[i]]) for
+  // i < count. Without cos/sin (both absent) it is the plain compacted projection (no head norm
+  // then). The layer's Q (executing rows), and K and V (every row).
+  m.def(
+      "gather_linear(Tensor x, Tensor idx, Tensor count, Tensor weight, Tensor? bias, "
+      "Tensor? head_norm_weight, float head_norm_eps, Tensor? cos, Tensor? sin) -> Tensor");
+  // gather_linear's old name, kept so that code and exported graphs that call it still load;
+  // both devices register the same kernel under it.
   m.def(
       "q_proj_rope(Tensor x, Tensor idx, Tensor count, Tensor weight, Tensor? bias, "
       "Tensor? head_norm_weight, float head_norm_eps, Tensor? cos, Tensor? sin) -> Tensor");

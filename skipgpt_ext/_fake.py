@@ -14,8 +14,7 @@ def _route_norm(h, norm_weight, eps, router_weight, router_bias, threshold, row_
     T = h.shape[0]
     idx = h.new_empty(T, dtype=torch.int64)
     count = h.new_empty((), dtype=torch.int64)
-    # Contiguous whatever h's strides: what the CPU and CUDA kernels return.
-    x_norm = h.new_empty(h.shape, dtype=torch.promote_types(h.dtype, norm_weight.dtype))
+    x_norm = h.new_empty(h.shape)  # contiguous whatever h's strides: what the kernels return
     return x_norm, idx, count, torch.empty_like(idx), torch.empty_like(count)
 
 
@@ -24,9 +23,12 @@ def _compact(mask):
     return mask.new_empty(mask.numel(), dtype=torch.int64), mask.new_empty((), dtype=torch.int64)
 
 
-@register_fake("skipgpt::q_proj_rope")
-def _q_proj_rope(x, idx, count, weight, bias, head_norm_weight, head_norm_eps, cos, sin):
+@register_fake("skipgpt::gather_linear")
+def _gather_linear(x, idx, count, weight, bias, head_norm_weight, head_norm_eps, cos, sin):
     return x.new_empty(x.shape[0], weight.shape[0])
+
+
+register_fake("skipgpt::q_proj_rope")(_gather_linear)  # the old name of gather_linear
 
 
 @register_fake("skipgpt::sparse_query_attention")

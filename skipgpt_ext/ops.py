@@ -33,7 +33,7 @@ from torch import Tensor
 __all__ = [
     "route_norm",
     "compact",
-    "q_proj_rope",
+    "gather_linear",
     "sparse_query_attention",
     "linear_scatter_add_",
     "skip_mlp_",
@@ -53,8 +53,7 @@ def route_norm(
 
     Args:
         h: ``[T, d]``, the layer input (the residual stream before the attention norm).
-        norm_weight: ``[d]``, the attention RMSNorm weight, in ``h``'s dtype (on the CPU
-            also float32).
+        norm_weight: ``[d]``, the attention RMSNorm weight, in ``h``'s dtype.
         eps: the RMSNorm epsilon.
         router_weight: ``[2, d]`` float32 margin weights, ``w_execute - w_skip``: row 0 for
             attention, row 1 for the MLP.
@@ -86,7 +85,7 @@ def compact(mask: Tensor) -> tuple[Tensor, Tensor]:
     return torch.ops.skipgpt.compact.default(mask)
 
 
-def q_proj_rope(
+def gather_linear(
     x: Tensor,
     idx: Tensor,
     count: Tensor,
@@ -97,12 +96,14 @@ def q_proj_rope(
     cos: Tensor | None,
     sin: Tensor | None,
 ) -> Tensor:
-    """Compacted projection of the executing rows, with RoPE at their true positions.
+    """Compacted projection of the executing rows, optionally with a per-head RMSNorm and RoPE
+    at their true positions.
 
     ``out[i] = rope(head_norm(x[idx[i]] @ weight.T + bias), cos[idx[i]], sin[idx[i]])`` for
     ``i < count``, per head of ``head_dim = cos.shape[1]`` (RoPE rotates the two halves of a
-    head, as Hugging Face's ``rotate_half``). The layer uses it for Q on the executing rows,
-    and over every row for K (with RoPE) and V (without).
+    head, as Hugging Face's ``rotate_half``); without ``cos`` and ``sin``, ``x[idx[i]] @
+    weight.T + bias``. The layer uses it for Q on the executing rows, and over every row for K
+    (with RoPE) and V (without). Formerly ``q_proj_rope``, a name that still works.
 
     Args:
         x: ``[T, d]``, the normalised rows.
@@ -116,7 +117,7 @@ def q_proj_rope(
     Returns:
         ``[T, N]``, compacted: row ``i < count`` belongs to token row ``idx[i]``.
     """
-    return torch.ops.skipgpt.q_proj_rope.default(
+    return torch.ops.skipgpt.gather_linear.default(
         x, idx, count, weight, bias, head_norm_weight, head_norm_eps, cos, sin
     )
 
@@ -160,6 +161,11 @@ def sparse_query_attention(
     return torch.ops.skipgpt.sparse_query_attention.default(
         q, idx, count, k, v, q_pos, key_valid, kv_offset, seq_len, scale, window
     )
+
+
+# Old names of ops, kept loadable: each is also declared in C++ with the same schema and kernels.
+OLD_NAMES = {"q_proj_rope": "gather_linear"}
+q_proj_rope = gather_linear
 
 
 def linear_scatter_add_(

@@ -55,7 +55,7 @@ def route_norm(
 
 
 # Positions (kv_offset + key index, q_pos, the window) stay in [0, 2^62]: no int64 overflow in
-# the kernels' position arithmetic (csrc/position_args.h).
+# the kernels' position arithmetic (csrc/op_args.h).
 MAX_POSITION = 1 << 62
 
 
@@ -66,7 +66,7 @@ def _byte_span(t: torch.Tensor) -> tuple[int, int]:
 
 
 def _check_apart_from_h(op: str, h: torch.Tensor, **inputs: torch.Tensor | None) -> None:
-    """The in-place ops' contract (csrc/inplace_args.h): no read-only input may share memory with
+    """The in-place ops' contract (csrc/op_args.h): no read-only input may share memory with
     ``h``, which the kernels write while they read the inputs. Conservative byte ranges, as there."""
     if h.numel() == 0:
         return
@@ -80,12 +80,13 @@ def _check_apart_from_h(op: str, h: torch.Tensor, **inputs: torch.Tensor | None)
             raise RuntimeError(f"skipgpt::{op}: {name} must not share memory with h, which is updated in place; clone() it first")
 
 
-def _rows(t: torch.Tensor, idx: torch.Tensor, count: torch.Tensor) -> tuple[int, torch.Tensor]:
+def _executing_rows(idx: torch.Tensor, count: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """``count`` as an int (a host sync) and the executing row numbers ``idx[:count]``."""
     n = int(count)
     return n, idx[:n]
 
 
-def q_proj_rope(
+def gather_linear(
     x: torch.Tensor,
     idx: torch.Tensor,
     count: torch.Tensor,
@@ -98,12 +99,12 @@ def q_proj_rope(
 ) -> torch.Tensor:
     """Without cos/sin (both None): the plain compacted projection (no head norm allowed)."""
     if (cos is None) != (sin is None):
-        raise ValueError("q_proj_rope: cos and sin must be given together or both omitted")
+        raise ValueError("gather_linear: cos and sin must be given together or both omitted")
     if cos is None and head_norm_weight is not None:
-        raise ValueError("q_proj_rope: head_norm_weight needs cos and sin")
+        raise ValueError("gather_linear: head_norm_weight needs cos and sin")
     T = x.shape[0]
     out = x.new_zeros(T, weight.shape[0])
-    n, rows = _rows(x, idx, count)
+    n, rows = _executing_rows(idx, count)
     if n == 0:
         return out
     if cos is None:
@@ -117,6 +118,9 @@ def q_proj_rope(
     s = sin.index_select(0, rows).unsqueeze(1)
     out[:n] = (q * c + rotate_half(q) * s).reshape(n, -1)
     return out
+
+
+q_proj_rope = gather_linear  # the old name (ops.OLD_NAMES)
 
 
 def sparse_query_attention(
@@ -142,7 +146,7 @@ def sparse_query_attention(
     if q_pos.numel() and not (int(q_pos.min()) >= 0 and int(q_pos.max()) < MAX_POSITION):
         raise RuntimeError(f"{op}: q_pos must hold positions in [0, 2^62)")
     out = torch.zeros_like(q)
-    n, rows = _rows(q, idx, count)
+    n, rows = _executing_rows(idx, count)
     if n == 0:
         return out
     Hq = q.shape[1] // hd
@@ -180,7 +184,7 @@ def linear_scatter_add_(
     bias: torch.Tensor | None,
 ) -> None:
     _check_apart_from_h("linear_scatter_add_", h, a=a, weight=weight, bias=bias, idx=idx, count=count)
-    n, rows = _rows(a, idx, count)
+    n, rows = _executing_rows(idx, count)
     if n == 0:
         return
     h.index_add_(0, rows, F.linear(a[:n], weight, bias))
@@ -200,7 +204,7 @@ def skip_mlp_(
         "skip_mlp_", h, norm_weight=norm_weight, gate_weight=gate_weight, up_weight=up_weight,
         down_weight=down_weight, idx=idx, count=count,
     )
-    n, rows = _rows(h, idx, count)
+    n, rows = _executing_rows(idx, count)
     if n == 0:
         return
     x = rms_norm(h.index_select(0, rows), norm_weight, eps)

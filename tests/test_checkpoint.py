@@ -81,6 +81,23 @@ def test_router_type_mismatch_raises(tmp_path):
         skipgpt.load_routers(model, tmp_path)
 
 
+@pytest.mark.parametrize("flag", ["check_router_type", "strict_config"])  # the new name and the old one
+def test_router_type_check_can_be_turned_off(tmp_path, flag):
+    """Only the config's router type is checked by the flag: weights of the model's shapes under a
+    config that names another type load with it off, and are refused with it on."""
+    saved = skipgpt.apply(tiny_model("llama"), SkipConfig(router_type="linear"))
+    skipgpt.save_routers(saved, tmp_path)
+    cfg = json.loads((tmp_path / "skip_config.json").read_text())
+    (tmp_path / "skip_config.json").write_text(json.dumps({**cfg, "router_type": "mlp"}))
+    model = skipgpt.apply(tiny_model("llama", seed=1), SkipConfig(router_type="linear"))
+    assert not torch.equal(*(next(iter(_router_tensors(m).values())) for m in (saved, model)))
+    with pytest.raises(CheckpointMismatchError, match="holds 'mlp' routers"):
+        skipgpt.load_routers(model, tmp_path, **{flag: True})
+    skipgpt.load_routers(model, tmp_path, **{flag: False})
+    want, got = _router_tensors(saved), _router_tensors(model)
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
 def test_authors_pth_format_loads(tmp_path):
     """The released checkpoints: full-model-style keys, router_{attention,mlp}.weight_predictor."""
     torch.manual_seed(5)

@@ -110,12 +110,12 @@ def test_compact_matches_reference(T):
     assert torch.equal(torch.sort(idx.cpu()).values, torch.arange(T))
 
 
-# -- q_proj_rope ---------------------------------------------------------------------------------
+# -- gather_linear ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("T,d,hd,H", [(1, 64, 16, 4), (5, 576, 64, 9), (8, 512, 128, 4), (300, 256, 128, 3), (200, 128, 96, 2), (129, 64, 32, 8)])
 @pytest.mark.parametrize("kind", ["all", "none", "some"])
 @pytest.mark.parametrize("extras", [False, True, "plain"])  # bias + per-head norm (Qwen2 / Qwen3); no RoPE (V)
-def test_q_proj_rope_matches_float64(dtype, T, d, hd, H, kind, extras, seed=0):
+def test_gather_linear_matches_float64(dtype, T, d, hd, H, kind, extras, seed=0):
     gen = torch.Generator().manual_seed(T + d + hd + 1000 * seed)
     x = _randn(T, d, dtype=dtype, gen=gen)
     w = _randn(H * hd, d, dtype=dtype, gen=gen, scale=d**-0.5)
@@ -126,8 +126,8 @@ def test_q_proj_rope_matches_float64(dtype, T, d, hd, H, kind, extras, seed=0):
     if extras == "plain":
         cos = sin = hn = None
     idx, cnt = _rows(T, kind, gen)
-    got = ops.q_proj_rope(x, idx, cnt, w, b, hn, 1e-6, cos, sin)
-    want = ref.q_proj_rope(*_cpu64(x, idx, cnt, w, b, hn), 1e-6, *_cpu64(cos, sin))
+    got = ops.gather_linear(x, idx, cnt, w, b, hn, 1e-6, cos, sin)
+    want = ref.gather_linear(*_cpu64(x, idx, cnt, w, b, hn), 1e-6, *_cpu64(cos, sin))
     n = int(cnt)
     _close(got[:n], want[:n], dtype)
     assert (got[n:] == 0).all()  # rows past count are zeroed
@@ -353,8 +353,8 @@ def test_gemm_mainloop_env_is_checked(monkeypatch):
                                              (129, 4096, 128, 2, True), (140, 256, 64, 9, "plain"),
                                              (4200, 256, 128, 16, True), (4200, 136, 64, 32, "plain")])
 @pytest.mark.parametrize("kind", ["all", "some"])
-def test_gemm_mainloops_q_proj_rope(gemm_mainloop, dtype, T, d, hd, H, extras, kind):
-    test_q_proj_rope_matches_float64(dtype, T, d, hd, H, kind, extras, seed=MAINLOOP_SEED[gemm_mainloop])
+def test_gemm_mainloops_gather_linear(gemm_mainloop, dtype, T, d, hd, H, extras, kind):
+    test_gather_linear_matches_float64(dtype, T, d, hd, H, kind, extras, seed=MAINLOOP_SEED[gemm_mainloop])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -438,7 +438,7 @@ def _samples(dtype):
     return {
         "route_norm": (h, nw, 1e-6, _randn(2, d, **f32), _randn(2, **f32), 0.1, (torch.rand(T) < 0.9).to(DEV)),
         "compact": ((torch.rand(T) < 0.5).to(DEV),),
-        "q_proj_rope": (h, idx, cnt, _randn(Hkv * G * hd, d, dtype=dtype, gen=gen), _randn(Hkv * G * hd, dtype=dtype, gen=gen),
+        "gather_linear": (h, idx, cnt, _randn(Hkv * G * hd, d, dtype=dtype, gen=gen), _randn(Hkv * G * hd, dtype=dtype, gen=gen),
                         _randn(hd, dtype=dtype, gen=gen), 1e-6, cos, sin),
         "sparse_query_attention": (q, idx, cnt, k, v, torch.arange(2, S + 2).repeat(B).to(DEV), key_valid, 0, S, 0.5, 3),
         "linear_scatter_add_": (h.clone(), q, idx, cnt, _randn(d, Hkv * G * hd, dtype=dtype, gen=gen), None),
@@ -454,9 +454,18 @@ def test_opcheck(name, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("old", sorted(skipgpt_ext.ops.OLD_NAMES))
+def test_old_op_names_still_load_and_compute_the_same(old, dtype):
+    new = skipgpt_ext.ops.OLD_NAMES[old]
+    args = _samples(dtype)[new]
+    torch.library.opcheck(getattr(torch.ops.skipgpt, old).default, args)
+    assert torch.equal(getattr(torch.ops.skipgpt, old).default(*args), getattr(torch.ops.skipgpt, new).default(*args))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_opcheck_plain_projection(dtype):
-    x, idx, cnt, w, b, _, heps, _, _ = _samples(dtype)["q_proj_rope"]
-    torch.library.opcheck(torch.ops.skipgpt.q_proj_rope.default, (x, idx, cnt, w, b, None, heps, None, None))
+    x, idx, cnt, w, b, _, heps, _, _ = _samples(dtype)["gather_linear"]
+    torch.library.opcheck(torch.ops.skipgpt.gather_linear.default, (x, idx, cnt, w, b, None, heps, None, None))
 
 
 def test_bad_inputs_name_the_argument():
@@ -464,19 +473,21 @@ def test_bad_inputs_name_the_argument():
     h, nw, eps, rw, rb, thr, valid = s["route_norm"]
     with pytest.raises(RuntimeError, match="norm_weight must be a CUDA tensor"):
         ops.route_norm(h, nw.cpu(), eps, rw, rb, thr, valid)
-    with pytest.raises(RuntimeError, match="router_weight must be Float"):
+    with pytest.raises(RuntimeError, match="router_weight must be float32"):
         ops.route_norm(h, nw, eps, rw.bfloat16(), rb, thr, valid)
-    x, idx, cnt, w, b, hn, heps, cos, sin = s["q_proj_rope"]
+    with pytest.raises(RuntimeError, match=r"norm_weight must have the dtype of h \(bfloat16\)"):  # as on the CPU
+        ops.route_norm(h, nw.float(), eps, rw, rb, thr, valid)
+    x, idx, cnt, w, b, hn, heps, cos, sin = s["gather_linear"]
     with pytest.raises(RuntimeError, match="x must be bfloat16 or float16 on CUDA"):
-        ops.q_proj_rope(x.float(), idx, cnt, w.float(), b, hn, heps, cos, sin)
+        ops.gather_linear(x.float(), idx, cnt, w.float(), b, hn, heps, cos, sin)
     with pytest.raises(RuntimeError, match="multiples of 8"):
-        ops.q_proj_rope(x[:, :60], idx, cnt, w[:, :60], b, hn, heps, cos, sin)
-    with pytest.raises(RuntimeError, match="idx must be Long"):
-        ops.q_proj_rope(x, idx.int(), cnt, w, b, hn, heps, cos, sin)
+        ops.gather_linear(x[:, :60], idx, cnt, w[:, :60], b, hn, heps, cos, sin)
+    with pytest.raises(RuntimeError, match="idx must be int64"):
+        ops.gather_linear(x, idx.int(), cnt, w, b, hn, heps, cos, sin)
     with pytest.raises(RuntimeError, match="cos and sin must be given together"):
-        ops.q_proj_rope(x, idx, cnt, w, b, None, heps, cos, None)
+        ops.gather_linear(x, idx, cnt, w, b, None, heps, cos, None)
     with pytest.raises(RuntimeError, match="head_norm_weight needs cos and sin"):
-        ops.q_proj_rope(x, idx, cnt, w, b, hn, heps, None, None)
+        ops.gather_linear(x, idx, cnt, w, b, hn, heps, None, None)
     h2, a, idx, cnt, w, b = s["linear_scatter_add_"]
     with pytest.raises(RuntimeError, match="weight must be"):
         ops.linear_scatter_add_(h2, a, idx, cnt, w[:, :-8], b)
@@ -540,7 +551,7 @@ def test_auto_mode_is_native_for_bf16_and_reference_for_fp32_on_cuda():
 def _decode_step(h, k, v, q_pos, w):
     """One layer's skipping ops at batch-1 decode, all on device-side counts."""
     x, ai, ac, mi, mc = ops.route_norm(h, w["n1"], 1e-6, w["rw"], w["rb"], 0.0, None)
-    q = ops.q_proj_rope(x, ai, ac, w["q"], None, None, 0.0, w["cos"], w["sin"])
+    q = ops.gather_linear(x, ai, ac, w["q"], None, None, 0.0, w["cos"], w["sin"])
     o = ops.sparse_query_attention(q, ai, ac, k, v, q_pos, None, 0, 1, 0.125, 0)
     ops.linear_scatter_add_(h, o, ai, ac, w["o"], None)
     ops.skip_mlp_(h, mi, mc, w["n2"], 1e-6, w["g"], w["u"], w["d"])

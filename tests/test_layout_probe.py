@@ -93,9 +93,15 @@ def test_cpu_kernels_pass_every_probe():
 
 
 def _ops_with(**overrides):
-    ns = types.SimpleNamespace(**{name: getattr(skipgpt_ext.ops, name) for name in skipgpt_ext.ops.__all__})
+    """The op set with some ops replaced; an op replaced under its current name is replaced under
+    its old name too (ops.OLD_NAMES: the probes may call either)."""
+    names = [*skipgpt_ext.ops.__all__, *skipgpt_ext.ops.OLD_NAMES]
+    ns = types.SimpleNamespace(**{name: getattr(skipgpt_ext.ops, name) for name in names})
     for name, fn in overrides.items():
         setattr(ns, name, fn)
+        for old, new in skipgpt_ext.ops.OLD_NAMES.items():
+            if new == name:
+                setattr(ns, old, fn)
     return ns
 
 
@@ -106,11 +112,12 @@ def _swap_halves(t: torch.Tensor, group: int) -> torch.Tensor:
 
 
 def test_gemm_probe_describes_a_column_swap():
-    def q_proj_swapped(x, idx, count, weight, *rest):
-        return _swap_halves(skipgpt_ext.ops.q_proj_rope(x, idx, count, weight, *rest), 16)
+    def gather_linear_swapped(x, idx, count, weight, *rest):
+        return _swap_halves(skipgpt_ext.ops.gather_linear(x, idx, count, weight, *rest), 16)
 
-    results = lp.gemm_probes("cpu", ops=_ops_with(q_proj_rope=q_proj_swapped), shapes=SMALL_GEMM)
-    by = {r.name.split(", ")[-1]: r for r in results if "q_proj_rope," in r.name}  # plain, no RoPE
+    results = lp.gemm_probes("cpu", ops=_ops_with(gather_linear=gather_linear_swapped), shapes=SMALL_GEMM)
+    plain = [r for r in results if "gather_linear," in r.name or "q_proj_rope," in r.name]  # no RoPE (either name)
+    by = {r.name.split(", ")[-1]: r for r in plain}
     for pattern in ("W codes n", "x codes k"):
         r = by[pattern]
         assert r.wrong == r.total  # every output column moved by 8
@@ -132,12 +139,12 @@ def test_rope_rows_are_identity_and_rotation():
 
 
 def test_gemm_probe_describes_rope_of_the_wrong_row():
-    def q_proj_rope_row_off(x, idx, count, weight, bias, hnw, eps, cos, sin):
+    def gather_linear_rope_row_off(x, idx, count, weight, bias, hnw, eps, cos, sin):
         if cos is not None:  # each row takes the next token row's cos/sin
             cos, sin = cos.roll(-1, 0), sin.roll(-1, 0)
-        return skipgpt_ext.ops.q_proj_rope(x, idx, count, weight, bias, hnw, eps, cos, sin)
+        return skipgpt_ext.ops.gather_linear(x, idx, count, weight, bias, hnw, eps, cos, sin)
 
-    results = lp.gemm_probes("cpu", ops=_ops_with(q_proj_rope=q_proj_rope_row_off), shapes=SMALL_GEMM)
+    results = lp.gemm_probes("cpu", ops=_ops_with(gather_linear=gather_linear_rope_row_off), shapes=SMALL_GEMM)
     rope = [r for r in results if "+ RoPE" in r.name]
     assert len(rope) == 4 and all(r.wrong > 0 for r in rope)
     assert all("another code (wrong element read)" in r.report for r in rope)

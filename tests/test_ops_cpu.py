@@ -92,10 +92,10 @@ def test_compact_matches_reference():
         assert torch.equal(idx, want_idx) and int(cnt) == int(want_cnt)
 
 
-# -- q_proj_rope --------------------------------------------------------------------------------
+# -- gather_linear --------------------------------------------------------------------------------
 @SETTINGS
 @given(data=st.data())
-def test_q_proj_rope_matches_float64(data):
+def test_gather_linear_matches_float64(data):
     T = data.draw(st.sampled_from([0, 1, 5, 40]))
     d = data.draw(st.sampled_from([6, 16, 37]))
     hd = data.draw(st.sampled_from([2, 8, 10]))
@@ -113,8 +113,8 @@ def test_q_proj_rope_matches_float64(data):
     if not data.draw(st.booleans()):  # the plain projection (the layer's V): no RoPE, no head norm
         cos = sin = hn = None
     idx, cnt = _rows(T, data.draw)
-    got = ops.q_proj_rope(x, idx, cnt, w, b, hn, 1e-6, cos, sin)
-    want = ref.q_proj_rope(*_f64(x, idx, cnt, w, b, hn), 1e-6, *_f64(cos, sin))
+    got = ops.gather_linear(x, idx, cnt, w, b, hn, 1e-6, cos, sin)
+    want = ref.gather_linear(*_f64(x, idx, cnt, w, b, hn), 1e-6, *_f64(cos, sin))
     n = int(cnt)
     _close(got[:n], want[:n], dtype)
     assert not got[n:].any()  # rows past count are zero
@@ -213,8 +213,8 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
         qw, qb = torch.randn(2 * hd, d).to(dtype) / 4, torch.randn(2 * hd).to(dtype)
         ang = torch.arange(T)[:, None] * torch.rand(hd // 2)
         cos, sin = torch.cat([ang.cos()] * 2, 1).to(dtype), torch.cat([ang.sin()] * 2, 1).to(dtype)
-        got = ops.q_proj_rope(h, idx, cnt, qw, qb, None, 0.0, cos, sin)
-        want = ref.q_proj_rope(h.double(), idx, cnt, qw.double(), qb.double(), None, 0.0, cos.double(), sin.double())
+        got = ops.gather_linear(h, idx, cnt, qw, qb, None, 0.0, cos, sin)
+        want = ref.gather_linear(h.double(), idx, cnt, qw.double(), qb.double(), None, 0.0, cos.double(), sin.double())
         n = int(cnt)
         worst.append(rel(got[:n], want[:n], tol))
 # route_norm: the normalised rows, and the decisions of rows clear of the threshold.
@@ -380,8 +380,8 @@ def test_linear_ops_with_output_features_split_over_threads(dtype, kind):
     qw, qb = (torch.randn(5 * hd, d) / 8).to(dtype), torch.randn(5 * hd).to(dtype)
     ang = torch.arange(T)[:, None] * torch.rand(hd // 2)
     cos, sin = torch.cat([ang.cos()] * 2, 1).to(dtype), torch.cat([ang.sin()] * 2, 1).to(dtype)
-    got = ops.q_proj_rope(h, idx, cnt, qw, qb, None, 0.0, cos, sin)
-    want = ref.q_proj_rope(*_f64(h), idx, cnt, *_f64(qw, qb), None, 0.0, *_f64(cos, sin))
+    got = ops.gather_linear(h, idx, cnt, qw, qb, None, 0.0, cos, sin)
+    want = ref.gather_linear(*_f64(h), idx, cnt, *_f64(qw, qb), None, 0.0, *_f64(cos, sin))
     n = int(cnt)
     _close(got[:n], want[:n], dtype)
 
@@ -419,7 +419,7 @@ def _samples(dtype):
     return {
         "route_norm": (h, nw, 1e-6, torch.randn(2, d), torch.randn(2), 0.1, valid),
         "compact": (torch.rand(T) < 0.5,),
-        "q_proj_rope": (h, idx, cnt, torch.randn(Hkv * G * hd, d, dtype=dtype), torch.randn(Hkv * G * hd, dtype=dtype),
+        "gather_linear": (h, idx, cnt, torch.randn(Hkv * G * hd, d, dtype=dtype), torch.randn(Hkv * G * hd, dtype=dtype),
                         torch.randn(hd, dtype=dtype), 1e-6, cos, sin),
         "sparse_query_attention": (q, idx, cnt, k, v, torch.arange(2, S + 2).repeat(B), key_valid, 0, S, 0.5, 3),
         "linear_scatter_add_": (h.clone(), q, idx, cnt, torch.randn(d, Hkv * G * hd, dtype=dtype), None),
@@ -440,11 +440,23 @@ def test_python_wrappers_follow_the_schemas():
     import inspect
 
     declared = {n.split("::", 1)[1].split(".")[0] for n in torch._C._dispatch_get_all_op_names() if n.startswith("skipgpt::")}
-    assert declared == set(skipgpt_ext.OP_NAMES)
-    for name in skipgpt_ext.OP_NAMES:
+    assert declared == set(skipgpt_ext.OP_NAMES) | set(ops.OLD_NAMES)
+    for name in [*skipgpt_ext.OP_NAMES, *ops.OLD_NAMES]:
         schema = [a.name for a in getattr(torch.ops.skipgpt, name).default._schema.arguments]
         for module in (ops, ref):
             assert list(inspect.signature(getattr(module, name)).parameters) == schema, (module.__name__, name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("old", sorted(skipgpt_ext.ops.OLD_NAMES))
+def test_old_op_names_still_load_and_compute_the_same(old, dtype):
+    """An op renamed for what it computes keeps its old schema, with the same kernel behind it."""
+    new = ops.OLD_NAMES[old]
+    args = _samples(dtype)[new]
+    torch.library.opcheck(getattr(torch.ops.skipgpt, old).default, args)
+    got = getattr(torch.ops.skipgpt, old).default(*args)
+    want = getattr(torch.ops.skipgpt, new).default(*args)
+    assert torch.equal(got, want) and int(args[2]) > 0 and got[: int(args[2])].abs().sum() > 0
 
 
 def test_cuda_gemv_rows_come_from_the_extension():
@@ -459,9 +471,9 @@ def test_cuda_gemv_rows_come_from_the_extension():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_opcheck_plain_projection(dtype):
-    """q_proj_rope without cos/sin (the layer's V) is a schema case of its own."""
-    x, idx, cnt, w, b, _, heps, _, _ = _samples(dtype)["q_proj_rope"]
-    torch.library.opcheck(torch.ops.skipgpt.q_proj_rope.default, (x, idx, cnt, w, b, None, heps, None, None))
+    """gather_linear without cos/sin (the layer's V) is a schema case of its own."""
+    x, idx, cnt, w, b, _, heps, _, _ = _samples(dtype)["gather_linear"]
+    torch.library.opcheck(torch.ops.skipgpt.gather_linear.default, (x, idx, cnt, w, b, None, heps, None, None))
 
 
 # -- bad inputs name the argument ---------------------------------------------------------------------
@@ -474,26 +486,29 @@ def test_bad_inputs_name_the_argument():
     s = _samples(torch.float32)
     h, nw, eps, rw, rb, thr, valid = s["route_norm"]
     _raises(ops.route_norm, h.double(), nw, eps, rw, rb, thr, valid, match="h must be float32")
-    _raises(ops.route_norm, h, nw[:-1], eps, rw, rb, thr, valid, match="norm_weight must have 16")
+    # As on CUDA: the norm weight has h's dtype (a float32 one with a bfloat16 h is refused).
+    _raises(ops.route_norm, h.bfloat16(), nw, eps, rw, rb, thr, valid, match=r"norm_weight must have the dtype of h \(bfloat16\)")
+    _raises(ops.route_norm, h, nw.bfloat16(), eps, rw, rb, thr, valid, match=r"norm_weight must have the dtype of h \(float32\)")
+    _raises(ops.route_norm, h, nw[:-1], eps, rw, rb, thr, valid, match=r"norm_weight must be \[16\] \(h's width\)")
     _raises(ops.route_norm, h, nw, eps, rw.double(), rb, thr, valid, match="router_weight must be float32")
     _raises(ops.route_norm, h, nw, eps, rw[:1], rb, thr, valid, match=r"router_weight must be \[2, 16\]")
     _raises(ops.route_norm, h, nw, eps, rw, rb, thr, valid[:-1], match="row_valid must have 10")
     _raises(ops.route_norm, h, nw, eps, rw, rb, thr, valid.float(), match="row_valid must be bool")
 
-    x, idx, cnt, w, b, hn, heps, cos, sin = s["q_proj_rope"]
-    _raises(ops.q_proj_rope, x, idx, cnt, w.bfloat16(), b, hn, heps, cos, sin, match="weight must have the dtype of x")
-    _raises(ops.q_proj_rope, x, idx, cnt, w, b[:-1], hn, heps, cos, sin, match=r"bias must be \[16\]")
-    _raises(ops.q_proj_rope, x, idx, cnt, w, b, hn, heps, cos[:-1], sin, match="cos must be")
-    _raises(ops.q_proj_rope, x, idx, cnt, w, b, None, heps, cos, None, match="cos and sin must be given together")
-    _raises(ops.q_proj_rope, x, idx, cnt, w, b, hn, heps, None, None, match="head_norm_weight needs cos and sin")
-    _raises(ops.q_proj_rope, x, idx.int(), cnt, w, b, hn, heps, cos, sin, match="idx must be int64")
-    _raises(ops.q_proj_rope, x, idx, torch.tensor(11), w, b, hn, heps, cos, sin, match=r"count must be in \[0, 10\]")
+    x, idx, cnt, w, b, hn, heps, cos, sin = s["gather_linear"]
+    _raises(ops.gather_linear, x, idx, cnt, w.bfloat16(), b, hn, heps, cos, sin, match="weight must have the dtype of x")
+    _raises(ops.gather_linear, x, idx, cnt, w, b[:-1], hn, heps, cos, sin, match=r"bias must be \[16\]")
+    _raises(ops.gather_linear, x, idx, cnt, w, b, hn, heps, cos[:-1], sin, match="cos must be")
+    _raises(ops.gather_linear, x, idx, cnt, w, b, None, heps, cos, None, match="cos and sin must be given together")
+    _raises(ops.gather_linear, x, idx, cnt, w, b, hn, heps, None, None, match="head_norm_weight needs cos and sin")
+    _raises(ops.gather_linear, x, idx.int(), cnt, w, b, hn, heps, cos, sin, match="idx must be int64")
+    _raises(ops.gather_linear, x, idx, torch.tensor(11), w, b, hn, heps, cos, sin, match=r"count must be in \[0, 10\]")
     bad_idx = idx.clone()
     bad_idx[0] = 10
-    _raises(ops.q_proj_rope, x, bad_idx, cnt, w, b, hn, heps, cos, sin, match="idx.*out of range")
+    _raises(ops.gather_linear, x, bad_idx, cnt, w, b, hn, heps, cos, sin, match="idx.*out of range")
     dup = idx.clone()
     dup[1] = dup[0]
-    _raises(ops.q_proj_rope, x, dup, cnt, w, b, hn, heps, cos, sin, match="not ascending")
+    _raises(ops.gather_linear, x, dup, cnt, w, b, hn, heps, cos, sin, match="not ascending")
 
     q, idx, cnt, k, v, pos, kv, off, S, scale, win = s["sparse_query_attention"]
     _raises(ops.sparse_query_attention, q, idx, cnt, k.bfloat16(), v, pos, kv, off, S, scale, win, match="k must have the dtype of q")

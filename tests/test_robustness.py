@@ -401,6 +401,38 @@ def test_set_threshold_set_mode_and_calibrate_bias_refuse_without_changing_anyth
     assert (cfg.threshold, cfg.mode) == (0.6, "masked") and _same(_routers(model), before)
 
 
+def test_overrides_set_fields_for_the_block_only():
+    """skipgpt.overrides: the fields hold inside the block (validated and normalised), are restored
+    after it and after an error in it, and a refused value changes no field at all."""
+    model = skipgpt.apply(tiny_model("llama"), SkipConfig(threshold=0.6, mode="masked"))
+    cfg = skipgpt.state(model).config
+    with skipgpt.overrides(model, threshold=0, gate="deterministic") as inside:
+        assert inside is cfg and cfg.threshold == 0.0 and type(cfg.threshold) is float and cfg.gate == "deterministic"
+    assert (cfg.threshold, cfg.gate, cfg.mode) == (0.6, "auto", "masked")
+    with pytest.raises(RuntimeError, match="in the block"):
+        with skipgpt.overrides(model, threshold=0.1, mode="reference"):
+            raise RuntimeError("in the block")
+    assert (cfg.threshold, cfg.mode) == (0.6, "masked")
+    with pytest.raises(ValueError, match="threshold"):
+        with skipgpt.overrides(model, mode="reference", threshold=2.0):
+            pytest.fail("the block must not run")
+    assert (cfg.threshold, cfg.mode) == (0.6, "masked")
+
+
+def test_calibration_leaves_the_config_as_it_was():
+    """The calibration routines run under their own settings (masked, dense or trial thresholds)
+    and leave the user's config as it was: calibrate_threshold changes the threshold only."""
+    model = skipgpt.apply(tiny_model("llama"), SkipConfig(threshold=0.6, mode="reference", gate="deterministic"))
+    ids, mask = left_padded_batch()
+    cfg = skipgpt.state(model).config
+    want = cfg.to_dict()
+    skipgpt.calibrate_input_scale(model, ids, attention_mask=mask)
+    skipgpt.calibrate_bias(model, ids, 0.3, attention_mask=mask)
+    assert cfg.to_dict() == want
+    thr = skipgpt.calibrate_threshold(model, ids, 0.3, attention_mask=mask)
+    assert cfg.to_dict() == {**want, "threshold": thr} and thr != 0.6
+
+
 def test_calibrate_bias_that_fails_midway_leaves_the_routers():
     model = skipgpt.apply(tiny_model("llama"), SkipConfig())
     ids, _ = left_padded_batch()

@@ -6,6 +6,7 @@ the bytes on disk before a refused call."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import re
@@ -16,10 +17,10 @@ import torch
 from safetensors.torch import load_file
 
 import skipgpt
-from skipgpt import cli, models
-from skipgpt.argcheck import RULES
+from skipgpt import cli, load_skipgpt, models
+from skipgpt.argcheck import OPEN_ENDED, RULES
 from skipgpt.perplexity import perplexity
-from skipgpt.train import RouterArgs, load_skipgpt, train_routers
+from skipgpt.train import RouterArgs, train_routers
 from tiny_models import tiny_model
 
 
@@ -44,6 +45,10 @@ def _files(folder: Path) -> dict[str, bytes]:
         (["train-routers", "--model", "/nonexistent/model"], "argument --model: no such model folder: /nonexistent/model"),
         (["finetune-lora", "--lora-dropout", "1"], "argument --lora-dropout: must be < 1"),
         (["finetune-lora", "--routers", "/nonexistent"], "argument --routers: no such folder: /nonexistent"),
+        (["finetune-lora"], "the following arguments are required: --routers"),
+        (["finetune-lora", "--routers", ".", "--target-modules", "q_proj", "lm_head"],
+         "argument --target-modules: invalid choice: 'lm_head'"),
+        (["eval-ppl", "--mode", "fast"], "argument --mode: invalid choice: 'fast'"),
         (["eval-ppl", "--stride", "0"], "argument --stride: must be >= 1, got 0"),
         (["eval-ppl", "--window", "64", "--stride", "65"], "argument --stride: must be <= --window (64), got 65"),
         (["eval-ppl", "--model", "/nonexistent"], "argument --model: no such model folder: /nonexistent"),
@@ -95,6 +100,69 @@ def test_every_numeric_flag_has_a_declared_rule():
             if not getattr(typ, "explicit", False) or action.dest not in RULES:
                 missing.append(f"{name} --{action.dest}")
     assert checked > 30 and not missing, f"add these to skipgpt.argcheck.RULES: {missing}"
+
+
+def _commands() -> dict[str, argparse.ArgumentParser]:
+    parser = cli.build_parser()
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
+def test_every_flag_has_help_and_fixed_valued_flags_have_choices():
+    """Every flag of every command says what it does; a flag that takes a string takes one of a
+    fixed set (argparse checks it at parse time) unless it is declared open-ended (a path, a
+    corpus, a prompt: argcheck.OPEN_ENDED)."""
+    no_help, no_choices, open_used = [], [], set()
+    for name, p in _commands().items():
+        p.format_help()  # every help string formats (a stray % would raise here)
+        for action in p._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            where = f"{name} {action.option_strings[0]}"
+            if not (action.help or "").strip():
+                no_help.append(where)
+            if isinstance(action, argparse.BooleanOptionalAction):
+                continue
+            rule = RULES.get(action.dest)
+            takes_text = action.type in (None, str) and (rule is None or rule.kind is str)
+            if action.dest in OPEN_ENDED:
+                open_used.add(action.dest)
+                assert action.choices is None, f"{where} is open-ended but has choices"
+            elif takes_text and not action.choices:
+                no_choices.append(where)
+            if rule is not None and rule.choices is not None:
+                assert tuple(action.choices) == rule.choices, where  # the rule's set, not a copy of it
+    assert not no_help, f"flags without help: {no_help}"
+    assert not no_choices, f"string flags without choices (add them, or to argcheck.OPEN_ENDED): {no_choices}"
+    assert open_used == OPEN_ENDED  # no stale name there
+
+
+def test_every_training_field_declares_its_help():
+    """The training flags' help sits beside each dataclass field, so a new field needs one."""
+    from skipgpt.train import LoraArgs, RouterArgs
+
+    for cls in (RouterArgs, LoraArgs):
+        missing = [f.name for f in dataclasses.fields(cls) if not f.metadata.get("help", "").strip()]
+        assert not missing, f"{cls.__name__} fields without help: {missing}"
+
+
+def test_help_lists_every_command_with_a_line(capsys):
+    commands = _commands()
+    assert set(commands) == {"demo", "train-routers", "finetune-lora", "eval-ppl", "eval-lm", "gen-chat", "analyze"}
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for name, p in commands.items():
+        assert p.description and f"{name} {p.description}" in text, name
+
+
+def test_lora_api_checks_each_target_module_before_writing(tmp_path):
+    from skipgpt.train import LoraArgs, finetune_lora
+
+    args = LoraArgs(out=str(tmp_path / "run"), routers=str(tmp_path), target_modules=("q_proj", "lm_head"))
+    with pytest.raises(ValueError, match=r"--target-modules must be one of \[.*\], got 'lm_head'"):
+        finetune_lora(args)
+    assert not (tmp_path / "run").exists()
 
 
 def test_models_and_router_paths_are_named_clearly(tmp_path):

@@ -15,10 +15,10 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import skipgpt
-from skipgpt import data, models
+from skipgpt import data, load_skipgpt, models
 from skipgpt.baselines import baseline
 from skipgpt.perplexity import perplexity, token_stream
-from skipgpt.train import LoraArgs, RouterArgs, finetune_lora, load_skipgpt, train_routers
+from skipgpt.train import LoraArgs, RouterArgs, finetune_lora, train_routers
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@
 #include <type_traits>
 #include <vector>
 
-#include "../position_args.h"
 #include "common.h"
 #include "vec_isa.h"
 #include "vec_math.h"
@@ -111,7 +110,7 @@ void attend(const at::Tensor& q, const int64_t* idx, int64_t n, const at::Tensor
   const scalar_t* qp = q.data_ptr<scalar_t>();
   const scalar_t* kp = k.data_ptr<scalar_t>();
   const scalar_t* vp = v.data_ptr<scalar_t>();
-  scalar_t* op = out.data_ptr<scalar_t>();
+  scalar_t* outp = out.data_ptr<scalar_t>();
   const int64_t qs = q.stride(0), os = out.stride(0);
   const int64_t ksb = k.stride(0), ksh = k.stride(1), ksl = k.stride(2);
   const int64_t vsb = v.stride(0), vsh = v.stride(1), vsl = v.stride(2);
@@ -152,7 +151,7 @@ void attend(const at::Tensor& q, const int64_t* idx, int64_t n, const at::Tensor
   const Isa isa = cpu_isa();
   if (isa != Isa::kGeneric) {
 #if defined(SKIPGPT_X86_VEC)
-    const ItemArgs<scalar_t> args{qp, kp, vp, op, idx, q_pos, key_valid, qs, os, ksb, ksh, ksl, vsb, vsh, vsl,
+    const ItemArgs<scalar_t> args{qp, kp, vp, outp, idx, q_pos, key_valid, qs, os, ksb, ksh, ksl, vsb, vsh, vsl,
                                   hd, G, Lk, kv_offset, seq_len, window, kKeyTile, scale};
     at::parallel_for(0, parts, 1, [&](int64_t pb, int64_t pe) {
       avx512_tiles::Scratch sc512;
@@ -244,7 +243,7 @@ void attend(const at::Tensor& q, const int64_t* idx, int64_t n, const at::Tensor
         for (int64_t gg = 0; gg < G; ++gg) {
           const int64_t r = qi * G + gg;
           const float inv = no_key_zero_inv(row_sum[r]);
-          scalar_t* dst = op + (i0 + qi) * os + (g * G + gg) * hd;
+          scalar_t* dst = outp + (i0 + qi) * os + (g * G + gg) * hd;
           const float* src = O.data() + r * hd;
           // A row that saw no key is exactly 0 (even where masked values were not finite).
           for (int64_t d = 0; d < hd; ++d) dst[d] = inv == 0.0f ? scalar_t(0) : static_cast<scalar_t>(src[d] * inv);
@@ -260,33 +259,10 @@ at::Tensor sparse_query_attention_cpu(const at::Tensor& q_in, const at::Tensor& 
                                       int64_t seq_len, double scale, int64_t window) {
   const char* op = "skipgpt::sparse_query_attention";
   check_cpu(q_in, op, "q");
-  check_dim(q_in, 2, op, "q");
   check_float_dtype(q_in, op, "q");
-  check_cpu(k_in, op, "k");
-  check_cpu(v_in, op, "v");
-  check_dim(k_in, 4, op, "k");
-  check_same_dtype(k_in, q_in, op, "k", "q");
-  check_same_dtype(v_in, q_in, op, "v", "q");
-  TORCH_CHECK(v_in.sizes() == k_in.sizes(), op, ": v must have k's shape ", k_in.sizes(), ", got ", v_in.sizes());
-  const int64_t T = q_in.size(0), B = k_in.size(0), Hkv = k_in.size(1), Lk = k_in.size(2), hd = k_in.size(3);
-  TORCH_CHECK(hd > 0 && Hkv > 0, op, ": k must be [B, Hkv, Lk, head_dim] with Hkv, head_dim > 0, got ", k_in.sizes());
-  TORCH_CHECK(q_in.size(1) % (Hkv * hd) == 0, op, ": q's width ", q_in.size(1),
-              " must be a multiple of Hkv * head_dim = ", Hkv * hd, " (GQA)");
-  TORCH_CHECK(seq_len > 0 && B * seq_len == T, op, ": seq_len must satisfy B * seq_len == T (", B, " * ", seq_len,
-              " vs ", T, ")");
-  check_position_args(kv_offset, Lk, window, op);
-  check_cpu(q_pos, op, "q_pos");
-  TORCH_CHECK(q_pos.scalar_type() == at::kLong, op, ": q_pos must be int64, got ", q_pos.scalar_type());
-  TORCH_CHECK(q_pos.dim() == 1 && q_pos.size(0) == T, op, ": q_pos must be [", T, "], got ", q_pos.sizes());
-  at::Tensor kv_valid;
-  if (key_valid.has_value()) {
-    check_cpu(*key_valid, op, "key_valid");
-    TORCH_CHECK(key_valid->scalar_type() == at::kBool, op, ": key_valid must be bool, got ",
-                key_valid->scalar_type());
-    TORCH_CHECK(key_valid->dim() == 2 && key_valid->size(0) == B && key_valid->size(1) == Lk, op,
-                ": key_valid must be [", B, ", ", Lk, "], got ", key_valid->sizes());
-    kv_valid = key_valid->contiguous();
-  }
+  const int64_t T =
+      check_attention_args(q_in, idx, count, k_in, v_in, q_pos, key_valid, kv_offset, seq_len, window, op, on_cpu(op)).T;
+  const at::Tensor kv_valid = key_valid.has_value() ? key_valid->contiguous() : at::Tensor();
   const int64_t n = read_count_and_check_idx(idx, count, T, op);
   auto out = at::empty({T, q_in.size(1)}, q_in.options().memory_format(at::MemoryFormat::Contiguous));
   // Rows past count are unspecified by the contract; zero them so the output is deterministic.

@@ -1,5 +1,5 @@
-// Shared helpers of the CPU kernels: argument checks that name the argument, count reading,
-// row loops and float conversion.
+// Shared helpers of the CPU kernels: the CPU's own argument checks (the device, the values of
+// idx; the rest is in ../op_args.h) and row gathering.
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -7,7 +7,9 @@
 #include <c10/util/Half.h>
 
 #include <cstdint>
-#include <string>
+#include <cstring>
+
+#include "../op_args.h"
 
 namespace skipgpt::cpu {
 
@@ -15,33 +17,16 @@ inline void check_cpu(const at::Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got device ", t.device());
 }
 
-inline void check_dim(const at::Tensor& t, int64_t dim, const char* op, const char* name) {
-  TORCH_CHECK(t.dim() == dim, op, ": ", name, " must be ", dim, "-D, got shape ", t.sizes());
+// The device check the shared argument checks (op_args.h) run on every other tensor argument.
+inline auto on_cpu(const char* op) {
+  return [op](const at::Tensor& t, const char* name) { check_cpu(t, op, name); };
 }
 
-inline void check_float_dtype(const at::Tensor& t, const char* op, const char* name) {
-  auto s = t.scalar_type();
-  TORCH_CHECK(s == at::kFloat || s == at::kBFloat16 || s == at::kHalf, op, ": ", name,
-              " must be float32, bfloat16 or float16, got ", s);
-}
-
-inline void check_same_dtype(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* name,
-                             const char* ref_name) {
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " must have the dtype of ", ref_name, " (",
-              ref.scalar_type(), "), got ", t.scalar_type());
-}
-
-// The executing rows: idx[:count] must be unique rows in [0, rows), ascending (so the in-place
-// scatter needs no atomics and the compacted order is the token order).
+// The executing rows, read on the host: count, checked to be in [0, rows], and idx[:count],
+// checked to be unique rows in [0, rows), ascending (so the in-place scatter needs no atomics
+// and the compacted order is the token order). Their dtypes and shapes are checked already.
 inline int64_t read_count_and_check_idx(const at::Tensor& idx, const at::Tensor& count, int64_t rows,
                                         const char* op) {
-  check_cpu(idx, op, "idx");
-  check_cpu(count, op, "count");
-  TORCH_CHECK(idx.scalar_type() == at::kLong, op, ": idx must be int64, got ", idx.scalar_type());
-  TORCH_CHECK(count.scalar_type() == at::kLong, op, ": count must be int64, got ", count.scalar_type());
-  TORCH_CHECK(count.numel() == 1, op, ": count must hold one value, got shape ", count.sizes());
-  check_dim(idx, 1, op, "idx");
-  TORCH_CHECK(idx.size(0) == rows, op, ": idx must have ", rows, " entries (one per row), got ", idx.size(0));
   const int64_t n = count.item<int64_t>();
   TORCH_CHECK(n >= 0 && n <= rows, op, ": count must be in [0, ", rows, "], got ", n);
   const int64_t* ip = idx.data_ptr<int64_t>();
@@ -54,11 +39,6 @@ inline int64_t read_count_and_check_idx(const at::Tensor& idx, const at::Tensor&
     prev = r;
   }
   return n;
-}
-
-template <typename T>
-inline float to_f(T x) {
-  return static_cast<float>(x);
 }
 
 // Gather rows idx[:n] of x [T, d] (any row stride, unit column stride) into a contiguous [n, d].

@@ -1,4 +1,4 @@
-// The compacted GEMM ops: q_proj_rope, linear_scatter_add_ and skip_mlp_. GEMMs go through
+// The compacted GEMM ops: gather_linear, linear_scatter_add_ and skip_mlp_. GEMMs go through
 // ATen (MKL / oneDNN) on compacted, contiguous row blocks; the gather rides on a pass that
 // already exists (the norm) and the scatter-add is the epilogue of the last GEMM. When every
 // row executes, the last GEMM accumulates straight into h (no scatter at all).
@@ -9,49 +9,15 @@
 #include <cmath>
 #include <vector>
 
-#include "../inplace_args.h"
-#include "../rope_args.h"
 #include "common.h"
+#include "row_ops.h"
 #include "skinny_gemm.h"
 #include "vec_isa.h"
 #include "vec_math.h"
 
 namespace skipgpt::cpu {
 
-#if defined(SKIPGPT_X86_VEC)
-SKIPGPT_BEGIN_AVX512
-namespace avx512_rows {
-using Vec = avx512_vec::Vec;
-#include "row_ops.inc"
-}  // namespace avx512_rows
-SKIPGPT_END_ISA
-
-SKIPGPT_BEGIN_AVX2
-namespace avx2_rows {
-using Vec = avx2_vec::Vec;
-#include "row_ops.inc"
-}  // namespace avx2_rows
-SKIPGPT_END_ISA
-#endif
-
 namespace {
-
-void check_weight(const at::Tensor& w, const at::Tensor& ref, int64_t rows, int64_t cols, const char* op,
-                  const char* name, const char* ref_name) {
-  check_cpu(w, op, name);
-  check_same_dtype(w, ref, op, name, ref_name);
-  TORCH_CHECK(w.dim() == 2 && w.size(0) == rows && w.size(1) == cols, op, ": ", name, " must be [", rows, ", ",
-              cols, "], got ", w.sizes());
-}
-
-void check_inplace_target(const at::Tensor& h, const char* op) {
-  check_cpu(h, op, "h");
-  check_dim(h, 2, op, "h");
-  check_float_dtype(h, op, "h");
-  TORCH_CHECK(h.stride(1) == 1, op, ": h is updated in place and must have unit stride in its last dimension, got "
-              "strides ", h.strides());
-  check_no_internal_overlap(h, op);
-}
 
 // h[idx[i]] += y[i] for i < n (rows unique: no atomics).
 void scatter_add_rows(at::Tensor& h, const at::Tensor& y, const int64_t* idx, int64_t n) {
@@ -115,39 +81,18 @@ void gemm_scatter_add(at::Tensor& h, const at::Tensor& a, const int64_t* idx, in
   scatter_add_rows(h, y, idx, n);
 }
 
-at::Tensor q_proj_rope_cpu(const at::Tensor& x_in, const at::Tensor& idx, const at::Tensor& count,
-                           const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                           const std::optional<at::Tensor>& head_norm_weight, double head_norm_eps,
-                           const std::optional<at::Tensor>& cos_in, const std::optional<at::Tensor>& sin_in) {
-  const char* op = "skipgpt::q_proj_rope";
+at::Tensor gather_linear_cpu(const at::Tensor& x_in, const at::Tensor& idx, const at::Tensor& count,
+                             const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                             const std::optional<at::Tensor>& head_norm_weight, double head_norm_eps,
+                             const std::optional<at::Tensor>& cos_in, const std::optional<at::Tensor>& sin_in) {
+  const char* op = "skipgpt::gather_linear";
   check_cpu(x_in, op, "x");
-  check_dim(x_in, 2, op, "x");
   check_float_dtype(x_in, op, "x");
-  const int64_t T = x_in.size(0), d = x_in.size(1);
-  check_cpu(weight, op, "weight");
-  check_same_dtype(weight, x_in, op, "weight", "x");
-  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == d, op, ": weight must be [Hq*head_dim, ", d, "], got ",
-              weight.sizes());
-  const int64_t N = weight.size(0);
-  const int64_t hd = check_rope_args(cos_in, sin_in, head_norm_weight, T, N, op);
+  const GatherLinearDims dims =
+      check_gather_linear_args(x_in, idx, count, weight, bias, head_norm_weight, cos_in, sin_in, op, on_cpu(op));
+  const int64_t T = dims.T, N = dims.N, hd = dims.head_dim;
   const bool rope = hd > 0;
-  if (rope) {
-    for (auto [t, name] : {std::pair{&*cos_in, "cos"}, std::pair{&*sin_in, "sin"}}) {
-      check_cpu(*t, op, name);
-      check_float_dtype(*t, op, name);
-    }
-  }
-  if (bias.has_value()) {
-    check_cpu(*bias, op, "bias");
-    check_same_dtype(*bias, x_in, op, "bias", "x");
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, op, ": bias must be [", N, "], got ", bias->sizes());
-  }
-  at::Tensor hnw;
-  if (head_norm_weight.has_value()) {
-    check_cpu(*head_norm_weight, op, "head_norm_weight");
-    check_same_dtype(*head_norm_weight, x_in, op, "head_norm_weight", "x");
-    hnw = head_norm_weight->to(at::kFloat).contiguous();
-  }
+  const at::Tensor hnw = head_norm_weight.has_value() ? head_norm_weight->to(at::kFloat).contiguous() : at::Tensor();
   const int64_t n = read_count_and_check_idx(idx, count, T, op);
   auto out = at::empty({T, N}, x_in.options());
   if (n < T) out.narrow(0, n, T - n).zero_();
@@ -170,7 +115,7 @@ at::Tensor q_proj_rope_cpu(const at::Tensor& x_in, const at::Tensor& idx, const 
   const float* hw = hnw.defined() ? hnw.data_ptr<float>() : nullptr;
   const float heps = static_cast<float>(head_norm_eps);
   const int64_t H = N / hd, half = hd / 2;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "q_proj_rope", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "gather_linear", [&] {
     scalar_t* qp = out.data_ptr<scalar_t>();
     at::parallel_for(0, n, 8, [&](int64_t b, int64_t e) {
       std::vector<float> t(hd);
@@ -204,19 +149,9 @@ at::Tensor q_proj_rope_cpu(const at::Tensor& x_in, const at::Tensor& idx, const 
 void linear_scatter_add_cpu(at::Tensor& h, const at::Tensor& a, const at::Tensor& idx, const at::Tensor& count,
                             const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   const char* op = "skipgpt::linear_scatter_add_";
-  check_inplace_target(h, op);
-  const int64_t T = h.size(0), d = h.size(1);
-  check_cpu(a, op, "a");
-  check_same_dtype(a, h, op, "a", "h");
-  TORCH_CHECK(a.dim() == 2 && a.size(0) == T, op, ": a must be [", T, ", in_features], got ", a.sizes());
-  check_weight(weight, h, d, a.size(1), op, "weight", "h");
-  if (bias.has_value()) {
-    check_cpu(*bias, op, "bias");
-    check_same_dtype(*bias, h, op, "bias", "h");
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == d, op, ": bias must be [", d, "], got ", bias->sizes());
-  }
-  check_inputs_apart_from_h(h, {{&a, "a"}, {&weight, "weight"}, {opt_ptr(bias), "bias"}, {&idx, "idx"}, {&count, "count"}},
-                            op);
+  check_cpu(h, op, "h");
+  check_float_dtype(h, op, "h");
+  const int64_t T = check_linear_scatter_add_args(h, a, idx, count, weight, bias, op, on_cpu(op)).T;
   const int64_t n = read_count_and_check_idx(idx, count, T, op);
   if (n == 0) return;  // no weight byte is read
   const auto idx_c = idx.contiguous();
@@ -252,21 +187,10 @@ void skip_mlp_cpu(at::Tensor& h, const at::Tensor& idx, const at::Tensor& count,
                   double eps, const at::Tensor& gate_weight, const at::Tensor& up_weight,
                   const at::Tensor& down_weight) {
   const char* op = "skipgpt::skip_mlp_";
-  check_inplace_target(h, op);
-  const int64_t T = h.size(0), d = h.size(1);
-  check_cpu(norm_weight, op, "norm_weight");
-  check_same_dtype(norm_weight, h, op, "norm_weight", "h");
-  TORCH_CHECK(norm_weight.dim() == 1 && norm_weight.size(0) == d, op, ": norm_weight must be [", d, "], got ",
-              norm_weight.sizes());
-  check_cpu(gate_weight, op, "gate_weight");
-  TORCH_CHECK(gate_weight.dim() == 2, op, ": gate_weight must be [intermediate, ", d, "], got ", gate_weight.sizes());
-  const int64_t I = gate_weight.size(0);
-  check_weight(gate_weight, h, I, d, op, "gate_weight", "h");
-  check_weight(up_weight, h, I, d, op, "up_weight", "h");
-  check_weight(down_weight, h, d, I, op, "down_weight", "h");
-  check_inputs_apart_from_h(h, {{&norm_weight, "norm_weight"}, {&gate_weight, "gate_weight"}, {&up_weight, "up_weight"},
-                                {&down_weight, "down_weight"}, {&idx, "idx"}, {&count, "count"}},
-                            op);
+  check_cpu(h, op, "h");
+  check_float_dtype(h, op, "h");
+  const auto [T, d, I] =
+      check_skip_mlp_args(h, idx, count, norm_weight, gate_weight, up_weight, down_weight, op, on_cpu(op));
   const int64_t n = read_count_and_check_idx(idx, count, T, op);
   if (n == 0) return;  // no weight byte is read
   const auto idx_c = idx.contiguous();
@@ -309,7 +233,8 @@ void skip_mlp_cpu(at::Tensor& h, const at::Tensor& idx, const at::Tensor& count,
 }  // namespace
 
 TORCH_LIBRARY_IMPL(skipgpt, CPU, m) {
-  m.impl("q_proj_rope", &q_proj_rope_cpu);
+  m.impl("gather_linear", &gather_linear_cpu);
+  m.impl("q_proj_rope", &gather_linear_cpu);  // the old name of gather_linear
   m.impl("linear_scatter_add_", &linear_scatter_add_cpu);
   m.impl("skip_mlp_", &skip_mlp_cpu);
 }

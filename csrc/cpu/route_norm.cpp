@@ -9,25 +9,10 @@
 #include <vector>
 
 #include "common.h"
+#include "row_ops.h"
 #include "vec_isa.h"
 
 namespace skipgpt::cpu {
-
-#if defined(SKIPGPT_X86_VEC)
-SKIPGPT_BEGIN_AVX512
-namespace avx512_rn {
-using Vec = avx512_vec::Vec;
-#include "row_ops.inc"
-}  // namespace avx512_rn
-SKIPGPT_END_ISA
-
-SKIPGPT_BEGIN_AVX2
-namespace avx2_rn {
-using Vec = avx2_vec::Vec;
-#include "row_ops.inc"
-}  // namespace avx2_rn
-SKIPGPT_END_ISA
-#endif
 
 namespace {
 
@@ -41,9 +26,9 @@ int64_t compact_into(const uint8_t* execute, int64_t T, int64_t* idx) {
   return n;
 }
 
-template <typename scalar_t, typename weight_t, typename out_t>
-void route_norm_rows(const at::Tensor& h, const weight_t* nw, double eps, const float* rw, const float* rb,
-                     double threshold, const bool* valid, out_t* xn, uint8_t* ex_attn, uint8_t* ex_mlp) {
+template <typename scalar_t>
+void route_norm_rows(const at::Tensor& h, const scalar_t* nw, double eps, const float* rw, const float* rb,
+                     double threshold, const bool* valid, scalar_t* xn, uint8_t* ex_attn, uint8_t* ex_mlp) {
   const int64_t T = h.size(0), d = h.size(1), rs = h.stride(0);
   const scalar_t* hp = h.data_ptr<scalar_t>();
   const float *w0 = rw, *w1 = rw + d;
@@ -51,29 +36,29 @@ void route_norm_rows(const at::Tensor& h, const weight_t* nw, double eps, const 
   at::parallel_for(0, T, 16, [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
       const scalar_t* row = hp + r * rs;
-      out_t* o = xn + r * d;
+      scalar_t* o = xn + r * d;
 #if defined(SKIPGPT_X86_VEC)
       if constexpr (!std::is_same_v<scalar_t, double>) {  // (the vector loads widen fp32/bf16/fp16)
         if (isa != Isa::kGeneric) {
           // One read of the row feeds the norm statistic and both router margins.
           float st[3];
           if (isa == Isa::kAvx512)
-            avx512_rn::row_stats<scalar_t>(row, w0, w1, d, st);
+            avx512_rows::row_stats<scalar_t>(row, w0, w1, d, st);
           else
-            avx2_rn::row_stats<scalar_t>(row, w0, w1, d, st);
+            avx2_rows::row_stats<scalar_t>(row, w0, w1, d, st);
           const bool ok = valid == nullptr || valid[r];
           ex_attn[r] = ok && (st[1] + rb[0]) > threshold;
           ex_mlp[r] = ok && (st[2] + rb[1]) > threshold;
           const float inv = 1.0f / std::sqrt(st[0] / static_cast<float>(d) + static_cast<float>(eps));
-          if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<weight_t, float>) {
+          if constexpr (std::is_same_v<scalar_t, float>) {
             if (isa == Isa::kAvx512)
-              avx512_rn::write_norm_f32(row, nw, inv, d, o);
+              avx512_rows::write_norm_f32(row, nw, inv, d, o);
             else
-              avx2_rn::write_norm_f32(row, nw, inv, d, o);
+              avx2_rows::write_norm_f32(row, nw, inv, d, o);
           } else {  // as HF: normalise in fp32, round to the input dtype, then scale
             for (int64_t j = 0; j < d; ++j)
-              o[j] = static_cast<out_t>(static_cast<float>(nw[j]) *
-                                        static_cast<float>(static_cast<scalar_t>(static_cast<float>(row[j]) * inv)));
+              o[j] = static_cast<scalar_t>(static_cast<float>(nw[j]) *
+                                           static_cast<float>(static_cast<scalar_t>(static_cast<float>(row[j]) * inv)));
           }
           continue;
         }
@@ -109,7 +94,7 @@ void route_norm_rows(const at::Tensor& h, const weight_t* nw, double eps, const 
       for (int64_t j = 0; j < d; ++j) {
         // As HF: normalise in fp32, round to the input dtype, then scale by the weight.
         const float y = static_cast<float>(static_cast<scalar_t>(static_cast<float>(row[j]) * inv));
-        o[j] = static_cast<out_t>(static_cast<float>(nw[j]) * y);
+        o[j] = static_cast<scalar_t>(static_cast<float>(nw[j]) * y);
       }
     }
   });
@@ -120,54 +105,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_nor
     const at::Tensor& router_bias, double threshold, const std::optional<at::Tensor>& row_valid) {
   const char* op = "skipgpt::route_norm";
   check_cpu(h_in, op, "h");
-  check_dim(h_in, 2, op, "h");
   check_float_dtype(h_in, op, "h");
-  const int64_t T = h_in.size(0), d = h_in.size(1);
-  check_cpu(norm_weight, op, "norm_weight");
-  check_dim(norm_weight, 1, op, "norm_weight");
-  TORCH_CHECK(norm_weight.size(0) == d, op, ": norm_weight must have ", d, " entries (h's width), got ",
-              norm_weight.size(0));
-  TORCH_CHECK(norm_weight.scalar_type() == h_in.scalar_type() || norm_weight.scalar_type() == at::kFloat, op,
-              ": norm_weight must have h's dtype (", h_in.scalar_type(), ") or float32, got ",
-              norm_weight.scalar_type());
-  check_cpu(router_weight, op, "router_weight");
-  check_cpu(router_bias, op, "router_bias");
-  TORCH_CHECK(router_weight.scalar_type() == at::kFloat, op, ": router_weight must be float32, got ",
-              router_weight.scalar_type());
-  TORCH_CHECK(router_bias.scalar_type() == at::kFloat, op, ": router_bias must be float32, got ",
-              router_bias.scalar_type());
-  TORCH_CHECK(router_weight.dim() == 2 && router_weight.size(0) == 2 && router_weight.size(1) == d, op,
-              ": router_weight must be [2, ", d, "], got ", router_weight.sizes());
-  TORCH_CHECK(router_bias.dim() == 1 && router_bias.size(0) == 2, op, ": router_bias must be [2], got ",
-              router_bias.sizes());
-  at::Tensor valid;
-  if (row_valid.has_value()) {
-    check_cpu(*row_valid, op, "row_valid");
-    TORCH_CHECK(row_valid->scalar_type() == at::kBool, op, ": row_valid must be bool, got ",
-                row_valid->scalar_type());
-    TORCH_CHECK(row_valid->numel() == T, op, ": row_valid must have ", T, " entries (one per row of h), got ",
-                row_valid->numel());
-    valid = row_valid->reshape({T}).contiguous();
-  }
+  const auto [T, d] = check_route_norm_args(h_in, norm_weight, router_weight, router_bias, row_valid, op, on_cpu(op));
   // Unit column stride is what the row loop needs; any row stride is fine.
   const at::Tensor h = h_in.stride(1) == 1 ? h_in : h_in.contiguous();
   const auto nw = norm_weight.contiguous();
   const auto rw = router_weight.contiguous();
   const auto rb = router_bias.contiguous();
-  const auto out_dtype = at::promote_types(h.scalar_type(), nw.scalar_type());
-  auto x_norm = at::empty({T, d}, h.options().dtype(out_dtype));
+  const at::Tensor valid = row_valid.has_value() ? row_valid->reshape({T}).contiguous() : at::Tensor();
+  auto x_norm = at::empty({T, d}, h.options().memory_format(at::MemoryFormat::Contiguous));
   std::vector<uint8_t> ex_attn(T), ex_mlp(T);
   const bool* vp = valid.defined() ? valid.data_ptr<bool>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "route_norm", [&] {
-    if (nw.scalar_type() == h.scalar_type()) {
-      route_norm_rows<scalar_t, scalar_t, scalar_t>(h, nw.data_ptr<scalar_t>(), eps, rw.data_ptr<float>(),
-                                                    rb.data_ptr<float>(), threshold, vp,
-                                                    x_norm.data_ptr<scalar_t>(), ex_attn.data(), ex_mlp.data());
-    } else {
-      route_norm_rows<scalar_t, float, float>(h, nw.data_ptr<float>(), eps, rw.data_ptr<float>(),
-                                              rb.data_ptr<float>(), threshold, vp, x_norm.data_ptr<float>(),
-                                              ex_attn.data(), ex_mlp.data());
-    }
+    route_norm_rows<scalar_t>(h, nw.data_ptr<scalar_t>(), eps, rw.data_ptr<float>(), rb.data_ptr<float>(), threshold,
+                              vp, x_norm.data_ptr<scalar_t>(), ex_attn.data(), ex_mlp.data());
   });
   auto lopt = h.options().dtype(at::kLong);
   auto attn_idx = at::empty({T}, lopt), mlp_idx = at::empty({T}, lopt);

@@ -1,5 +1,7 @@
-// CUDA implementations of the skipgpt op schemas (declared in csrc/registration.cpp): argument
-// checks that name the argument, output allocation, and launches on the current stream.
+// CUDA implementations of the skipgpt op schemas (declared in csrc/registration.cpp): the CUDA
+// side of the argument checks (the device, the dtypes the kernels take, alignment and size
+// limits; the rest is shared with the CPU in ../op_args.h), output allocation, and launches on
+// the current stream.
 //
 // Nothing here reads a device value on the host: counts stay on the device and the kernels
 // read them, so a layer's forward can be captured in a CUDA graph. The price is that the
@@ -17,9 +19,7 @@
 #include <string>
 #include <tuple>
 
-#include "../inplace_args.h"
-#include "../position_args.h"
-#include "../rope_args.h"
+#include "../op_args.h"
 #include "kernels.h"
 
 namespace skipgpt::cuda {
@@ -44,24 +44,21 @@ void check_cuda(const at::Tensor& t, const at::Tensor& ref, const char* op, cons
               t.device());
 }
 
-void check_dtype(const at::Tensor& t, at::ScalarType want, const char* op, const char* name, const char* why) {
-  TORCH_CHECK(t.scalar_type() == want, op, ": ", name, " must be ", want, " (", why, "), got ", t.scalar_type());
-}
-
-void check_float(const at::Tensor& t, const char* op, const char* name) {
+// The first argument of an op (h, x or q): a CUDA tensor, in one of the dtypes the op's kernels
+// take (`tensor_cores`: the GEMMs, bfloat16 or float16 only). Its device guards the launch.
+void check_first(const at::Tensor& t, bool tensor_cores, const char* op, const char* name) {
+  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got device ", t.device());
   const auto s = t.scalar_type();
-  TORCH_CHECK(s == at::kFloat || s == at::kBFloat16 || s == at::kHalf, op, ": ", name,
-              " must be float32, bfloat16 or float16, got ", s);
+  if (!tensor_cores)
+    check_float_dtype(t, op, name);
+  else
+    TORCH_CHECK(s == at::kBFloat16 || s == at::kHalf, op, ": ", name,
+                " must be bfloat16 or float16 on CUDA (the GEMMs run on tensor cores), got ", dtype_name(s));
 }
 
-void check_half(const at::Tensor& t, const char* op, const char* name) {
-  const auto s = t.scalar_type();
-  TORCH_CHECK(s == at::kBFloat16 || s == at::kHalf, op, ": ", name,
-              " must be bfloat16 or float16 on CUDA (the GEMMs run on tensor cores), got ", s);
-}
-
-void check_shape(const at::Tensor& t, at::IntArrayRef want, const char* op, const char* name) {
-  TORCH_CHECK(t.sizes() == want, op, ": ", name, " must have shape ", want, ", got ", t.sizes());
+// The device check the shared argument checks (op_args.h) run on every other tensor argument.
+auto on_device_of(const at::Tensor& ref, const char* op) {
+  return [&ref, op](const at::Tensor& t, const char* name) { check_cuda(t, ref, op, name); };
 }
 
 // Row-major with unit column stride, 16-byte aligned rows (the GEMMs' async copies).
@@ -72,14 +69,16 @@ void check_rows16(const at::Tensor& t, const char* op, const char* name) {
               ": ", name, " rows must start on 16-byte boundaries (row stride ", t.stride(0), ")");
 }
 
-void check_idx(const at::Tensor& idx, const at::Tensor& count, int64_t T, const at::Tensor& ref, const char* op) {
-  check_cuda(idx, ref, op, "idx");
-  check_cuda(count, ref, op, "count");
-  check_dtype(idx, at::kLong, op, "idx", "row numbers");
-  check_dtype(count, at::kLong, op, "count", "a device-side row count");
-  TORCH_CHECK(count.numel() == 1, op, ": count must hold one value, got shape ", count.sizes());
-  TORCH_CHECK(idx.dim() == 1 && idx.size(0) == T, op, ": idx must have ", T, " entries (one per row), got ", idx.sizes());
+// The kernels read idx[i] at i; its values are the caller's contract on CUDA (reading them
+// would sync with the host).
+void check_idx_contiguous(const at::Tensor& idx, const char* op) {
   TORCH_CHECK(idx.is_contiguous(), op, ": idx must be contiguous");
+}
+
+// Tensor-core tiles are 16 bytes: every dimension of a GEMM weight a multiple of 8.
+void check_gemm_weight(const at::Tensor& w, const char* op, const char* name) {
+  TORCH_CHECK(w.size(0) % 8 == 0 && w.size(1) % 8 == 0, op, ": ", name,
+              "'s dimensions must be multiples of 8 on CUDA (16-byte tensor-core tiles), got ", w.sizes());
 }
 
 // ATen's CUDAContext.h needs the cuBLAS/cuSPARSE headers, which a build machine may lack;
@@ -91,7 +90,7 @@ int num_sms(int device) {
   return n;
 }
 
-void launched(cudaError_t e, const char* op) {
+void check_launch(cudaError_t e, const char* op) {
   TORCH_CHECK(e == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(e));
 }
 
@@ -124,30 +123,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_nor
     const at::Tensor& h_in, const at::Tensor& norm_weight, double eps, const at::Tensor& router_weight,
     const at::Tensor& router_bias, double threshold, const std::optional<at::Tensor>& row_valid) {
   const char* op = "skipgpt::route_norm";
-  TORCH_CHECK(h_in.is_cuda(), op, ": h must be a CUDA tensor, got device ", h_in.device());
-  TORCH_CHECK(h_in.dim() == 2, op, ": h must be 2-D, got shape ", h_in.sizes());
-  check_float(h_in, op, "h");
+  check_first(h_in, /*tensor_cores=*/false, op, "h");
   const c10::cuda::CUDAGuard guard(h_in.device());
-  const int64_t T = h_in.size(0), d = h_in.size(1);
+  const auto [T, d] =
+      check_route_norm_args(h_in, norm_weight, router_weight, router_bias, row_valid, op, on_device_of(h_in, op));
   check_rows_limit(T, op);
-  check_cuda(norm_weight, h_in, op, "norm_weight");
-  TORCH_CHECK(norm_weight.scalar_type() == h_in.scalar_type(), op, ": norm_weight must have h's dtype (",
-              h_in.scalar_type(), ") on CUDA, got ", norm_weight.scalar_type());
-  check_shape(norm_weight, {d}, op, "norm_weight");
-  check_cuda(router_weight, h_in, op, "router_weight");
-  check_cuda(router_bias, h_in, op, "router_bias");
-  check_dtype(router_weight, at::kFloat, op, "router_weight", "fp32 router margins");
-  check_dtype(router_bias, at::kFloat, op, "router_bias", "fp32 router margins");
-  check_shape(router_weight, {2, d}, op, "router_weight");
-  check_shape(router_bias, {2}, op, "router_bias");
-  at::Tensor valid;
-  if (row_valid.has_value()) {
-    check_cuda(*row_valid, h_in, op, "row_valid");
-    check_dtype(*row_valid, at::kBool, op, "row_valid", "a padding mask");
-    TORCH_CHECK(row_valid->numel() == T, op, ": row_valid must have ", T, " entries (one per row of h), got ",
-                row_valid->numel());
-    valid = row_valid->reshape({T}).contiguous();
-  }
+  const at::Tensor valid = row_valid.has_value() ? row_valid->reshape({T}).contiguous() : at::Tensor();
   const at::Tensor h = h_in.stride(1) == 1 ? h_in : h_in.contiguous();
   const auto nw = norm_weight.contiguous(), rw = router_weight.contiguous(), rb = router_bias.contiguous();
   auto x_norm = at::empty({T, d}, h.options().memory_format(at::MemoryFormat::Contiguous));
@@ -172,7 +153,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_nor
   p.workspace = reinterpret_cast<uint64_t*>(ws.data_ptr<int64_t>());
   p.T = T;
   p.d = d;
-  launched(launch_route_norm(p, dtype_of(h), c10::cuda::getCurrentCUDAStream().stream()), op);
+  check_launch(launch_route_norm(p, dtype_of(h), c10::cuda::getCurrentCUDAStream().stream()), op);
   return {x_norm, attn_idx, attn_count, mlp_idx, mlp_count};
 }
 
@@ -192,59 +173,24 @@ std::tuple<at::Tensor, at::Tensor> compact_cuda(const at::Tensor& mask) {
   p.attn_count = count.data_ptr<int64_t>();
   p.workspace = reinterpret_cast<uint64_t*>(ws.data_ptr<int64_t>());
   p.T = T;
-  launched(launch_compact(p, c10::cuda::getCurrentCUDAStream().stream()), op);
+  check_launch(launch_compact(p, c10::cuda::getCurrentCUDAStream().stream()), op);
   return {idx, count};
 }
 
-void check_gemm_weight(const at::Tensor& w, const at::Tensor& ref, int64_t rows, int64_t cols, const char* op,
-                       const char* name, const char* ref_name) {
-  check_cuda(w, ref, op, name);
-  TORCH_CHECK(w.scalar_type() == ref.scalar_type(), op, ": ", name, " must have the dtype of ", ref_name, " (",
-              ref.scalar_type(), "), got ", w.scalar_type());
-  TORCH_CHECK(w.dim() == 2 && (rows < 0 || w.size(0) == rows) && w.size(1) == cols, op, ": ", name, " must be [",
-              rows < 0 ? std::string("out_features") : std::to_string(rows), ", ", cols, "], got ", w.sizes());
-  TORCH_CHECK(w.size(0) % 8 == 0 && w.size(1) % 8 == 0, op, ": ", name,
-              "'s dimensions must be multiples of 8 on CUDA (16-byte tensor-core tiles), got ", w.sizes());
-}
-
-void check_bias(const std::optional<at::Tensor>& bias, const at::Tensor& ref, int64_t n, const char* op) {
-  if (!bias.has_value()) return;
-  check_cuda(*bias, ref, op, "bias");
-  TORCH_CHECK(bias->scalar_type() == ref.scalar_type(), op, ": bias must have the dtype of the input (",
-              ref.scalar_type(), "), got ", bias->scalar_type());
-  check_shape(*bias, {n}, op, "bias");
-}
-
-at::Tensor q_proj_rope_cuda(const at::Tensor& x, const at::Tensor& idx, const at::Tensor& count,
-                            const at::Tensor& weight_in, const std::optional<at::Tensor>& bias,
-                            const std::optional<at::Tensor>& head_norm_weight, double head_norm_eps,
-                            const std::optional<at::Tensor>& cos_in, const std::optional<at::Tensor>& sin_in) {
-  const char* op = "skipgpt::q_proj_rope";
-  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got device ", x.device());
-  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D, got shape ", x.sizes());
-  check_half(x, op, "x");
+at::Tensor gather_linear_cuda(const at::Tensor& x, const at::Tensor& idx, const at::Tensor& count,
+                              const at::Tensor& weight_in, const std::optional<at::Tensor>& bias,
+                              const std::optional<at::Tensor>& head_norm_weight, double head_norm_eps,
+                              const std::optional<at::Tensor>& cos_in, const std::optional<at::Tensor>& sin_in) {
+  const char* op = "skipgpt::gather_linear";
+  check_first(x, /*tensor_cores=*/true, op, "x");
   const c10::cuda::CUDAGuard guard(x.device());
-  check_rows16(x, op, "x");
-  const int64_t T = x.size(0), d = x.size(1);
-  check_gemm_weight(weight_in, x, -1, d, op, "weight", "x");
-  const int64_t N = weight_in.size(0);
-  check_bias(bias, x, N, op);
-  const int64_t hd = check_rope_args(cos_in, sin_in, head_norm_weight, T, N, op);
+  const auto [T, d, N, hd] = check_gather_linear_args(x, idx, count, weight_in, bias, head_norm_weight, cos_in, sin_in,
+                                                      op, on_device_of(x, op));
   const bool rope = hd > 0;
-  if (rope) {
-    for (auto [t, name] : {std::pair{&*cos_in, "cos"}, std::pair{&*sin_in, "sin"}}) {
-      check_cuda(*t, x, op, name);
-      check_float(*t, op, name);
-    }
-  }
-  at::Tensor hnw;
-  if (head_norm_weight.has_value()) {
-    check_cuda(*head_norm_weight, x, op, "head_norm_weight");
-    TORCH_CHECK(head_norm_weight->scalar_type() == x.scalar_type(), op, ": head_norm_weight must have x's dtype (",
-                x.scalar_type(), "), got ", head_norm_weight->scalar_type());
-    hnw = head_norm_weight->contiguous();
-  }
-  check_idx(idx, count, T, x, op);
+  check_rows16(x, op, "x");
+  check_gemm_weight(weight_in, op, "weight");
+  check_idx_contiguous(idx, op);
+  const at::Tensor hnw = head_norm_weight.has_value() ? head_norm_weight->contiguous() : at::Tensor();
   const auto weight = aligned16(weight_in);
   const auto cs = rope ? cos_in->to(x.scalar_type()).contiguous() : at::Tensor();
   const auto sn = rope ? sin_in->to(x.scalar_type()).contiguous() : at::Tensor();
@@ -257,7 +203,7 @@ at::Tensor q_proj_rope_cuda(const at::Tensor& x, const at::Tensor& idx, const at
                      .head_norm_weight = hnw.defined() ? hnw.data_ptr() : nullptr,
                      .head_norm_eps = static_cast<float>(head_norm_eps), .head_dim = static_cast<int>(hd)};
   check_gemm_mainloop(op);
-  launched(launch_gemm(p, rope ? Epilogue::kRope : Epilogue::kStore, dtype_of(x),
+  check_launch(launch_gemm(p, rope ? Epilogue::kRope : Epilogue::kStore, dtype_of(x),
                        c10::cuda::getCurrentCUDAStream().stream()),
            op);
   return out;
@@ -268,40 +214,15 @@ at::Tensor sparse_query_attention_cuda(const at::Tensor& q_in, const at::Tensor&
                                        const std::optional<at::Tensor>& key_valid, int64_t kv_offset, int64_t seq_len,
                                        double scale, int64_t window) {
   const char* op = "skipgpt::sparse_query_attention";
-  TORCH_CHECK(q_in.is_cuda(), op, ": q must be a CUDA tensor, got device ", q_in.device());
-  TORCH_CHECK(q_in.dim() == 2, op, ": q must be 2-D, got shape ", q_in.sizes());
-  check_float(q_in, op, "q");
+  check_first(q_in, /*tensor_cores=*/false, op, "q");
   const c10::cuda::CUDAGuard guard(q_in.device());
-  check_cuda(k_in, q_in, op, "k");
-  check_cuda(v_in, q_in, op, "v");
-  TORCH_CHECK(k_in.dim() == 4, op, ": k must be 4-D [B, Hkv, Lk, head_dim], got shape ", k_in.sizes());
-  TORCH_CHECK(k_in.scalar_type() == q_in.scalar_type(), op, ": k must have the dtype of q (", q_in.scalar_type(),
-              "), got ", k_in.scalar_type());
-  TORCH_CHECK(v_in.scalar_type() == q_in.scalar_type(), op, ": v must have the dtype of q (", q_in.scalar_type(),
-              "), got ", v_in.scalar_type());
-  check_shape(v_in, k_in.sizes(), op, "v");
-  const int64_t T = q_in.size(0), B = k_in.size(0), Hkv = k_in.size(1), Lk = k_in.size(2), hd = k_in.size(3);
-  TORCH_CHECK(hd > 0 && Hkv > 0, op, ": k must be [B, Hkv, Lk, head_dim] with Hkv, head_dim > 0, got ", k_in.sizes());
-  TORCH_CHECK(q_in.size(1) % (Hkv * hd) == 0, op, ": q's width ", q_in.size(1),
-              " must be a multiple of Hkv * head_dim = ", Hkv * hd, " (GQA)");
-  const int64_t Hq = q_in.size(1) / hd;
+  const auto [T, B, Hq, Hkv, Lk, hd] = check_attention_args(q_in, idx, count, k_in, v_in, q_pos, key_valid, kv_offset,
+                                                            seq_len, window, op, on_device_of(q_in, op));
   TORCH_CHECK(Hq / Hkv <= 8 && hd <= 256, op, ": the CUDA kernel supports up to 8 query heads per KV head and head_dim <= 256, got ",
               Hq / Hkv, " and ", hd);
-  TORCH_CHECK(seq_len > 0 && B * seq_len == T, op, ": seq_len must satisfy B * seq_len == T (", B, " * ", seq_len,
-              " vs ", T, ")");
   // q_pos's values are the caller's contract here (reading them would sync with the host).
-  check_position_args(kv_offset, Lk, window, op);
-  check_cuda(q_pos, q_in, op, "q_pos");
-  check_dtype(q_pos, at::kLong, op, "q_pos", "token positions");
-  check_shape(q_pos, {T}, op, "q_pos");
-  at::Tensor kv_valid;
-  if (key_valid.has_value()) {
-    check_cuda(*key_valid, q_in, op, "key_valid");
-    check_dtype(*key_valid, at::kBool, op, "key_valid", "a padding mask");
-    check_shape(*key_valid, {B, Lk}, op, "key_valid");
-    kv_valid = key_valid->contiguous();
-  }
-  check_idx(idx, count, T, q_in, op);
+  check_idx_contiguous(idx, op);
+  const at::Tensor kv_valid = key_valid.has_value() ? key_valid->contiguous() : at::Tensor();
   const at::Tensor q = q_in.stride(1) == 1 ? q_in : q_in.contiguous();
   const at::Tensor k = k_in.stride(3) == 1 ? k_in : k_in.contiguous();
   const at::Tensor v = v_in.stride(3) == 1 ? v_in : v_in.contiguous();
@@ -342,7 +263,7 @@ at::Tensor sparse_query_attention_cuda(const at::Tensor& q_in, const at::Tensor&
   TORCH_CHECK(kind != AttentionMma::kUnknown, op, ": SKIPGPT_CUDA_ATTN must be unset, auto, mma, wgmma or wgmma-overlap, got '",
               std::getenv("SKIPGPT_CUDA_ATTN"), "'");
   TORCH_CHECK(kind != AttentionMma::kUnavailable, op, ": SKIPGPT_CUDA_ATTN=wgmma(-overlap) ", kNeedsSm90a);
-  launched(launch_attention(p, dtype_of(q), c10::cuda::getCurrentCUDAStream().stream()), op);
+  check_launch(launch_attention(p, dtype_of(q), c10::cuda::getCurrentCUDAStream().stream()), op);
   return out;
 }
 
@@ -355,35 +276,19 @@ void gemm_scatter_add(at::Tensor& h, const void* a, int64_t lda, int64_t K, cons
                      .ldo = h.stride(0), .out_idx = idx.data_ptr<int64_t>(), .count = count.data_ptr<int64_t>(),
                      .M = h.size(0), .N = h.size(1), .K = K};
   check_gemm_mainloop(op);
-  launched(launch_gemm(p, Epilogue::kScatterAdd, dtype_of(h), stream), op);
-}
-
-void check_inplace(const at::Tensor& h, const char* op) {
-  TORCH_CHECK(h.is_cuda(), op, ": h must be a CUDA tensor, got device ", h.device());
-  TORCH_CHECK(h.dim() == 2, op, ": h must be 2-D, got shape ", h.sizes());
-  check_half(h, op, "h");
-  TORCH_CHECK(h.stride(1) == 1, op, ": h is updated in place and must have unit stride in its last dimension, got strides ",
-              h.strides());
-  check_rows16(h, op, "h");
-  check_no_internal_overlap(h, op);
+  check_launch(launch_gemm(p, Epilogue::kScatterAdd, dtype_of(h), stream), op);
 }
 
 void linear_scatter_add_cuda(at::Tensor& h, const at::Tensor& a, const at::Tensor& idx, const at::Tensor& count,
                              const at::Tensor& weight_in, const std::optional<at::Tensor>& bias) {
   const char* op = "skipgpt::linear_scatter_add_";
-  check_inplace(h, op);
+  check_first(h, /*tensor_cores=*/true, op, "h");
   const c10::cuda::CUDAGuard guard(h.device());
-  const int64_t T = h.size(0), d = h.size(1);
-  check_cuda(a, h, op, "a");
-  TORCH_CHECK(a.scalar_type() == h.scalar_type(), op, ": a must have the dtype of h (", h.scalar_type(), "), got ",
-              a.scalar_type());
-  TORCH_CHECK(a.dim() == 2 && a.size(0) == T, op, ": a must be [", T, ", in_features], got ", a.sizes());
+  check_linear_scatter_add_args(h, a, idx, count, weight_in, bias, op, on_device_of(h, op));
+  check_rows16(h, op, "h");
   check_rows16(a, op, "a");
-  check_gemm_weight(weight_in, h, d, a.size(1), op, "weight", "h");
-  check_bias(bias, h, d, op);
-  check_idx(idx, count, T, h, op);
-  check_inputs_apart_from_h(h, {{&a, "a"}, {&weight_in, "weight"}, {opt_ptr(bias), "bias"}, {&idx, "idx"}, {&count, "count"}},
-                            op);
+  check_gemm_weight(weight_in, op, "weight");
+  check_idx_contiguous(idx, op);
   const auto weight = aligned16(weight_in);
   const auto b = bias.has_value() ? bias->contiguous() : at::Tensor();
   gemm_scatter_add(h, a.data_ptr(), a.stride(0), a.size(1), weight, b.defined() ? b.data_ptr() : nullptr, idx, count,
@@ -393,22 +298,14 @@ void linear_scatter_add_cuda(at::Tensor& h, const at::Tensor& a, const at::Tenso
 void skip_mlp_cuda(at::Tensor& h, const at::Tensor& idx, const at::Tensor& count, const at::Tensor& norm_weight,
                    double eps, const at::Tensor& gate_in, const at::Tensor& up_in, const at::Tensor& down_in) {
   const char* op = "skipgpt::skip_mlp_";
-  check_inplace(h, op);
+  check_first(h, /*tensor_cores=*/true, op, "h");
   const c10::cuda::CUDAGuard guard(h.device());
-  const int64_t T = h.size(0), d = h.size(1);
-  check_cuda(norm_weight, h, op, "norm_weight");
-  TORCH_CHECK(norm_weight.scalar_type() == h.scalar_type(), op, ": norm_weight must have the dtype of h (",
-              h.scalar_type(), "), got ", norm_weight.scalar_type());
-  check_shape(norm_weight, {d}, op, "norm_weight");
-  TORCH_CHECK(gate_in.dim() == 2, op, ": gate_weight must be [intermediate, ", d, "], got ", gate_in.sizes());
-  const int64_t I = gate_in.size(0);
-  check_gemm_weight(gate_in, h, I, d, op, "gate_weight", "h");
-  check_gemm_weight(up_in, h, I, d, op, "up_weight", "h");
-  check_gemm_weight(down_in, h, d, I, op, "down_weight", "h");
-  check_idx(idx, count, T, h, op);
-  check_inputs_apart_from_h(h, {{&norm_weight, "norm_weight"}, {&gate_in, "gate_weight"}, {&up_in, "up_weight"},
-                                {&down_in, "down_weight"}, {&idx, "idx"}, {&count, "count"}},
-                            op);
+  const auto [T, d, I] = check_skip_mlp_args(h, idx, count, norm_weight, gate_in, up_in, down_in, op, on_device_of(h, op));
+  check_rows16(h, op, "h");
+  for (const auto& [w, name] : {NamedTensor{&gate_in, "gate_weight"}, NamedTensor{&up_in, "up_weight"},
+                                NamedTensor{&down_in, "down_weight"}})
+    check_gemm_weight(*w, op, name);
+  check_idx_contiguous(idx, op);
   const auto nw = norm_weight.contiguous();
   const auto gate = aligned16(gate_in), up = aligned16(up_in), down = aligned16(down_in);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
@@ -417,11 +314,11 @@ void skip_mlp_cuda(at::Tensor& h, const at::Tensor& idx, const at::Tensor& count
   const int64_t* cnt = count.data_ptr<int64_t>();
   const GatherNormParams g{.h = h.data_ptr(), .h_stride = h.stride(0), .idx = idx.data_ptr<int64_t>(), .count = cnt,
                            .norm_weight = nw.data_ptr(), .eps = static_cast<float>(eps), .x = x.data_ptr(), .T = T, .d = d};
-  launched(launch_gather_norm(g, dtype_of(h), stream), op);
+  check_launch(launch_gather_norm(g, dtype_of(h), stream), op);
   const GemmParams gate_up{.A = x.data_ptr(), .lda = d, .W = gate.data_ptr(), .W1 = up.data_ptr(), .out = act.data_ptr(),
                            .ldo = I, .count = cnt, .M = T, .N = I, .K = d};
   check_gemm_mainloop(op);
-  launched(launch_gemm(gate_up, Epilogue::kSiluMul, dtype_of(h), stream), op);
+  check_launch(launch_gemm(gate_up, Epilogue::kSiluMul, dtype_of(h), stream), op);
   gemm_scatter_add(h, act.data_ptr(), I, I, down, nullptr, idx, count, stream, op);
 }
 
@@ -430,7 +327,8 @@ void skip_mlp_cuda(at::Tensor& h, const at::Tensor& idx, const at::Tensor& count
 TORCH_LIBRARY_IMPL(skipgpt, CUDA, m) {
   m.impl("route_norm", &route_norm_cuda);
   m.impl("compact", &compact_cuda);
-  m.impl("q_proj_rope", &q_proj_rope_cuda);
+  m.impl("gather_linear", &gather_linear_cuda);
+  m.impl("q_proj_rope", &gather_linear_cuda);  // the old name of gather_linear
   m.impl("sparse_query_attention", &sparse_query_attention_cuda);
   m.impl("linear_scatter_add_", &linear_scatter_add_cuda);
   m.impl("skip_mlp_", &skip_mlp_cuda);

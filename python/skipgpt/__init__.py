@@ -7,24 +7,22 @@
 """
 
 from .adapters import FAMILIES, UnsupportedModelError
+from .calibration import calibrate_bias, calibrate_input_scale, calibrate_threshold
 from .checkpoint import CheckpointError, CheckpointMismatchError, load_routers, read_config, save_routers
 from .config import SkipConfig
 from .patch import (
     apply,
-    calibrate_bias,
-    calibrate_input_scale,
-    calibrate_threshold,
-    is_patched,
+    load_skipgpt,
     remove,
     reset_stats,
     router_parameters,
     routers,
     set_mode,
     set_threshold,
-    state,
     stats,
 )
 from .router import Router
+from .skip_state import is_patched, overrides, state
 
 __version__ = "0.1.0"
 
@@ -32,6 +30,7 @@ __all__ = [
     "SkipConfig",
     "Router",
     "apply",
+    "load_skipgpt",
     "remove",
     "is_patched",
     "state",
@@ -39,6 +38,7 @@ __all__ = [
     "reset_stats",
     "set_mode",
     "set_threshold",
+    "overrides",
     "calibrate_bias",
     "calibrate_input_scale",
     "calibrate_threshold",

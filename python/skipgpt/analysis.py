@@ -28,8 +28,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import patch
-from .sparsity import realised_sparsity
+from .skip_state import is_patched, overrides, state
 
 __all__ = ["analyze", "POSITION_BUCKETS", "SMOOTH_WINDOW"]
 
@@ -224,7 +223,7 @@ def analyze(
         token counts, raw and smoothed skip rates); ``modules_executed_hist`` (number of tokens
         that executed 0, 1, ..., 2L modules); and ``files`` (paths of what was written).
     """
-    if not patch.is_patched(model):
+    if not is_patched(model):
         raise ValueError("analyze needs a SkipGPT model; call skipgpt.apply(model, SkipConfig()) first")
     if input_ids.dim() != 2 or input_ids.numel() == 0:
         raise ValueError(f"input_ids must be a non-empty [blocks, seq_len] tensor, got shape {tuple(input_ids.shape)}")
@@ -236,35 +235,27 @@ def analyze(
     if not mask.any():
         raise ValueError("attention_mask marks no token as real")
 
-    st = patch.state(model)
+    st = state(model)
     device = next(model.parameters()).device
-    saved = (st.config.mode, st.config.gate, model.training, st.cum_exec.clone(), st.cum_tokens.clone())
-    st.config.mode, st.config.gate = "masked", "deterministic"  # the gates the skipping modes would use
+    saved = (model.training, st.cum_exec.clone(), st.cum_tokens.clone())
     model.eval()
     totals = _GateTotals(st.num_layers, input_ids.shape[1])
     try:
-        starts = range(0, input_ids.shape[0], batch_size)
-        for start in tqdm(starts, desc="Analysing gates", unit="batch", disable=not progress or len(starts) < 2):
-            ids = input_ids[start:start + batch_size].to(device)
-            valid = mask[start:start + batch_size].to(device)
-            model(input_ids=ids, attention_mask=valid.long() if attention_mask is not None else None)
-            positions = valid.long().cumsum(-1) - 1  # true positions, also under left padding
-            totals.add(st.gates, valid, positions)
+        # The gates the skipping modes would use.
+        with overrides(model, mode="masked", gate="deterministic"):
+            starts = range(0, input_ids.shape[0], batch_size)
+            for start in tqdm(starts, desc="Analysing gates", unit="batch", disable=not progress or len(starts) < 2):
+                ids = input_ids[start:start + batch_size].to(device)
+                valid = mask[start:start + batch_size].to(device)
+                model(input_ids=ids, attention_mask=valid.long() if attention_mask is not None else None)
+                positions = valid.long().cumsum(-1) - 1  # true positions, also under left padding
+                totals.add(st.gates, valid, positions)
     finally:
-        st.config.mode, st.config.gate = saved[0], saved[1]
-        model.train(saved[2])
-        st.cum_exec, st.cum_tokens = saved[3], saved[4]  # analysis must not disturb the user's counters
+        model.train(saved[0])
+        st.cum_exec, st.cum_tokens = saved[1], saved[2]  # analysis must not disturb the user's counters
 
-    n = float(totals.tokens)
-    ea = torch.from_numpy(totals.exec_layer[:, 0])
-    em = torch.from_numpy(totals.exec_layer[:, 1])
     result: dict[str, Any] = {
-        "tokens": totals.tokens,
-        "layers": [{"attn_skip": 1 - a / n, "mlp_skip": 1 - m / n} for a, m in totals.exec_layer.tolist()],
-        "attn_skip": 1 - float(ea.mean()) / n,
-        "mlp_skip": 1 - float(em.mean()) / n,
-        "module_sparsity": float(realised_sparsity(ea, em, n, st.attn_params, st.mlp_params, "modules")),
-        "param_sparsity": float(realised_sparsity(ea, em, n, st.attn_params, st.mlp_params, "params")),
+        **st.summary_of_counts(torch.from_numpy(totals.exec_layer), float(totals.tokens)),
         "position": _position_curves(totals, st.num_layers, position_buckets, smooth_window),
         "modules_executed_hist": totals.modules_hist.tolist(),
     }

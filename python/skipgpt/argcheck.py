@@ -68,6 +68,8 @@ class Rule:
 
 
 _POSITIVE_INT = Rule(int, 1)
+# The linear projections of a decoder layer of every supported family: what LoRA can target.
+LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _FRACTION = Rule(float, 0.0, 1.0, hi_open=True)  # a sparsity: 0 <= s < 1
 
 RULES: dict[str, Rule] = {
@@ -109,6 +111,7 @@ RULES: dict[str, Rule] = {
     "select": Rule(str, choices=("best", "last")),
     # LoRA (LoraArgs).
     "routers": Rule(str, path="dir"),
+    "target_modules": Rule(str, choices=LORA_MODULES),  # each of the listed modules
     "lora_r": _POSITIVE_INT,
     "lora_alpha": _POSITIVE_INT,
     "lora_dropout": Rule(float, 0.0, 1.0, hi_open=True),
@@ -127,6 +130,12 @@ RULES: dict[str, Rule] = {
 }
 
 
+# The string flags whose values are open-ended (paths, hub ids, corpus specs, split names of HF
+# datasets, task names, a prompt). Every other flag that takes a string has a fixed set of values
+# (choices, from its rule): a test holds the parser to that.
+OPEN_ENDED = frozenset({"out", "model", "routers", "data", "split", "prompt", "tasks"})
+
+
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -136,9 +145,11 @@ def check_fields(args: Any) -> None:
     their rules, naming the flag."""
     for f in dataclasses.fields(args):
         rule = RULES.get(f.name)
-        why = rule.check(getattr(args, f.name)) if rule is not None else None
-        if why:
-            raise ValueError(f"{flag(f.name)} {why}")
+        value = getattr(args, f.name)
+        for item in value if isinstance(value, (list, tuple)) else (value,):  # a list flag: each item
+            why = rule.check(item) if rule is not None else None
+            if why:
+                raise ValueError(f"{flag(f.name)} {why}")
 
 
 def parser_type(rule: Rule, explicit: bool = True) -> Callable[[str], Any]:
@@ -173,7 +184,9 @@ class CheckedParser(argparse.ArgumentParser):
     def add_argument(self, *names: str, **kw: Any):
         dest = kw.get("dest") or next((n[2:].replace("-", "_") for n in names if n.startswith("--")), None)
         rule = RULES.get(dest) if dest else None
-        if kw.get("action", "store") == "store" and kw.get("nargs") is None:
+        if rule is not None and rule.choices is not None and kw.get("nargs") in ("+", "*"):
+            kw.setdefault("choices", rule.choices)  # checked item by item
+        elif kw.get("action", "store") == "store" and kw.get("nargs") is None:
             if rule is not None:
                 if rule.choices is not None:
                     kw.setdefault("choices", rule.choices)

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 from .adapters import unwrap
 from .config import SkipConfig
-from .patch import apply, is_patched, state
+from .patch import apply
+from .skip_state import is_patched, state
 
 BIG = 30.0  # margin of a constant router: p_exec = sigmoid(+/-30), far from any threshold
 

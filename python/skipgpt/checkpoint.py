@@ -26,8 +26,8 @@ from torch import nn
 
 from .adapters import unwrap
 from .config import SkipConfig
-from .patch import state
 from .router import Router
+from .skip_state import state
 
 ROUTERS_FILE = "routers.safetensors"
 CONFIG_FILE = "skip_config.json"
@@ -130,7 +130,12 @@ def _parse_config(path: Path) -> tuple[SkipConfig, dict]:
 
 
 def load_routers(
-    model: nn.Module, source: str | Path, strict_config: bool = True, restore_threshold: bool = True
+    model: nn.Module,
+    source: str | Path,
+    check_router_type: bool = True,
+    restore_threshold: bool = True,
+    *,
+    strict_config: bool | None = None,
 ) -> nn.Module:
     """Load routers saved by :func:`save_routers`, or an authors' checkpoint file.
 
@@ -142,13 +147,17 @@ def load_routers(
     or setting of the model changes. From a directory, the saved inference threshold (e.g. the
     one ``calibrate_threshold`` put on target) comes with the routers unless
     ``restore_threshold=False``; :func:`skipgpt.set_threshold` changes it afterwards.
+    ``check_router_type=False`` loads a directory whose config names another router type (the
+    weights must still have this model's router shapes); ``strict_config`` is its old name.
     """
-    loaded = read_checkpoint(source, _fit(model), state(model).config.router_type, strict_config)
+    if strict_config is not None:
+        check_router_type = strict_config
+    loaded = read_checkpoint(source, _fit(model), state(model).config.router_type, check_router_type)
     assign_routers(model, loaded, restore_threshold)
     return model
 
 
-def read_checkpoint(source: str | Path, fit: dict, router_type: str, strict_config: bool = True) -> LoadedRouters:
+def read_checkpoint(source: str | Path, fit: dict, router_type: str, check_router_type: bool = True) -> LoadedRouters:
     """Read and check a router checkpoint against a model's ``fit`` (see :func:`model_fit`) and
     router type, without touching any model: every check :func:`load_routers` makes."""
     source = Path(source)
@@ -166,7 +175,7 @@ def read_checkpoint(source: str | Path, fit: dict, router_type: str, strict_conf
                         f"router checkpoint {source} was made for {key}={saved[key]!r}, "
                         f"but this model has {key}={fit[key]!r}"
                     )
-            if strict_config and cfg.router_type != router_type:
+            if check_router_type and cfg.router_type != router_type:
                 raise CheckpointMismatchError(
                     f"router checkpoint {source} holds {cfg.router_type!r} routers, "
                     f"but the model was patched with {router_type!r} routers"
@@ -259,9 +268,7 @@ def assign_routers(model: nn.Module, loaded: LoadedRouters, restore_threshold: b
         full = {"input_scale": torch.ones(()), **params}
         router.load_state_dict({k: v.to(torch.float32) for k, v in full.items()})
     if restore_threshold and loaded.threshold is not None:
-        from .patch import set_threshold
-
-        set_threshold(model, loaded.threshold)
+        state(model).set_config(threshold=loaded.threshold)
 
 
 def _write_pair(directory: Path, files: dict[str, bytes]) -> None:

@@ -19,22 +19,52 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .config import MODES
+
 BASELINES = ("shortgpt", "module_drop", "random", "mod_d")
 
 
+# Fields without which a stage cannot start: refused at parse time (--routers: finetune-lora's).
+_REQUIRED = frozenset({"out", "routers"})
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows each flag's default, where it has one (a None default is explained in the
+    flag's help instead)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, "") or action.required:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _add_command(sub, name: str, help: str, func) -> argparse.ArgumentParser:
+    """A subcommand: ``help`` is its line in ``skipgpt --help`` and the description of its own."""
+    p = sub.add_parser(name, help=help, description=help, formatter_class=_HelpFormatter)
+    p.set_defaults(func=func)
+    return p
+
+
 def _add_dataclass_args(p: argparse.ArgumentParser, cls, skip=()) -> None:
+    """One flag per field of ``cls`` (skipgpt.train's argument dataclasses), with the help text
+    declared beside the field."""
+    from .argcheck import RULES
+
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else None
+        help = f.metadata.get("help")
         if f.type in ("bool", bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
-        elif f.name == "target_modules":
-            p.add_argument(flag, nargs="+", default=list(default))
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help)
+        elif f.name == "target_modules":  # a list; each item one of the choices its rule gives
+            choices = RULES[f.name].choices
+            p.add_argument(flag, nargs="+", default=list(default), metavar="MODULE",
+                           help=f"{help}: any of {', '.join(choices)}")
         else:
             kind = {"int": int, "float": float, "int | None": int, "float | None": float, "str | None": str}.get(str(f.type), str)
-            p.add_argument(flag, type=kind, default=default, required=f.name == "out")
+            p.add_argument(flag, type=kind, default=default, required=f.name in _REQUIRED, help=help)
 
 
 def _args(cls, ns: argparse.Namespace):
@@ -76,8 +106,7 @@ def load_for_eval(ns):
 
     from . import data
     from .baselines import baseline
-    from .patch import set_mode, set_threshold
-    from .train import load_skipgpt
+    from .patch import load_skipgpt, set_mode, set_threshold
 
     model, tok = load_skipgpt(ns.model, ns.routers)
     info: dict[str, Any] = {"model": ns.model or "smollm2-135m", "routers": ns.routers}
@@ -97,13 +126,18 @@ def load_for_eval(ns):
 
 
 def _add_eval_model_args(p):
-    p.add_argument("--model", default=None, help="HF folder or id (default: the embedded SmolLM2-135M)")
-    p.add_argument("--routers", default=None, help="a train-routers / finetune-lora output directory")
-    p.add_argument("--baseline", choices=BASELINES, default=None)
-    p.add_argument("--sparsity", type=float, default=0.25, help="baseline sparsity (parameter-weighted)")
-    p.add_argument("--mode", choices=("masked", "reference", "native", "auto"), default=None)
-    p.add_argument("--threshold", type=float, default=None)
-    p.add_argument("--data", default="shakespeare", help="offline corpus name, local files, or HF dataset")
+    p.add_argument("--model", default=None, help="HF model folder or hub id (default: the embedded SmolLM2-135M)")
+    p.add_argument("--routers", default=None,
+                   help="a train-routers or finetune-lora output folder (default: the dense model)")
+    p.add_argument("--baseline", choices=BASELINES, default=None,
+                   help="evaluate a baseline instead of SkipGPT routers, at --sparsity (default: none)")
+    p.add_argument("--sparsity", type=float, default=0.25, help="the baseline's parameter-weighted sparsity")
+    p.add_argument("--mode", choices=MODES, default=None,
+                   help="how the skipping runs (default: the saved config's, or auto: native kernels where built)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="execute a module iff p_exec > this (default: the saved, calibrated threshold)")
+    p.add_argument("--data", default="shakespeare",
+                   help="text: a built-in corpus (shakespeare, milton, pydoc, chat, all), local files or a HF dataset")
 
 
 def _eval_ppl(ns):
@@ -159,62 +193,59 @@ def build_parser() -> argparse.ArgumentParser:
     from .train import LoraArgs, RouterArgs
 
     # Every flag is range-checked at parse time by its rule in skipgpt.argcheck.RULES.
-    p = CheckedParser(prog="skipgpt", description="SkipGPT: per-token module skipping for HF LLMs")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = CheckedParser(prog="skipgpt", description="SkipGPT: per-token module skipping for HF LLMs.",
+                      epilog="`skipgpt COMMAND --help` lists a command's flags.")
+    sub = p.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND")
+    threads_help = "CPU threads for torch (default: torch's choice)"
 
-    d = sub.add_parser("demo", help="generate with skipping on the default model and compare with dense")
-    d.add_argument("--model", default=None, help="HF model folder or id (default: the embedded SmolLM2-135M)")
-    d.add_argument("--routers", default=None, help="router directory (default: the committed SmolLM2 routers)")
+    d = _add_command(sub, "demo", "generate with skipping on the default model and compare with dense", _demo)
+    d.add_argument("--model", default=None, help="HF model folder or hub id (default: the embedded SmolLM2-135M)")
+    d.add_argument("--routers", default=None, help="router folder (default: the committed SmolLM2 routers)")
     d.add_argument("--sparsity", type=float, default=0.25,
-                   help="0.25 or 0.40: which committed routers (default 0.25); without trained routers, "
-                        "the skip rate the untrained routers are calibrated to")
-    d.add_argument("--prompt", default="Write one sentence about the sea.")
-    d.add_argument("--max-new-tokens", type=int, default=48)
-    d.add_argument("--threads", type=int, default=None)
-    d.set_defaults(func=_demo)
+                   help="0.25 or 0.40: which committed routers; without trained routers, the skip rate the "
+                        "untrained routers are calibrated to")
+    d.add_argument("--prompt", default="Write one sentence about the sea.", help="the prompt to generate from")
+    d.add_argument("--max-new-tokens", type=int, default=48, help="tokens to generate")
+    d.add_argument("--threads", type=int, default=None, help=threads_help)
 
-    t = sub.add_parser("train-routers", help="stage 1: router tuning (frozen LLM)")
+    t = _add_command(sub, "train-routers", "stage 1: router tuning (frozen LLM)", _train_routers)
     _add_dataclass_args(t, RouterArgs)
-    t.set_defaults(func=_train_routers)
 
-    lo = sub.add_parser("finetune-lora", help="stage 2: LoRA recovery with frozen routers")
+    lo = _add_command(sub, "finetune-lora", "stage 2: LoRA recovery with frozen routers", _finetune_lora)
     _add_dataclass_args(lo, LoraArgs)
-    lo.set_defaults(func=_finetune_lora)
 
-    e = sub.add_parser("eval-ppl", help="perplexity over a dataset split, with realised sparsity")
+    e = _add_command(sub, "eval-ppl", "perplexity over a dataset split, with realised sparsity", _eval_ppl)
     _add_eval_model_args(e)
-    e.add_argument("--split", default="test")
-    e.add_argument("--window", type=int, default=512)
-    e.add_argument("--stride", type=int, default=None, help="default: the window (no overlap)")
-    e.add_argument("--max-tokens", type=int, default=None)
-    e.add_argument("--batch-size", type=int, default=4)
-    e.set_defaults(func=_eval_ppl)
+    e.add_argument("--split", default="test", help="split of --data: train, validation or test (a HF dataset: its split name)")
+    e.add_argument("--window", type=int, default=512, help="tokens per scoring window")
+    e.add_argument("--stride", type=int, default=None,
+                   help="tokens between window starts, <= --window (default: the window, no overlap)")
+    e.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens (default: the whole split)")
+    e.add_argument("--batch-size", type=int, default=4, help="windows per forward")
 
-    lm = sub.add_parser("eval-lm", help="zero-shot tasks with lm-evaluation-harness")
+    lm = _add_command(sub, "eval-lm", "zero-shot tasks with lm-evaluation-harness", _eval_lm)
     _add_eval_model_args(lm)
-    lm.add_argument("--tasks", nargs="+", default=["skipgpt_nextline"])
-    lm.add_argument("--limit", type=int, default=None)
-    lm.add_argument("--num-fewshot", type=int, default=0)
-    lm.add_argument("--batch-size", type=int, default=8)
-    lm.set_defaults(func=_eval_lm)
+    lm.add_argument("--tasks", nargs="+", default=["skipgpt_nextline"],
+                    help="lm-evaluation-harness task names (skipgpt_nextline runs offline)")
+    lm.add_argument("--limit", type=int, default=None, help="at most this many examples per task (default: all)")
+    lm.add_argument("--num-fewshot", type=int, default=0, help="few-shot examples per prompt")
+    lm.add_argument("--batch-size", type=int, default=8, help="requests per forward")
 
-    g = sub.add_parser("gen-chat", help="the model's own answers to built-in prompts, as tuning data (--data PATH)")
-    g.add_argument("--model", default=None, help="HF folder or id (default: the embedded SmolLM2-135M)")
+    g = _add_command(sub, "gen-chat", "the model's own answers to built-in prompts, as tuning data (--data PATH)", _gen_chat)
+    g.add_argument("--model", default=None, help="HF model folder or hub id (default: the embedded SmolLM2-135M)")
     g.add_argument("--out", required=True, help="output file, .jsonl.gz (a rerun resumes from OUT.partial.jsonl)")
     g.add_argument("--num-prompts", type=int, default=320, help="how many of the built-in prompts (by hash)")
-    g.add_argument("--max-new-tokens", type=int, default=128)
-    g.add_argument("--batch-size", type=int, default=32)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--threads", type=int, default=None)
-    g.set_defaults(func=_gen_chat)
+    g.add_argument("--max-new-tokens", type=int, default=128, help="longest answer, in tokens")
+    g.add_argument("--batch-size", type=int, default=32, help="prompts per generate call")
+    g.add_argument("--seed", type=int, default=0, help="seed of the sampling")
+    g.add_argument("--threads", type=int, default=None, help=threads_help)
 
-    a = sub.add_parser("analyze", help="routing plots (PNG) and a markdown table")
+    a = _add_command(sub, "analyze", "routing plots (PNG) and a markdown table", _analyze)
     _add_eval_model_args(a)
-    a.add_argument("--out", required=True)
-    a.add_argument("--split", default="test")
-    a.add_argument("--block-size", type=int, default=256)
-    a.add_argument("--max-blocks", type=int, default=16)
-    a.set_defaults(func=_analyze)
+    a.add_argument("--out", required=True, help="output folder for the plots and the table")
+    a.add_argument("--split", default="test", help="split of --data: train, validation or test (a HF dataset: its split name)")
+    a.add_argument("--block-size", type=int, default=256, help="tokens per analysed block")
+    a.add_argument("--max-blocks", type=int, default=16, help="analyse at most this many blocks")
     return p
 
 

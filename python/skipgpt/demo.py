@@ -18,7 +18,8 @@ import torch
 
 from . import chat, data, models
 from .config import SkipConfig
-from .patch import apply, calibrate_bias, set_mode, state, stats, reset_stats
+from .calibration import calibrate_bias
+from .patch import apply, set_mode, state, stats, reset_stats
 from .perplexity import perplexity, token_stream
 
 ASSETS = Path(__file__).parent / "assets" / "routers"

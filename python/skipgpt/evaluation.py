@@ -21,7 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import patch
+from .patch import reset_stats, stats
+from .skip_state import is_patched
 from .lm_eval_tasks import TASK_DIR
 
 __all__ = ["SAMPLES_KEY", "SPARSITY_KEY", "evaluate_lm", "local_task_names"]
@@ -93,7 +94,7 @@ def _skip_aware_hflm_class(lm_eval_hf):
             lengths, self._row_lengths = self._row_lengths, None
             usable = (
                 attn_mask is None and labels is None and lengths is not None and self.backend == "causal"
-                and patch.is_patched(self.model) and len(lengths) == inps.shape[0] and max(lengths) == inps.shape[1]
+                and is_patched(self.model) and len(lengths) == inps.shape[0] and max(lengths) == inps.shape[1]
             )
             if not usable:
                 return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
@@ -207,9 +208,9 @@ def evaluate_lm(
     if device is not None:
         model.to(device)
     was_training = model.training
-    patched = patch.is_patched(model)
+    patched = is_patched(model)
     if patched:
-        patch.reset_stats(model)
+        reset_stats(model)
     try:
         lm = _skip_aware_hflm_class(lm_eval_hf)(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         output = lm_eval.simple_evaluate(
@@ -232,7 +233,7 @@ def evaluate_lm(
             for task, samples in output["samples"].items()
         }
     if patched:
-        s = patch.stats(model, cumulative=True)
+        s = stats(model, cumulative=True)
         results[SPARSITY_KEY] = {k: float(s[k]) for k in ("attn_skip", "mlp_skip", "module_sparsity", "param_sparsity")}
         results[SPARSITY_KEY]["tokens"] = float(s["tokens"])
     return results

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .adapters import adapter_for, unwrap
+from .skip_state import state
 
 # Margin of a pinned router: zero weights and a bias margin far beyond any threshold logit
 # (threshold 1 - 1e-12 is logit 27.6) or noise the training gate adds (P(logistic > 60) ~ 1e-26).
@@ -96,8 +97,6 @@ def apply_prior(
     """Pin the routers of modules that cost at least ``pin_cost`` nats, and (``bias_scale > 0``)
     set the other routers' execute margins from :func:`prior_margins` around their current
     margin. Returns the pinned ``(layer, "attention" | "mlp")`` pairs, in order."""
-    from .patch import state
-
     st = state(model)
     layers = st.adapter.layers(unwrap(model))
     if len(costs) != len(layers) or any(len(r) != 2 for r in costs):
@@ -119,7 +118,5 @@ def apply_prior(
 
 
 def pinned_routers(model: nn.Module, pinned: Sequence[tuple[int, str]]) -> list[nn.Module]:
-    from .patch import state
-
     layers = state(model).adapter.layers(unwrap(model))
     return [getattr(layers[i], f"router_{kind}") for i, kind in pinned]

@@ -9,7 +9,8 @@ import torch
 from tqdm.auto import tqdm
 
 from . import data
-from .patch import is_patched, reset_stats, stats
+from .patch import reset_stats, stats
+from .skip_state import is_patched
 
 
 def token_stream(source: str, split: str, tokenizer, max_tokens: int | None = None) -> torch.Tensor:

@@ -46,75 +46,90 @@ from tqdm.auto import tqdm
 from . import data, importance, models
 from .adapters import unwrap
 from .argcheck import check_fields
-from .checkpoint import load_routers, read_config, save_routers
+from .checkpoint import load_routers, save_routers
 from .config import SkipConfig
-from .patch import apply, calibrate_input_scale, calibrate_threshold, overrides, router_parameters, state
+from .calibration import calibrate_input_scale, calibrate_threshold
+from .patch import apply, load_skipgpt, router_parameters, stats  # load_skipgpt: re-exported for callers of train
+from .skip_state import overrides, state
 
 CKPT_DIR = "checkpoints"
 LORA_TARGETS = ("q_proj", "v_proj", "gate_proj")
+
+
+def _flag(default: Any, help: str) -> Any:
+    """A field that is also a CLI flag (``--name-with-dashes``): its default, and its ``--help`` line."""
+    return dataclasses.field(default=default, metadata={"help": help})
 
 
 @dataclasses.dataclass
 class TrainArgs:
     """Arguments shared by both stages (CLI flags of the same names)."""
 
-    out: str
-    model: str | None = None
-    data: str = "chat:0.5+shakespeare:0.3+pydoc:0.2"
-    split: str = "train"
-    block_size: int = 256
-    max_blocks: int | None = None
-    steps: int = 200
-    batch_size: int = 4
-    lr: float = 2e-3
-    weight_decay: float = 0.0
-    seed: int = 0
-    save_every: int = 50
-    log_every: int = 10
-    keep_checkpoints: int = 2
-    resume: bool = False
-    max_steps_this_run: int | None = None  # stop early (time-boxed jobs); --resume continues
-    dtype: str = "float32"
-    loss: str = "kd"  # lm | kd | kd+lm
+    out: str = _flag(dataclasses.MISSING, "output folder: the trained artefact, checkpoints/ and log.jsonl (required)")
+    model: str | None = _flag(None, "HF model folder or hub id (default: the embedded SmolLM2-135M)")
+    data: str = _flag("chat:0.5+shakespeare:0.3+pydoc:0.2",
+                      "training text: a built-in corpus (chat, shakespeare, milton, pydoc, all), local files, a HF "
+                      "dataset, or a mixture SOURCE:WEIGHT+SOURCE:WEIGHT")
+    split: str = _flag("train", "split of --data to train on: train, validation or test (a HF dataset: its split name)")
+    block_size: int = _flag(256, "tokens per training block")
+    max_blocks: int | None = _flag(None, "use at most this many training blocks (default: all)")
+    steps: int = _flag(200, "optimiser steps of the whole run")
+    batch_size: int = _flag(4, "blocks per step and process")
+    lr: float = _flag(2e-3, "learning rate (AdamW, constant)")
+    weight_decay: float = _flag(0.0, "AdamW weight decay")
+    seed: int = _flag(0, "seed of the data order, the router initialisation and the gate noise")
+    save_every: int = _flag(50, "write a checkpoint every N steps (and at the last step)")
+    log_every: int = _flag(10, "append a line to log.jsonl every N steps")
+    keep_checkpoints: int = _flag(2, "how many of the newest checkpoints to keep")
+    resume: bool = _flag(False, "continue the run in --out from its newest readable checkpoint (same arguments)")
+    max_steps_this_run: int | None = _flag(
+        None, "stop after this many steps of this invocation (time-boxed jobs); --resume continues")
+    dtype: str = _flag("float32", "dtype of the model's weights")
+    loss: str = _flag("kd", "training loss: kd (KL from the dense model's next-token distribution), lm (next-token "
+                            "loss, the paper's) or kd+lm (their sum)")
 
 
 @dataclasses.dataclass
 class RouterArgs(TrainArgs):
-    sparsity: float = 0.25
-    sparsity_metric: str = "params"
-    alpha: float = 8.0
-    tau_start: float = 5.0
-    tau_end: float = 1.0
-    router_type: str = "linear"
-    gate_noise: float = 1.0  # Gumbel noise scale of the training gate at step 0 (1 = the paper's sample)
-    gate_noise_end: float = 0.0  # ... annealed linearly to this (0 = deterministic straight-through)
-    noise_anneal: float = 0.5  # fraction of the steps over which the noise anneals
-    target_ramp: float = 0.2  # fraction of the steps over which the target rises from 0
-    pin_cost: float = 1.0  # modules whose ablation costs >= this many nats never skip (inf: none)
-    prior_bias_scale: float = 0.0  # raise initial margins by scale * log10(cost / median), >= 0
-    prior_blocks: int = 4  # calibration blocks for the ablation costs
-    bias_lr: float | None = None  # the router biases' learning rate (default: lr)
-    eval_every: int = 50  # validation every N steps (0: never)
-    val_blocks: int = 8  # validation blocks (selection and threshold calibration)
-    select: str = "best"  # best | last: which routers the run ends with
+    sparsity: float = _flag(0.25, "target sparsity, measured as --sparsity-metric, in [0, 1)")
+    sparsity_metric: str = _flag("params", "what the sparsity counts: params (parameter-weighted) or modules")
+    alpha: float = _flag(8.0, "weight of the sparsity penalty alpha * |target - sparsity| in the loss")
+    tau_start: float = _flag(5.0, "temperature of the straight-through gradient at the first step")
+    tau_end: float = _flag(1.0, "... annealed linearly to this at the last step")
+    router_type: str = _flag("linear", "linear: Linear(d, 2), the paper's; mlp: d -> d/4 -> ReLU -> 2")
+    gate_noise: float = _flag(1.0, "Gumbel noise scale of the training gate at step 0 (1 = the paper's sample)")
+    gate_noise_end: float = _flag(0.0, "... annealed linearly to this (0 = deterministic straight-through)")
+    noise_anneal: float = _flag(0.5, "fraction of the steps over which the noise anneals")
+    target_ramp: float = _flag(0.2, "fraction of the steps over which the target rises from 0 to --sparsity")
+    pin_cost: float = _flag(1.0, "modules whose ablation costs >= this many nats never skip (inf: pin none)")
+    prior_bias_scale: float = _flag(
+        0.0, "raise the initial execute margins of the other routers by scale * log10(cost / median cost); 0: off")
+    prior_blocks: int = _flag(4, "calibration blocks for the ablation costs of --pin-cost and --prior-bias-scale")
+    bias_lr: float | None = _flag(None, "learning rate of the router biases (default: --lr)")
+    eval_every: int = _flag(50, "score the routers on validation blocks every N steps (0: never)")
+    val_blocks: int = _flag(8, "validation blocks (for --select and threshold calibration)")
+    select: str = _flag("best", "which routers the run ends with: best (lowest validation loss) or last")
     # Start near-dense (p_exec = sigmoid(3) = 0.95) and let the penalty pull skipping in where it
     # costs least; 0 (p_exec = 0.5) starts from a wrecked model. Measured on SmolLM2, BENCHMARKS.md.
-    init_execute_bias: float = 3.0
-    normalize_input: bool = True  # routers see unit-RMS inputs (see skipgpt.Router); False = paper's raw h
-    calibrate_threshold: bool = True  # after tuning, move the inference threshold onto the target rate
-    policy: str = "router"  # "topk" tunes MoD-D routers the same way (capacity = 1 - sparsity)
+    init_execute_bias: float = _flag(3.0, "initial execute margin of fresh routers (3: p_exec = 0.95, near dense; "
+                                          "0: the paper's p_exec = 0.5)")
+    normalize_input: bool = _flag(True, "routers see unit-RMS inputs (see skipgpt.Router); off: the paper's raw h")
+    calibrate_threshold: bool = _flag(True, "after tuning, move the inference threshold onto the target rate")
+    policy: str = _flag("router", "router: SkipGPT; topk: MoD-D routers tuned the same way (capacity = 1 - "
+                                  "sparsity); random: random skipping at that capacity (a control)")
 
 
 @dataclasses.dataclass
 class LoraArgs(TrainArgs):
-    routers: str = ""
-    lr: float = 2e-4
-    loss: str = "lm"
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.1
-    warmup_ratio: float = 0.1
-    target_modules: tuple[str, ...] = LORA_TARGETS
+    routers: str = _flag("", "the train-routers output folder; its routers stay frozen (required)")
+    lr: float = _flag(2e-4, "learning rate (AdamW, cosine schedule after the warm-up)")
+    loss: str = _flag("lm", "training loss: lm (next-token loss), kd (KL from the dense base model without LoRA) "
+                            "or kd+lm (their sum)")
+    lora_r: int = _flag(16, "LoRA rank")
+    lora_alpha: int = _flag(32, "LoRA scaling numerator (the update is scaled by alpha / r)")
+    lora_dropout: float = _flag(0.1, "dropout on the LoRA input")
+    warmup_ratio: float = _flag(0.1, "fraction of the steps of linear learning-rate warm-up")
+    target_modules: tuple[str, ...] = _flag(LORA_TARGETS, "the projections that get LoRA adapters")
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -424,8 +439,6 @@ def _importance(args: RouterArgs, model, blocks: torch.Tensor, out: Path, accele
 def validate(raw, val: torch.Tensor, target: float, metric: str) -> dict[str, float]:
     """Deterministic gates at a threshold calibrated to ``target`` on ``val``: the LM loss there,
     the realised sparsity and the threshold. Leaves the model's config as it was."""
-    from .patch import stats
-
     was_training = raw.training
     raw.eval()
     try:
@@ -597,26 +610,3 @@ def finetune_lora(args: LoraArgs, model=None, blocks=None, accelerator=None) -> 
     accelerator.wait_for_everyone()
     return result
 
-
-def load_skipgpt(model_or_path=None, artefact: str | os.PathLike | None = None, merge: bool = True, dtype=torch.float32):
-    """Load a model with SkipGPT routers (and a LoRA adapter, if the artefact has one).
-
-    With ``merge=True`` the LoRA weights are merged, so the skipping modes (which read plain
-    ``nn.Linear`` weights) work at inference.
-    """
-    if isinstance(model_or_path, torch.nn.Module):
-        model, tok = model_or_path, None
-    else:
-        model, tok = models.load_model(model_or_path, dtype=dtype)
-    if artefact is None:
-        return model, tok
-    artefact = Path(artefact)
-    apply(model, read_config(artefact), from_dir=artefact)
-    if (artefact / "adapter_config.json").exists():
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(artefact))
-        if merge:
-            model = model.merge_and_unload()
-    model.eval()
-    return model, tok
