@@ -35,6 +35,7 @@ ARMS: dict[str, dict] = {
     "old+det": {**OLD, "gate_noise": 0.0, "gate_noise_end": 0.0},
     "old+ramp": {**OLD, "target_ramp": 0.2},
     "old+select": {**OLD, "eval_every": 50, "select": "best"},
+    "old+pin+kd": {**OLD, "pin_cost": 1.0, "loss": "kd"},
     "recipe-kd": {"loss": "lm"},
     "recipe+kdlm": {"loss": "kd+lm"},
     "recipe-pin": {"pin_cost": float("inf")},
