@@ -76,7 +76,7 @@ def calibrate_bias(model: nn.Module, input_ids: torch.Tensor, skip_rate: float, 
                 for router in (layer.router_attention, layer.router_mlp):
                     logits = router(h)
                     shift = thr - _midpoint_quantile(logits[:, 0] - logits[:, 1], skip_rate)
-                    last = router.weight_predictor if router.router_type == "linear" else router.weight_predictor[2]
+                    last = router.output_layer
                     last.bias[0] += float(shift) / 2
                     last.bias[1] -= float(shift) / 2
     except BaseException:  # a failed calibration leaves the routers as they were

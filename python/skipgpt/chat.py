@@ -104,6 +104,10 @@ def format_chat(tok, prompt: str, answer: str | None = None) -> str:
     return tok.apply_chat_template(messages, tokenize=False)
 
 
+def _pad_id(tok) -> int:
+    return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+
 def _prompt_ids(tok, texts: Sequence[str]) -> dict:
     old = tok.padding_side
     tok.padding_side = "left"
@@ -142,7 +146,7 @@ def generate_corpus(
         out = model.generate(
             input_ids=enc.input_ids.to(device), attention_mask=enc.attention_mask.to(device),
             max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_p=top_p,
-            pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+            pad_token_id=_pad_id(tok),
         )
         new = []
         for p, row in zip(batch, out[:, enc.input_ids.shape[1] :]):
@@ -206,7 +210,7 @@ def chat_eval(model, tok, prompt_list: Sequence[str] = EVAL_PROMPTS, max_new_tok
     out = model.generate(
         input_ids=enc.input_ids.to(device), attention_mask=enc.attention_mask.to(device),
         max_new_tokens=max_new_tokens, do_sample=False,
-        pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+        pad_token_id=_pad_id(tok),
     )
     rows = []
     for p, gen in zip(prompt_list, out[:, enc.input_ids.shape[1] :].tolist()):

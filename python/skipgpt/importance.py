@@ -102,18 +102,17 @@ def apply_prior(
     if len(costs) != len(layers) or any(len(r) != 2 for r in costs):
         raise ValueError(f"costs must be [{len(layers)}, 2] (layers x attention/MLP), got {len(costs)} rows")
     pinned = []
+    raise_by = prior_margins(costs, 0.0, bias_scale) if bias_scale > 0 else None  # margin increases
     for i, layer in enumerate(layers):
         for j, kind in enumerate(MODULES):
             router = getattr(layer, f"router_{kind}")
-            last = router.weight_predictor if router.router_type == "linear" else router.weight_predictor[2]
+            last = router.output_layer
             if costs[i][j] >= pin_cost:
                 last.weight.zero_()
                 last.bias.copy_(torch.tensor([PIN_MARGIN / 2, -PIN_MARGIN / 2]))
                 pinned.append((i, kind))
-            elif bias_scale > 0:
-                margin = float(last.bias[0] - last.bias[1])
-                target = prior_margins(costs, margin, bias_scale)[i, j]
-                last.bias.copy_(torch.tensor([float(target) / 2, -float(target) / 2]))
+            elif raise_by is not None:
+                last.bias += torch.tensor([float(raise_by[i, j]) / 2, -float(raise_by[i, j]) / 2])
     return pinned
 
 

@@ -57,6 +57,11 @@ class Router(nn.Module):
         # Split the execute bias symmetrically so that margin = b0 - b1 = init_execute_bias.
         last.bias.copy_(torch.tensor([init_execute_bias / 2, -init_execute_bias / 2]))
 
+    @property
+    def output_layer(self) -> nn.Linear:
+        """The ``Linear`` that produces the two logits (its bias sets the execute margin)."""
+        return self.weight_predictor if self.router_type == "linear" else self.weight_predictor[2]
+
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """Logits ``[..., 2]`` in fp32, whatever the model dtype (or a stray ``.to(bf16)``)."""
         x = h.to(torch.float32) * self.input_scale.float()
