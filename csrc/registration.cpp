@@ -70,10 +70,12 @@ TORCH_LIBRARY(skipgpt, m) {
   // Compacted queries q [T, Hq*hd] against the full K/V [B, Hkv, Lk, hd] of their own
   // sequence (row r belongs to sequence r // seq_len). Key j has cache position kv_offset + j
   // and is visible to a query at position p iff key_valid[b, j], kv_offset + j <= p and,
-  // when window > 0, kv_offset + j > p - window.
+  // when window > 0, kv_offset + j > p - window. softcap > 0 caps each visible score
+  // s = scale * q.k as softcap * tanh(s / softcap) before the softmax (Gemma 2/3; 0 = none).
   m.def(
       "sparse_query_attention(Tensor q, Tensor idx, Tensor count, Tensor k, Tensor v, "
-      "Tensor q_pos, Tensor? key_valid, int kv_offset, int seq_len, float scale, int window) -> Tensor");
+      "Tensor q_pos, Tensor? key_valid, int kv_offset, int seq_len, float scale, int window, "
+      "float softcap=0.0) -> Tensor");
   // h[idx[i]] += a[i] @ W^T (+ bias) for i < count, in place.
   m.def(
       "linear_scatter_add_(Tensor(a!) h, Tensor a, Tensor idx, Tensor count, Tensor weight, "

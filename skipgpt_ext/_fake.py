@@ -32,7 +32,7 @@ register_fake("skipgpt::q_proj_rope")(_gather_linear)  # the old name of gather_
 
 
 @register_fake("skipgpt::sparse_query_attention")
-def _sparse_query_attention(q, idx, count, k, v, q_pos, key_valid, kv_offset, seq_len, scale, window):
+def _sparse_query_attention(q, idx, count, k, v, q_pos, key_valid, kv_offset, seq_len, scale, window, softcap=0.0):
     return q.new_empty(q.shape)  # contiguous, like the kernels' output
 
 

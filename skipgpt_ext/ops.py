@@ -134,6 +134,7 @@ def sparse_query_attention(
     seq_len: int,
     scale: float,
     window: int,
+    softcap: float = 0.0,
 ) -> Tensor:
     """Compacted queries against the full causal K/V of their own sequence (GQA).
 
@@ -154,12 +155,15 @@ def sparse_query_attention(
         seq_len: tokens per sequence in this forward.
         scale: the softmax scale (usually ``head_dim ** -0.5``).
         window: the sliding window in tokens, or 0 for none.
+        softcap: attention logit soft-capping (Gemma 2/3): each visible score
+            ``s = scale * q.k`` becomes ``softcap * tanh(s / softcap)`` before the softmax;
+            0 for none.
 
     Returns:
         ``[T, Hq * head_dim]`` (contiguous), compacted like ``q``.
     """
     return torch.ops.skipgpt.sparse_query_attention.default(
-        q, idx, count, k, v, q_pos, key_valid, kv_offset, seq_len, scale, window
+        q, idx, count, k, v, q_pos, key_valid, kv_offset, seq_len, scale, window, softcap
     )
 
 

@@ -8,6 +8,8 @@ and may build per-sequence masks; the native kernels do neither. Values written 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -135,9 +137,12 @@ def sparse_query_attention(
     seq_len: int,
     scale: float,
     window: int,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     B, Hkv, Lk, hd = k.shape
     op = "skipgpt::sparse_query_attention"
+    if not (math.isfinite(softcap) and softcap >= 0):
+        raise RuntimeError(f"{op}: softcap must be finite and >= 0 (0 = none), got {softcap}")
     if not 0 <= kv_offset <= MAX_POSITION - Lk:
         raise RuntimeError(f"{op}: kv_offset (the cache position of key 0) must be in [0, 2^62 - Lk] = "
                            f"[0, {MAX_POSITION - Lk}], got {kv_offset}")
@@ -163,6 +168,8 @@ def sparse_query_attention(
             visible &= key_valid[b].unsqueeze(0)
         kb, vb = k[b].to(torch.float32), v[b].to(torch.float32)  # [Hkv, Lk, hd]
         scores = torch.einsum("mhgd,hld->mhgl", qb, kb) * scale
+        if softcap > 0:
+            scores = softcap * torch.tanh(scores / softcap)
         scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
         p = torch.softmax(scores, dim=-1)
         # A row with no visible key gives 0 (its softmax is 0/0). Any other NaN propagates, as in

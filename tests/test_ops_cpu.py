@@ -132,6 +132,7 @@ def test_sparse_query_attention_matches_float64(data):
     G = data.draw(st.sampled_from([1, 2, 3]))  # GQA ratio
     hd = data.draw(st.sampled_from([4, 12, 64, 80]))  # 80: not a multiple of the 16-lane vector
     window = data.draw(st.sampled_from([0, 1, 5, 64]))
+    softcap = data.draw(st.sampled_from([0.0, 0.0, 0.7]))  # Gemma 2's logit soft-cap, or none
     dtype = data.draw(st.sampled_from(DTYPES))
     torch.manual_seed(data.draw(st.integers(0, 2**16)))
     Lk, T = past + S, B * S
@@ -153,8 +154,8 @@ def test_sparse_query_attention_matches_float64(data):
             row_valid[b, : max(pad - past, 0)] = False
     idx, cnt = ref.compact(row_valid.reshape(-1) & (torch.rand(T) < data.draw(st.sampled_from([0.0, 0.5, 1.0]))))
     scale = hd**-0.5
-    got = ops.sparse_query_attention(q, idx, cnt, k, v, q_pos, key_valid, drop, S, scale, window)
-    want = ref.sparse_query_attention(*_f64(q, idx, cnt, k, v, q_pos, key_valid), drop, S, scale, window)
+    got = ops.sparse_query_attention(q, idx, cnt, k, v, q_pos, key_valid, drop, S, scale, window, softcap)
+    want = ref.sparse_query_attention(*_f64(q, idx, cnt, k, v, q_pos, key_valid), drop, S, scale, window, softcap)
     n = int(cnt)
     assert got.shape == q.shape
     _close(got[:n], want[:n], dtype)
@@ -167,7 +168,7 @@ from skipgpt_ext import ops, reference as ref
 print(skipgpt_ext.cpu_isa())
 torch.manual_seed(0)
 worst = []
-for dtype, hd, G, window in [(torch.float32, 64, 3, 0), (torch.float32, 80, 2, 100), (torch.bfloat16, 128, 4, 0)]:
+for dtype, hd, G, window, cap in [(torch.float32, 64, 3, 0, 0.0), (torch.float32, 80, 2, 100, 0.0), (torch.float32, 64, 2, 0, 0.7), (torch.bfloat16, 128, 4, 0, 0.0)]:
     B, S, past, Hkv = 2, 300, 40, 2
     Lk, T = past + S, B * S
     k, v = torch.randn(B, Hkv, Lk, hd).to(dtype), torch.randn(B, Hkv, Lk, hd).to(dtype)
@@ -176,9 +177,9 @@ for dtype, hd, G, window in [(torch.float32, 64, 3, 0), (torch.float32, 80, 2, 1
     key_valid[1, :57] = False
     idx, cnt = ref.compact(torch.rand(T) < 0.6)
     q_pos = torch.arange(past, past + S).repeat(B)
-    got = ops.sparse_query_attention(q, idx, cnt, k, v, q_pos, key_valid, 0, S, hd**-0.5, window)
+    got = ops.sparse_query_attention(q, idx, cnt, k, v, q_pos, key_valid, 0, S, hd**-0.5, window, cap)
     f64 = [t.double() if t.is_floating_point() else t for t in (q, k, v)]
-    want = ref.sparse_query_attention(f64[0], idx, cnt, f64[1], f64[2], q_pos, key_valid, 0, S, hd**-0.5, window)
+    want = ref.sparse_query_attention(f64[0], idx, cnt, f64[1], f64[2], q_pos, key_valid, 0, S, hd**-0.5, window, cap)
     n = int(cnt)
     tol = 2e-5 if dtype == torch.float32 else 3e-2
     worst.append((got[:n].double() - want[:n]).abs().max().item() / tol)
@@ -268,7 +269,7 @@ def test_each_vector_isa_matches_float64(isa):
     chosen, *fields = res.stdout.split()
     assert chosen == want
     worst = [float(x) for x in fields]  # per case, in units of the dtype's tolerance
-    assert len(worst) == 3 + 3 * 4 * 3 + 3 * 2 and max(worst) <= 1.0, worst
+    assert len(worst) == 4 + 3 * 4 * 3 + 3 * 2 and max(worst) <= 1.0, worst
 
 
 @pytest.mark.parametrize("T", [1, 4, 300])  # the skinny kernel and the ATen GEMM path

@@ -421,6 +421,27 @@ def test_skipping_keeps_a_wrapped_k_or_v_proj(target, backend):
     assert (masked - got)[mask.bool()].abs().max() <= TOL
 
 
+@pytest.mark.parametrize("case", ["mlp_bias", "lora_mlp"])
+def test_skipping_runs_any_mlp_on_the_executing_rows(case, backend):
+    """An MLP the fused op does not cover (biases, a LoRA-wrapped projection) runs as the model's
+    own module on the gathered executing rows: still real skipping, still equal to masked."""
+    model = tiny_model("llama", mlp_bias=(case == "mlp_bias"))
+    if case == "lora_mlp":
+        peft = pytest.importorskip("peft")
+        lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["gate_proj", "down_proj"], init_lora_weights=False)
+        model = peft.get_peft_model(model, lora).base_model.model
+    skipgpt.apply(model, SkipConfig(mode="masked"))
+    ids, mask = left_padded_batch()
+
+    def logits_of_mixed_decisions(m):
+        logits = m(input_ids=ids, attention_mask=mask).logits
+        _mixed(m, ids, mask)
+        return logits
+
+    masked, got = _in_modes(model, backend, logits_of_mixed_decisions)
+    assert (masked - got)[mask.bool()].abs().max() <= TOL
+
+
 # -- what the skipping modes refuse, with a clear error, and nothing lost ----------------------------
 def _four_d_mask(ids, mask):
     B, S = ids.shape
@@ -441,7 +462,6 @@ REFUSED = {
     "static_cache": ({}, {}, lambda m, ids, mask: m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2,
                                                              do_sample=False, pad_token_id=0, cache_implementation="static"),
                      NotImplementedError, "support the dynamic KV cache.*got StaticLayer"),
-    "mlp_bias": ({"mlp_bias": True}, {}, None, NotImplementedError, "do not support MLP biases"),
     "policy": ({}, {"policy": "topk", "capacity": 0.5}, None, ValueError, "policy='topk' runs in mode='masked' only"),
     "lora_wrapped_q": ({}, {}, lambda m, ids, mask: _lora_q(m)(input_ids=ids, attention_mask=mask),
                        NotImplementedError, "need plain nn.Linear projections"),

@@ -217,6 +217,9 @@ def test_attention_refuses_positions_out_of_range(impl):
     for pos in (-1, 2**63 - 1):
         with pytest.raises(RuntimeError, match="q_pos must hold positions"):
             impl.sparse_query_attention(q, idx, cnt, k, v, torch.tensor([pos]), None, 0, 1, 1.0, 0)
+    for cap in (-1.0, float("inf"), float("nan")):
+        with pytest.raises(RuntimeError, match="softcap must be finite and >= 0"):
+            impl.sparse_query_attention(q, idx, cnt, k, v, torch.tensor([3]), None, 0, 1, 1.0, 0, cap)
     # At the top of the range the math is still right: the query at the last key's position sees
     # keys 1-3 with a 3-token window.
     got = impl.sparse_query_attention(q, idx, cnt, k, v, torch.tensor([top + 3]), None, top, 1, 1.0, 3)

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import torch
 from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    GraniteConfig,
+    GraniteForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -12,6 +18,14 @@ from transformers import (
     Qwen2ForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
+    Olmo2Config,
+    Olmo2ForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
+    SmolLM3Config,
+    SmolLM3ForCausalLM,
 )
 
 COMMON = dict(
@@ -32,6 +46,18 @@ FAMILY_NAMES = ("llama", "mistral", "qwen2", "qwen3")
 # Qwen2/Qwen3 with per-layer sliding windows: layer 0 full attention, layers 1-2 a 4-token
 # window (shorter than the test sequences, so it matters).
 WINDOWED_NAMES = ("qwen2-sw", "qwen3-sw")
+# The families whose layers differ from Llama's in more than the attention details, each with
+# its peculiarity switched on and set so that it matters on these tiny models:
+# - gemma2: sandwich norms (1 + w), GeLU-tanh MLP, an active logit soft-cap, a 3-token window
+#   on alternating layers, query_pre_attn_scalar;
+# - gemma3: Gemma 2's structure without the soft-cap, plus per-head q/k norms and a RoPE base
+#   per layer type;
+# - phi3: fused qkv and gate_up projections, partial RoPE, a 5-token window;
+# - olmo2: post-norms only, q/k norms over the whole projection;
+# - smollm3: a layer without RoPE (NoPE);
+# - granite: residual and attention multipliers different from 1;
+# - qwen3_moe: a mixture-of-experts MLP (4 experts, 2 per token) on layers 0 and 2, dense on 1.
+NEW_FAMILY_NAMES = ("gemma2", "gemma3", "phi3", "olmo2", "smollm3", "granite", "qwen3_moe")
 
 
 def tiny_model(family: str, dtype: torch.dtype = torch.float32, seed: int = 0, attn: str = "sdpa", **overrides):
@@ -50,14 +76,41 @@ def tiny_model(family: str, dtype: torch.dtype = torch.float32, seed: int = 0, a
     elif family == "qwen3":
         kw.setdefault("head_dim", 16)
         model = Qwen3ForCausalLM(Qwen3Config(**kw))  # q/k RMSNorm per head
+    elif family == "gemma2":
+        kw.update(head_dim=16, query_pre_attn_scalar=24, sliding_window=3, attn_logit_softcapping=0.5,
+                  final_logit_softcapping=3.0, layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+        model = Gemma2ForCausalLM(Gemma2Config(**kw))
+    elif family == "gemma3":
+        kw.update(head_dim=16, query_pre_attn_scalar=24, sliding_window=3,
+                  layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+        model = Gemma3ForCausalLM(Gemma3TextConfig(**kw))
+    elif family == "phi3":
+        kw.update(sliding_window=5, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})
+        model = Phi3ForCausalLM(Phi3Config(**kw))
+    elif family == "olmo2":
+        model = Olmo2ForCausalLM(Olmo2Config(**kw))
+    elif family == "smollm3":
+        kw.update(no_rope_layers=[1, 0, 1])
+        model = SmolLM3ForCausalLM(SmolLM3Config(**kw))
+    elif family == "granite":
+        kw.update(residual_multiplier=0.6, attention_multiplier=0.2, embedding_multiplier=3.0, logits_scaling=2.0)
+        model = GraniteForCausalLM(GraniteConfig(**kw))
+    elif family == "qwen3_moe":
+        kw.update(head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, mlp_only_layers=[1])
+        model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**kw))
     else:
         raise ValueError(family)
-    model.config._attn_implementation = attn
+    # sdpa has no logit soft-capping: Gemma runs eager attention, as transformers recommends.
+    model.config._attn_implementation = "eager" if family == "gemma2" else attn
     # Random init leaves biases and norms at trivial values: perturb them so they are exercised.
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias") or "norm" in name:
                 p.add_(torch.randn_like(p) * 0.1)
+            elif name.endswith("mlp.gate.weight"):  # a MoE router starts at zero: give it preferences
+                p.normal_(0.0, 1.0)
+            elif family == "gemma2" and name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.mul_(8.0)  # scores of order 1, so that the 0.5 soft-cap changes them
     return model.to(dtype).eval()
 
 

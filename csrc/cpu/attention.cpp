@@ -63,6 +63,13 @@ float softmax_tile_row(float* s, int64_t nk, float& row_max, float& row_sum) {
   return alpha;
 }
 
+// Attention logit soft-capping (Gemma 2/3): s = cap * tanh(s / cap) on the visible scores of a
+// row, before the mask and the softmax (a masked key stays -inf).
+inline void apply_softcap(float* s, int64_t n, float cap) {
+  const float inv = 1.0f / cap;
+  for (int64_t j = 0; j < n; ++j) s[j] = cap * std::tanh(s[j] * inv);
+}
+
 // What a tile kernel needs to run one work item (attention_tile.inc).
 template <typename scalar_t>
 struct ItemArgs {
@@ -72,7 +79,7 @@ struct ItemArgs {
   const bool* key_valid;
   int64_t qs, os, ksb, ksh, ksl, vsb, vsh, vsl;
   int64_t hd, G, Lk, kv_offset, seq_len, window, key_tile;
-  float scale;
+  float scale, softcap;
 };
 
 }  // namespace
@@ -104,7 +111,7 @@ namespace {
 template <typename scalar_t>
 void attend(const at::Tensor& q, const int64_t* idx, int64_t n, const at::Tensor& k, const at::Tensor& v,
             const int64_t* q_pos, const bool* key_valid, int64_t kv_offset, int64_t seq_len, float scale,
-            int64_t window, at::Tensor& out) {
+            int64_t window, float softcap, at::Tensor& out) {
   const int64_t Hkv = k.size(1), Lk = k.size(2), hd = k.size(3);
   const int64_t Hq = q.size(1) / hd, G = Hq / Hkv;
   const scalar_t* qp = q.data_ptr<scalar_t>();
@@ -152,7 +159,7 @@ void attend(const at::Tensor& q, const int64_t* idx, int64_t n, const at::Tensor
   if (isa != Isa::kGeneric) {
 #if defined(SKIPGPT_X86_VEC)
     const ItemArgs<scalar_t> args{qp, kp, vp, outp, idx, q_pos, key_valid, qs, os, ksb, ksh, ksl, vsb, vsh, vsl,
-                                  hd, G, Lk, kv_offset, seq_len, window, kKeyTile, scale};
+                                  hd, G, Lk, kv_offset, seq_len, window, kKeyTile, scale, softcap};
     at::parallel_for(0, parts, 1, [&](int64_t pb, int64_t pe) {
       avx512_tiles::Scratch sc512;
       avx2_tiles::Scratch sc2;
@@ -224,6 +231,7 @@ void attend(const at::Tensor& q, const int64_t* idx, int64_t n, const at::Tensor
               std::fill(s, s + nk, 0.0f);
               continue;
             }
+            if (softcap > 0.0f) apply_softcap(s + a, e - a, softcap);
             for (int64_t j = 0; j < a; ++j) s[j] = ninf;
             for (int64_t j = e; j < nk; ++j) s[j] = ninf;
             if (kvalid != nullptr)
@@ -256,8 +264,9 @@ void attend(const at::Tensor& q, const int64_t* idx, int64_t n, const at::Tensor
 at::Tensor sparse_query_attention_cpu(const at::Tensor& q_in, const at::Tensor& idx, const at::Tensor& count,
                                       const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& q_pos,
                                       const std::optional<at::Tensor>& key_valid, int64_t kv_offset,
-                                      int64_t seq_len, double scale, int64_t window) {
+                                      int64_t seq_len, double scale, int64_t window, double softcap) {
   const char* op = "skipgpt::sparse_query_attention";
+  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0.0, op, ": softcap must be finite and >= 0 (0 = none), got ", softcap);
   check_cpu(q_in, op, "q");
   check_float_dtype(q_in, op, "q");
   const int64_t T =
@@ -281,7 +290,7 @@ at::Tensor sparse_query_attention_cpu(const at::Tensor& q_in, const at::Tensor& 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "sparse_query_attention", [&] {
     attend<scalar_t>(q, idx_c.data_ptr<int64_t>(), n, k, v, pos_c.data_ptr<int64_t>(),
                      kv_valid.defined() ? kv_valid.data_ptr<bool>() : nullptr, kv_offset, seq_len,
-                     static_cast<float>(scale), window, out);
+                     static_cast<float>(scale), window, static_cast<float>(softcap), out);
   });
   return out;
 }

@@ -96,6 +96,7 @@ __global__ void __launch_bounds__(kWarps * 32) attention_kernel(AttentionParams 
         if (d < hd) s += qs[gg * hd + d] * kv[t];
       }
       s = warp_sum(s);
+      if (p.softcap > 0.f) s = p.softcap * tanhf(s / p.softcap);
       const float mn = fmaxf(m[gg], s);
       const float corr = __expf(m[gg] - mn), pj = __expf(s - mn);
       l[gg] = l[gg] * corr + pj;

@@ -425,7 +425,8 @@ bool attention_mma_supported(const AttentionParams& p, DType dtype) {
                        p.k_strides[0] % 8 == 0 && p.k_strides[1] % 8 == 0 && p.v_strides[0] % 8 == 0 &&
                        p.v_strides[1] % 8 == 0 && reinterpret_cast<uintptr_t>(p.q) % 16 == 0 &&
                        reinterpret_cast<uintptr_t>(p.k) % 16 == 0 && reinterpret_cast<uintptr_t>(p.v) % 16 == 0;
-  return dtype != DType::kF32 && (p.hd == 64 || p.hd == 128) && aligned;
+  // Soft-capping runs in the CUDA-core kernel only (this one folds the scale into exp2).
+  return dtype != DType::kF32 && (p.hd == 64 || p.hd == 128) && aligned && p.softcap == 0.f;
 }
 
 cudaError_t launch_attention_mma(const AttentionParams& p, DType dtype, cudaStream_t stream) {

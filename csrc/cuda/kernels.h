@@ -126,6 +126,7 @@ struct AttentionParams {
   int64_t T = 0, B = 0, Hq = 0, Hkv = 0, Lk = 0, hd = 0;
   int64_t kv_offset = 0, seq_len = 1, window = 0;
   float scale = 1.f;
+  float softcap = 0.f;  // > 0: scores become softcap * tanh(scores / softcap) (Gemma 2/3)
   int splits = 1;
 };
 // How many KV splits launch_attention will use (the caller sizes the scratch from it).

@@ -14,6 +14,7 @@
 #include <cuda_runtime.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <cstdlib>
 #include <optional>
 #include <string>
@@ -212,8 +213,9 @@ at::Tensor gather_linear_cuda(const at::Tensor& x, const at::Tensor& idx, const 
 at::Tensor sparse_query_attention_cuda(const at::Tensor& q_in, const at::Tensor& idx, const at::Tensor& count,
                                        const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& q_pos,
                                        const std::optional<at::Tensor>& key_valid, int64_t kv_offset, int64_t seq_len,
-                                       double scale, int64_t window) {
+                                       double scale, int64_t window, double softcap) {
   const char* op = "skipgpt::sparse_query_attention";
+  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0.0, op, ": softcap must be finite and >= 0 (0 = none), got ", softcap);
   check_first(q_in, /*tensor_cores=*/false, op, "q");
   const c10::cuda::CUDAGuard guard(q_in.device());
   const auto [T, B, Hq, Hkv, Lk, hd] = check_attention_args(q_in, idx, count, k_in, v_in, q_pos, key_valid, kv_offset,
@@ -252,6 +254,7 @@ at::Tensor sparse_query_attention_cuda(const at::Tensor& q_in, const at::Tensor&
   p.seq_len = seq_len;
   p.window = window;
   p.scale = static_cast<float>(scale);
+  p.softcap = static_cast<float>(softcap);
   p.splits = attention_splits(T, Hkv, Lk, num_sms(q.get_device()));
   at::Tensor scratch;
   if (p.splits > 1) {

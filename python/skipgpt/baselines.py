@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .adapters import unwrap
+from .adapters import active_params, adapter_for, unwrap
 from .config import SkipConfig
 from .patch import apply
 from .skip_state import is_patched, state
@@ -58,9 +58,10 @@ def sublayer_similarity(model, input_ids: torch.Tensor, attention_mask=None) -> 
 
 
 def _param_counts(model) -> tuple[list[int], list[int]]:
-    layers = unwrap(model).model.layers
-    pa = [sum(p.numel() for p in l.self_attn.parameters()) for l in layers]
-    pm = [sum(p.numel() for p in l.mlp.parameters()) for l in layers]
+    base = unwrap(model)
+    layers = adapter_for(base).layers(base)
+    pa = [active_params(l.self_attn) for l in layers]
+    pm = [active_params(l.mlp) for l in layers]
     return pa, pm
 
 

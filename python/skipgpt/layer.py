@@ -1,7 +1,10 @@
 """What happens to a token in decoder layer l: the one skipping layer forward.
 
-    h'  = h  + g_attn * Attn(RMSNorm_1(h))      g_attn decided from h
-    h'' = h' + g_mlp  * MLP(RMSNorm_2(h'))      g_mlp  decided from h (not h')
+    h'  = h  + g_attn * c * Post_1(Attn(Pre_1(h)))     g_attn decided from h
+    h'' = h' + g_mlp  * c * Post_2(MLP(Pre_2(h')))     g_mlp  decided from h (not h')
+
+Pre and Post are the family's norms (Llama has only the pre-norms, OLMo 2 only the post-norms,
+Gemma both) and c its residual multiplier (Granite; 1 elsewhere): :class:`FamilyAdapter`.
 
 Three backends share this structure:
 - ``masked``: the model's own attention and MLP on every token, output times gate. It is the
@@ -16,6 +19,12 @@ Three backends share this structure:
   4. attention: only the executing tokens get the Q projection, an attention row and the O
      projection, scatter-added into the residual in place;
   5. MLP: only its executing tokens run the MLP (its norm included), scatter-added in place.
+
+Where a family needs a feature the fused ops do not have (a post-norm, an output multiplier, a
+whole-projection q/k norm, partial RoPE, a non-SiLU or mixture-of-experts MLP), that step runs on
+the compacted executing rows in PyTorch instead: the model's own module on the gathered rows,
+the result scatter-added. The skipping stays real (skipped rows cost nothing); only the fusion
+is lost, and the step reads the executing count on the host.
 """
 
 from __future__ import annotations
@@ -94,14 +103,28 @@ class SkipDecoderLayerMixin:
         fwd.gates[self.self_attn.layer_idx] = (g_attn, g_mlp)
 
         a, _ = self.self_attn(
-            hidden_states=self.input_layernorm(h),
+            hidden_states=self._pre(0, h),
             attention_mask=attention_mask,
             position_embeddings=position_embeddings,
             **kwargs,
         )
+        a = self._post(1, a)
         h = h + a * g_attn.unsqueeze(-1).to(a.dtype)
-        m = self.mlp(self.post_attention_layernorm(h))
+        m = self._post(3, _tensor(self.mlp(self._pre(2, h))))
         return h + m * g_mlp.unsqueeze(-1).to(m.dtype)
+
+    def _pre(self, slot: int, x: torch.Tensor) -> torch.Tensor:
+        norm = self.skip_state.adapter.norm(self, slot)
+        return norm(x) if norm is not None else x
+
+    def _post(self, slot: int, y: torch.Tensor) -> torch.Tensor:
+        """A module's output as the residual receives it: post-normed, times the multiplier."""
+        ad = self.skip_state.adapter
+        norm = ad.norm(self, slot)
+        if norm is not None:
+            y = norm(y)
+        c = ad.residual_scale(self)
+        return y * c if c != 1.0 else y
 
     # -- real skipping: check, route, K/V, attention, MLP ---------------------------------------
     def _skipping_forward(self, fwd, ops, hidden_states, position_embeddings, kwargs) -> torch.Tensor:
@@ -126,7 +149,7 @@ class SkipDecoderLayerMixin:
     def _check_skipping_inputs(self, fwd: ForwardState, cache, S: int) -> int:
         """Refuse what the skipping ops cannot run, before any statistic or cache write; returns
         the number of positions already in the cache."""
-        attn, mlp = self.self_attn, self.mlp
+        attn, ad = self.self_attn, self.skip_state.adapter
         if cache is not None:  # first: generate builds a 4D mask for a static cache
             _check_dynamic_cache(cache, attn.layer_idx)
         if fwd.mask_is_4d:
@@ -134,7 +157,10 @@ class SkipDecoderLayerMixin:
                 "SkipGPT's skipping modes need the 2D attention_mask (batch, keys); got a "
                 "pre-built 4D mask. Pass the 2D padding mask, or use mode='masked'."
             )
-        _check_plain_linears(attn.q_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+        # Q and O run compacted through the ops, which read their weights directly: a wrapped
+        # projection (LoRA) would be silently ignored. K, V and the MLP may be wrapped: they run
+        # the module itself.
+        _check_plain_linears(ad.projection(attn, "q")[0], ad.projection(attn, "o")[0])
         past = cache.get_seq_length(attn.layer_idx) if cache is not None else 0
         if fwd.key_mask is not None and fwd.key_mask.shape[1] != past + S:
             raise ValueError(
@@ -143,23 +169,33 @@ class SkipDecoderLayerMixin:
         return past
 
     def _route(self, fwd, ops, h_rows: torch.Tensor):
-        """Both decisions plus the attention RMSNorm of every row (K/V need all of them)."""
-        st, norm = self.skip_state, self.input_layernorm
+        """Both decisions plus the attention input of every row (K/V need all of them): the
+        pre-attention norm of ``h``, or ``h`` itself where the family has none (OLMo 2)."""
+        st, ad = self.skip_state, self.skip_state.adapter
+        norm = ad.norm(self, 0)
+        if norm is not None:
+            norm_w, eps = ad.norm_weight(norm), norm_eps(norm)
+        else:  # the decisions still come from route_norm; its normed rows are not used
+            norm_w, eps = torch.ones(h_rows.shape[1], dtype=h_rows.dtype, device=h_rows.device), 1e-6
         row_valid = fwd.valid.reshape(-1) if fwd.valid is not None else None
         ra, rm = self.router_attention, self.router_mlp
         thr = st.config.threshold_logit
         if ra.router_type == "linear" and rm.router_type == "linear":
             w, b = st.stacked_margins(self.self_attn.layer_idx, ra, rm)
-            return ops.route_norm(h_rows, norm.weight, norm_eps(norm), w, b, thr, row_valid)
-        # A non-linear router cannot fold into the norm pass: decide in torch, compact natively.
-        decide = []
-        for router in (ra, rm):
-            logits = router(h_rows)
-            ex = (logits[:, 0] - logits[:, 1]) > thr
-            decide.append(ex & row_valid if row_valid is not None else ex)
-        attn_idx, attn_count = ops.compact(decide[0])
-        mlp_idx, mlp_count = ops.compact(decide[1])
-        return reference.rms_norm(h_rows, norm.weight, norm_eps(norm)), attn_idx, attn_count, mlp_idx, mlp_count
+            x, attn_idx, attn_count, mlp_idx, mlp_count = ops.route_norm(h_rows, norm_w, eps, w, b, thr, row_valid)
+        else:
+            # A non-linear router cannot fold into the norm pass: decide in torch, compact natively.
+            decide = []
+            for router in (ra, rm):
+                logits = router(h_rows)
+                ex = (logits[:, 0] - logits[:, 1]) > thr
+                decide.append(ex & row_valid if row_valid is not None else ex)
+            attn_idx, attn_count = ops.compact(decide[0])
+            mlp_idx, mlp_count = ops.compact(decide[1])
+            x = reference.rms_norm(h_rows, norm_w, eps) if norm is not None else None
+        # Without a pre-norm, attention reads h itself: every read of it (K, V, Q) happens
+        # before the attention output is added into h.
+        return (x if norm is not None else h_rows), attn_idx, attn_count, mlp_idx, mlp_count
 
     def _keys_values(self, ops, x_norm, rows: RowTables, position_embeddings, B: int, S: int, cache):
         """K and V of every token (later tokens attend to all earlier ones), with the model's math,
@@ -171,74 +207,122 @@ class SkipDecoderLayerMixin:
         gains nothing, and cuBLAS is the faster dense GEMM ("dense K/V may use cuBLAS"); decode
         batches keep the op's GEMV (one pass over the weights, RoPE fused)."""
         attn, hd = self.self_attn, self.self_attn.head_dim
-        k_norm = self.skip_state.adapter.k_norm(attn)
         fuse = x_norm.device.type != "cuda" or B * S <= skipgpt_ext.CUDA_GEMV_MAX_ROWS
-        if fuse and type(attn.k_proj) is nn.Linear:
-            k = _project_rows(ops, x_norm, rows.all_idx, rows.all_count, attn.k_proj, k_norm, rows)
-            k = k.view(B, S, -1, hd).transpose(1, 2)
-        else:
-            k = attn.k_proj(x_norm).view(B, S, -1, hd)
-            if k_norm is not None:
-                k = k_norm(k)
-            cos, sin = position_embeddings
-            k = k.transpose(1, 2)
-            k = k * cos.unsqueeze(1) + reference.rotate_half(k) * sin.unsqueeze(1)
-        if fuse and type(attn.v_proj) is nn.Linear:
-            v = _project_rows(ops, x_norm, rows.all_idx, rows.all_count, attn.v_proj, None, None)
-        else:
-            v = attn.v_proj(x_norm)
+        k = self._project(ops, x_norm, rows.all_idx, rows.all_count, "k", rows, all_rows=True, fuse=fuse)
+        v = self._project(ops, x_norm, rows.all_idx, rows.all_count, "v", rows, all_rows=True, fuse=fuse)
+        k = k.view(B, S, -1, hd).transpose(1, 2)
         v = v.view(B, S, -1, hd).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(k, v, attn.layer_idx)
         return k, v
 
+    def _project(self, ops, x, idx, count, which: str, rows: RowTables, all_rows: bool = False, fuse: bool = True):
+        """Projection ``which`` (q, k or v) of rows ``idx[:count]`` of ``x``, compacted, with the
+        family's q/k norm and RoPE. One gather_linear call where the op covers the family's
+        math; otherwise the op's plain projection (or, for every row, the module itself) and the
+        norm and RoPE in PyTorch on the executing rows."""
+        attn, ad, hd = self.self_attn, self.skip_state.adapter, self.self_attn.head_dim
+        mod, part = ad.projection(attn, which)
+        norm = (ad.q_norm(attn) if which == "q" else ad.k_norm(attn)) if which != "v" else None
+        rope = which != "v" and ad.rope(attn)
+        cos, sin = (rows.cos, rows.sin) if rope else (None, None)
+        if all_rows and not (fuse and type(mod) is nn.Linear):
+            y = mod(x)  # the module path: every row, the module's own forward (LoRA included)
+            y = y[:, part] if part is not None else y
+            return self._qk_epilogue(y, norm, cos, sin) if which != "v" else y
+        w = mod.weight if part is None else mod.weight[part]
+        b = mod.bias if part is None or mod.bias is None else mod.bias[part]
+        fused = ad.qk_norm != "proj" and (cos is None or cos.shape[-1] == hd) and (norm is None or rope)
+        if fused:
+            return ops.gather_linear(
+                x, idx, count, w, b, ad.norm_weight(norm) if norm is not None else None,
+                norm_eps(norm) if norm is not None else 0.0, cos, sin,
+            )
+        y = ops.gather_linear(x, idx, count, w, b, None, 0.0, None, None)
+        n = y.shape[0] if all_rows else int(count)
+        if n:
+            sel = idx[:n]
+            y[:n] = self._qk_epilogue(
+                y[:n], norm, cos.index_select(0, sel) if rope else None, sin.index_select(0, sel) if rope else None
+            )
+        return y
+
+    def _qk_epilogue(self, y, norm, cos, sin) -> torch.Tensor:
+        """The family's q/k norm and RoPE (full or partial) on projected rows ``y [n, H * hd]``."""
+        n, hd = y.shape[0], self.self_attn.head_dim
+        if norm is not None:
+            y = norm(y) if self.skip_state.adapter.qk_norm == "proj" else norm(y.view(n, -1, hd)).reshape(n, -1)
+        if cos is None:
+            return y
+        y, rd = y.reshape(n, -1, hd), cos.shape[-1]
+        c, s_ = cos.unsqueeze(1).to(y.dtype), sin.unsqueeze(1).to(y.dtype)
+        r = y[..., :rd]
+        r = r * c + reference.rotate_half(r) * s_
+        return (torch.cat([r, y[..., rd:]], -1) if rd < hd else r).reshape(n, -1)
+
     def _attention_(self, ops, fwd, h_rows, x_norm, idx, count, k, v, rows: RowTables, end: int, S: int) -> None:
         """Attention of the executing rows, added into ``h_rows`` in place: Q of those rows, their
         attention rows against the cache's keys (positions up to ``end``), the O projection
-        scatter-added."""
-        attn = self.self_attn
-        q = _project_rows(ops, x_norm, idx, count, attn.q_proj, self.skip_state.adapter.q_norm(attn), rows)
+        scatter-added (through the post-norm and multiplier, where the family has them)."""
+        attn, ad = self.self_attn, self.skip_state.adapter
+        q = self._project(ops, x_norm, idx, count, "q", rows)
         # A dynamic (sliding) cache returns the most recent Lk keys, ending at this step.
         Lk = k.shape[2]
         key_valid = fwd.key_mask[:, end - Lk : end] if fwd.key_mask is not None else None
         o = ops.sparse_query_attention(
             q, idx, count, k, v, rows.positions, key_valid, end - Lk, S, float(attn.scaling),
-            self.skip_state.adapter.window(attn),
+            ad.window(attn), ad.softcap(attn),
         )
-        ops.linear_scatter_add_(h_rows, o, idx, count, attn.o_proj.weight, attn.o_proj.bias)
+        o_proj = ad.projection(attn, "o")[0]
+        if ad.norm(self, 1) is None and ad.residual_scale(self) == 1.0:
+            ops.linear_scatter_add_(h_rows, o, idx, count, o_proj.weight, o_proj.bias)
+            return
+        n = int(count)
+        if n:
+            y = torch.nn.functional.linear(o[:n], o_proj.weight, o_proj.bias)
+            h_rows.index_add_(0, idx[:n], self._post(1, y))
 
     def _mlp_(self, ops, h_rows, idx, count) -> None:
-        """The MLP of the executing rows (its norm included), added into ``h_rows`` in place."""
-        norm, mlp = self.post_attention_layernorm, self.mlp
-        ops.skip_mlp_(
-            h_rows, idx, count, norm.weight, norm_eps(norm),
-            mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight,
-        )
+        """The MLP of the executing rows (its norms included), added into ``h_rows`` in place:
+        the fused op for a plain SiLU-gated MLP behind a pre-norm; otherwise the model's own MLP
+        module on the gathered rows (a mixture of experts routes only these rows)."""
+        ad, mlp = self.skip_state.adapter, self.mlp
+        pre = ad.norm(self, 2)
+        proj = ad.mlp_projections(mlp)
+        if (
+            proj is not None and pre is not None and ad.norm(self, 3) is None and ad.residual_scale(self) == 1.0
+            and type(ad.mlp_activation(mlp)).__name__ in ("SiLU", "SiLUActivation")
+            and all(type(m) is nn.Linear and m.bias is None for m in proj[::2])
+        ):
+            gate, g_part, up, u_part, down = proj
+            ops.skip_mlp_(
+                h_rows, idx, count, ad.norm_weight(pre), norm_eps(pre),
+                gate.weight if g_part is None else gate.weight[g_part],
+                up.weight if u_part is None else up.weight[u_part], down.weight,
+            )
+            return
+        n = int(count)
+        if n:
+            sel = idx[:n]
+            x = h_rows.index_select(0, sel)
+            if pre is not None:
+                x = pre(x)
+            y = _tensor(mlp(x.unsqueeze(0))).squeeze(0)
+            h_rows.index_add_(0, sel, self._post(3, y))
 
 
-def _project_rows(ops, x, idx, count, proj: nn.Linear, head_norm: nn.Module | None, rows: RowTables | None):
-    """``proj`` of rows ``idx[:count]`` of ``x``, compacted; with ``rows``, each head normalised by
-    ``head_norm`` (Qwen3) and rotated at its row's position (RoPE)."""
-    return ops.gather_linear(
-        x, idx, count, proj.weight, proj.bias,
-        head_norm.weight if head_norm is not None else None,
-        norm_eps(head_norm) if head_norm is not None else 0.0,
-        rows.cos if rows is not None else None,
-        rows.sin if rows is not None else None,
-    )
+def _tensor(out) -> torch.Tensor:
+    """A module's output tensor (some mixture-of-experts blocks also return router logits)."""
+    return out[0] if isinstance(out, tuple) else out
 
 
 def _check_plain_linears(*modules: nn.Module) -> None:
-    # The skipping ops read weights directly, so a wrapped projection (a LoRA layer) or an MLP
-    # bias would be silently ignored: refuse instead.
     for m in modules:
         if type(m) is not nn.Linear:
             raise NotImplementedError(
-                f"SkipGPT's skipping modes need plain nn.Linear projections, got {type(m).__name__}. "
+                f"SkipGPT's skipping modes need plain nn.Linear projections for attention's q and o, got {type(m).__name__}. "
                 "Merge LoRA adapters first (peft's merge_and_unload()), or use mode='masked'."
             )
-    if any(m.bias is not None for m in modules[2:]):
-        raise NotImplementedError("SkipGPT's skipping modes do not support MLP biases; use mode='masked'.")
 
 
 def _check_dynamic_cache(cache, layer_idx: int) -> None:

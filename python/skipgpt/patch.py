@@ -61,7 +61,7 @@ def apply(model: nn.Module, config: SkipConfig | None = None, from_dir: str | Pa
     st = SkipState(config, adapter, layers)
     try:
         for layer in layers:
-            device = layer.input_layernorm.weight.device
+            device = next(layer.self_attn.parameters()).device
             layer.router_attention = Router(hidden, config.router_type, config.init_execute_bias, device=device)
             layer.router_mlp = Router(hidden, config.router_type, config.init_execute_bias, device=device)
             layer.__class__ = _skip_class(type(layer))

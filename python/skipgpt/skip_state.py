@@ -21,7 +21,7 @@ from torch import nn
 import skipgpt_ext
 from skipgpt_ext import reference
 
-from .adapters import FamilyAdapter, unwrap
+from .adapters import FamilyAdapter, active_params, unwrap
 from .config import SkipConfig
 from .sparsity import realised_sparsity
 
@@ -118,7 +118,8 @@ class SkipState:
         self.adapter = adapter
         self.num_layers = len(layers)
         self.attn_params = torch.tensor([_numel(l.self_attn) for l in layers], dtype=torch.float64)
-        self.mlp_params = torch.tensor([_numel(l.mlp) for l in layers], dtype=torch.float64)
+        # A mixture of experts counts what one token uses: the router and its top-k experts.
+        self.mlp_params = torch.tensor([active_params(l.mlp) for l in layers], dtype=torch.float64)
         self.reset_cumulative()
         # The counts of the last forward that completed (skipgpt.stats): a refused or interrupted
         # forward leaves them as they were.
