@@ -40,6 +40,8 @@ ARMS: dict[str, dict] = {
     "recipe+kdlm": {"loss": "kd+lm"},
     "recipe-pin": {"pin_cost": float("inf")},
     "recipe-anneal": {"gate_noise_end": 1.0},
+    "recipe-anneal-kd": {"gate_noise_end": 1.0, "loss": "lm"},
+    "recipe-anneal+pin0.5": {"gate_noise_end": 1.0, "pin_cost": 0.5},
     "recipe+det": {"gate_noise": 0.0},
     "recipe-ramp": {"target_ramp": 0.0},
     "recipe-select": {"select": "last"},

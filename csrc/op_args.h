@@ -267,28 +267,55 @@ LinearScatterAddDims check_linear_scatter_add_args(const at::Tensor& h, const at
   return {T, d, K};
 }
 
+// The optional epilogue of the scatter-adding ops: a post-norm weight like h's width, a finite
+// epsilon and multiplier.
+template <typename OnDevice>
+void check_epilogue_args(const at::Tensor& h, const std::optional<at::Tensor>& post_norm_weight, double post_norm_eps,
+                         double out_scale, const char* op, OnDevice&& on_device) {
+  if (post_norm_weight.has_value()) {
+    check_devices(on_device, {{opt_ptr(post_norm_weight), "post_norm_weight"}});
+    check_same_dtype(*post_norm_weight, h, op, "post_norm_weight", "h");
+    check_shape(*post_norm_weight, {h.size(1)}, op, "post_norm_weight", "h's width");
+    check_inputs_apart_from_h(h, {{opt_ptr(post_norm_weight), "post_norm_weight"}}, op);
+  }
+  TORCH_CHECK(std::isfinite(post_norm_eps) && post_norm_eps >= 0.0, op, ": post_norm_eps must be finite and >= 0, got ",
+              post_norm_eps);
+  TORCH_CHECK(std::isfinite(out_scale), op, ": out_scale must be finite, got ", out_scale);
+}
+
+enum class Activation { kSilu, kGeluTanh };
+
+inline Activation check_activation(c10::string_view activation, const char* op) {
+  if (activation == "silu") return Activation::kSilu;
+  TORCH_CHECK(activation == "gelu_tanh", op, ": activation must be 'silu' or 'gelu_tanh', got '", std::string(activation),
+              "'");
+  return Activation::kGeluTanh;
+}
+
 struct SkipMlpDims {
   int64_t T, d, I;
 };
 
 template <typename OnDevice>
 SkipMlpDims check_skip_mlp_args(const at::Tensor& h, const at::Tensor& idx, const at::Tensor& count,
-                                const at::Tensor& norm_weight, const at::Tensor& gate_weight,
+                                const std::optional<at::Tensor>& norm_weight, const at::Tensor& gate_weight,
                                 const at::Tensor& up_weight, const at::Tensor& down_weight, const char* op,
                                 OnDevice&& on_device) {
-  check_devices(on_device, {{&norm_weight, "norm_weight"}, {&gate_weight, "gate_weight"}, {&up_weight, "up_weight"},
+  check_devices(on_device, {{opt_ptr(norm_weight), "norm_weight"}, {&gate_weight, "gate_weight"}, {&up_weight, "up_weight"},
                             {&down_weight, "down_weight"}, {&idx, "idx"}, {&count, "count"}});
   check_inplace_target(h, op);
   const int64_t T = h.size(0), d = h.size(1);
-  check_same_dtype(norm_weight, h, op, "norm_weight", "h");
-  check_shape(norm_weight, {d}, op, "norm_weight", "h's width");
+  if (norm_weight.has_value()) {
+    check_same_dtype(*norm_weight, h, op, "norm_weight", "h");
+    check_shape(*norm_weight, {d}, op, "norm_weight", "h's width");
+  }
   TORCH_CHECK(gate_weight.dim() == 2, op, ": gate_weight must be [intermediate, ", d, "], got ", gate_weight.sizes());
   const int64_t I = gate_weight.size(0);
   check_weight(gate_weight, I, d, h, op, "gate_weight", "h");
   check_weight(up_weight, I, d, h, op, "up_weight", "h");
   check_weight(down_weight, d, I, h, op, "down_weight", "h");
   check_idx_args(idx, count, T, op);
-  check_inputs_apart_from_h(h, {{&norm_weight, "norm_weight"}, {&gate_weight, "gate_weight"}, {&up_weight, "up_weight"},
+  check_inputs_apart_from_h(h, {{opt_ptr(norm_weight), "norm_weight"}, {&gate_weight, "gate_weight"}, {&up_weight, "up_weight"},
                                 {&down_weight, "down_weight"}, {&idx, "idx"}, {&count, "count"}},
                             op);
   return {T, d, I};

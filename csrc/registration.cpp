@@ -77,11 +77,16 @@ TORCH_LIBRARY(skipgpt, m) {
       "Tensor q_pos, Tensor? key_valid, int kv_offset, int seq_len, float scale, int window, "
       "float softcap=0.0) -> Tensor");
   // h[idx[i]] += a[i] @ W^T (+ bias) for i < count, in place.
+  // With post_norm_weight, each added row is first RMS-normalised in fp32 and scaled by it
+  // (Gemma 2/3, OLMo 2: post-norms), then multiplied by out_scale (Granite's multiplier).
   m.def(
       "linear_scatter_add_(Tensor(a!) h, Tensor a, Tensor idx, Tensor count, Tensor weight, "
-      "Tensor? bias) -> ()");
-  // h[r] += down(silu(gate(n)) * up(n)), n = RMSNorm(h[r]), for the rows r = idx[:count].
+      "Tensor? bias, Tensor? post_norm_weight=None, float post_norm_eps=0.0, float out_scale=1.0) -> ()");
+  // h[r] += out_scale * post_norm(down(act(gate(n)) * up(n))), n = RMSNorm(h[r]) (or h[r] without
+  // norm_weight), for the rows r = idx[:count]; act is "silu" or "gelu_tanh"; the epilogue as
+  // in linear_scatter_add_.
   m.def(
-      "skip_mlp_(Tensor(a!) h, Tensor idx, Tensor count, Tensor norm_weight, float eps, "
-      "Tensor gate_weight, Tensor up_weight, Tensor down_weight) -> ()");
+      "skip_mlp_(Tensor(a!) h, Tensor idx, Tensor count, Tensor? norm_weight, float eps, "
+      "Tensor gate_weight, Tensor up_weight, Tensor down_weight, str activation=\"silu\", "
+      "Tensor? post_norm_weight=None, float post_norm_eps=0.0, float out_scale=1.0) -> ()");
 }

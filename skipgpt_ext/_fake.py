@@ -37,10 +37,11 @@ def _sparse_query_attention(q, idx, count, k, v, q_pos, key_valid, kv_offset, se
 
 
 @register_fake("skipgpt::linear_scatter_add_")
-def _linear_scatter_add_(h, a, idx, count, weight, bias):
+def _linear_scatter_add_(h, a, idx, count, weight, bias, post_norm_weight=None, post_norm_eps=0.0, out_scale=1.0):
     return None
 
 
 @register_fake("skipgpt::skip_mlp_")
-def _skip_mlp_(h, idx, count, norm_weight, eps, gate_weight, up_weight, down_weight):
+def _skip_mlp_(h, idx, count, norm_weight, eps, gate_weight, up_weight, down_weight, activation="silu",
+               post_norm_weight=None, post_norm_eps=0.0, out_scale=1.0):
     return None

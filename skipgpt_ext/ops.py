@@ -173,10 +173,18 @@ q_proj_rope = gather_linear
 
 
 def linear_scatter_add_(
-    h: Tensor, a: Tensor, idx: Tensor, count: Tensor, weight: Tensor, bias: Tensor | None
+    h: Tensor,
+    a: Tensor,
+    idx: Tensor,
+    count: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    post_norm_weight: Tensor | None = None,
+    post_norm_eps: float = 0.0,
+    out_scale: float = 1.0,
 ) -> None:
     """The O projection scatter-added into the residual, in place:
-    ``h[idx[i]] += a[i] @ weight.T + bias`` for ``i < count``.
+    ``h[idx[i]] += out_scale * post_norm(a[i] @ weight.T + bias)`` for ``i < count``.
 
     Args:
         h: ``[T, d]``, updated in place (unit stride in its last dimension; no two elements
@@ -185,31 +193,53 @@ def linear_scatter_add_(
             memory with ``h``.
         idx, count: the executing rows (see the module docstring).
         weight: ``[d, K]``; bias: ``[d]`` or None.
+        post_norm_weight: ``[d]`` or None: an RMSNorm of each projected row before the add
+            (Gemma 2/3, OLMo 2), in fp32, scaled by this weight and rounded once.
+        post_norm_eps: its epsilon.
+        out_scale: a multiplier on the added rows (Granite's residual multiplier).
     """
-    torch.ops.skipgpt.linear_scatter_add_.default(h, a, idx, count, weight, bias)
+    torch.ops.skipgpt.linear_scatter_add_.default(
+        h, a, idx, count, weight, bias, post_norm_weight, post_norm_eps, out_scale
+    )
+
+
+# What each device's kernels of linear_scatter_add_ and skip_mlp_ implement beyond the Llama
+# family's math: the epilogue (post_norm_weight, out_scale), an absent pre-norm and GeLU-tanh.
+# The CUDA kernels refuse these by name; the layer then runs that step in PyTorch.
+EPILOGUE_DEVICES = ("cpu",)
 
 
 def skip_mlp_(
     h: Tensor,
     idx: Tensor,
     count: Tensor,
-    norm_weight: Tensor,
+    norm_weight: Tensor | None,
     eps: float,
     gate_weight: Tensor,
     up_weight: Tensor,
     down_weight: Tensor,
+    activation: str = "silu",
+    post_norm_weight: Tensor | None = None,
+    post_norm_eps: float = 0.0,
+    out_scale: float = 1.0,
 ) -> None:
     """The whole MLP of the executing rows, in place:
-    ``h[r] += down(silu(gate(n)) * up(n))`` with ``n = RMSNorm(h[r])``, for ``r`` in
-    ``idx[:count]``. Skipped rows are not read; with ``count == 0`` no weight is read.
+    ``h[r] += out_scale * post_norm(down(act(gate(n)) * up(n)))`` with ``n = RMSNorm(h[r])``,
+    for ``r`` in ``idx[:count]``. Skipped rows are not read; with ``count == 0`` no weight is
+    read.
 
     Args:
         h: ``[T, d]``, updated in place (unit stride in its last dimension; no two elements
             may share memory).
         idx, count: the executing rows (see the module docstring).
-        norm_weight: ``[d]``, the post-attention RMSNorm weight; eps: its epsilon.
-        gate_weight, up_weight: ``[I, d]``; down_weight: ``[d, I]`` (SwiGLU, no biases).
+        norm_weight: ``[d]``, the MLP's input RMSNorm weight, or None for no input norm
+            (OLMo 2); eps: its epsilon.
+        gate_weight, up_weight: ``[I, d]``; down_weight: ``[d, I]`` (no biases). Row slices
+            of a fused gate/up weight (Phi-3) are fine.
+        activation: ``"silu"`` (SwiGLU) or ``"gelu_tanh"`` (GeGLU with the tanh GeLU, Gemma).
+        post_norm_weight, post_norm_eps, out_scale: as in :func:`linear_scatter_add_`.
     """
     torch.ops.skipgpt.skip_mlp_.default(
-        h, idx, count, norm_weight, eps, gate_weight, up_weight, down_weight
+        h, idx, count, norm_weight, eps, gate_weight, up_weight, down_weight, activation,
+        post_norm_weight, post_norm_eps, out_scale,
     )

@@ -182,6 +182,25 @@ def sparse_query_attention(
     return out
 
 
+def _check_epilogue(op: str, h: torch.Tensor, post_norm_weight, post_norm_eps: float, out_scale: float) -> None:
+    if post_norm_weight is not None and tuple(post_norm_weight.shape) != (h.shape[1],):
+        raise RuntimeError(f"skipgpt::{op}: post_norm_weight must be [{h.shape[1]}] (h's width), got {list(post_norm_weight.shape)}")
+    if not (math.isfinite(post_norm_eps) and post_norm_eps >= 0):
+        raise RuntimeError(f"skipgpt::{op}: post_norm_eps must be finite and >= 0, got {post_norm_eps}")
+    if not math.isfinite(out_scale):
+        raise RuntimeError(f"skipgpt::{op}: out_scale must be finite, got {out_scale}")
+
+
+def _epilogue(y: torch.Tensor, post_norm_weight: torch.Tensor | None, post_norm_eps: float, out_scale: float) -> torch.Tensor:
+    """Rows as the residual receives them: RMSNorm in fp32 times the weight, rounded once (as
+    Gemma's and OLMo 2's norms compute it), then times ``out_scale``."""
+    if post_norm_weight is not None:
+        yf = y.to(torch.float32)
+        yf = yf * torch.rsqrt(yf.pow(2).mean(-1, keepdim=True) + post_norm_eps)
+        y = (yf * post_norm_weight.to(torch.float32)).to(y.dtype)
+    return y * out_scale if out_scale != 1.0 else y
+
+
 def linear_scatter_add_(
     h: torch.Tensor,
     a: torch.Tensor,
@@ -189,31 +208,50 @@ def linear_scatter_add_(
     count: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
+    post_norm_weight: torch.Tensor | None = None,
+    post_norm_eps: float = 0.0,
+    out_scale: float = 1.0,
 ) -> None:
-    _check_apart_from_h("linear_scatter_add_", h, a=a, weight=weight, bias=bias, idx=idx, count=count)
+    _check_apart_from_h("linear_scatter_add_", h, a=a, weight=weight, bias=bias, idx=idx, count=count,
+                        post_norm_weight=post_norm_weight)
+    _check_epilogue("linear_scatter_add_", h, post_norm_weight, post_norm_eps, out_scale)
     n, rows = _executing_rows(idx, count)
     if n == 0:
         return
-    h.index_add_(0, rows, F.linear(a[:n], weight, bias))
+    h.index_add_(0, rows, _epilogue(F.linear(a[:n], weight, bias), post_norm_weight, post_norm_eps, out_scale))
+
+
+ACTIVATIONS = ("silu", "gelu_tanh")
 
 
 def skip_mlp_(
     h: torch.Tensor,
     idx: torch.Tensor,
     count: torch.Tensor,
-    norm_weight: torch.Tensor,
+    norm_weight: torch.Tensor | None,
     eps: float,
     gate_weight: torch.Tensor,
     up_weight: torch.Tensor,
     down_weight: torch.Tensor,
+    activation: str = "silu",
+    post_norm_weight: torch.Tensor | None = None,
+    post_norm_eps: float = 0.0,
+    out_scale: float = 1.0,
 ) -> None:
     _check_apart_from_h(
         "skip_mlp_", h, norm_weight=norm_weight, gate_weight=gate_weight, up_weight=up_weight,
-        down_weight=down_weight, idx=idx, count=count,
+        down_weight=down_weight, idx=idx, count=count, post_norm_weight=post_norm_weight,
     )
+    if activation not in ACTIVATIONS:
+        raise RuntimeError(f"skipgpt::skip_mlp_: activation must be 'silu' or 'gelu_tanh', got {activation!r}")
+    _check_epilogue("skip_mlp_", h, post_norm_weight, post_norm_eps, out_scale)
     n, rows = _executing_rows(idx, count)
     if n == 0:
         return
-    x = rms_norm(h.index_select(0, rows), norm_weight, eps)
-    act = F.silu(F.linear(x, gate_weight)) * F.linear(x, up_weight)
-    h.index_add_(0, rows, F.linear(act, down_weight))
+    x = h.index_select(0, rows)
+    if norm_weight is not None:
+        x = rms_norm(x, norm_weight, eps)
+    g = F.linear(x, gate_weight)
+    g = F.silu(g) if activation == "silu" else F.gelu(g, approximate="tanh")
+    y = F.linear(g * F.linear(x, up_weight), down_weight)
+    h.index_add_(0, rows, _epilogue(y, post_norm_weight, post_norm_eps, out_scale))

@@ -98,7 +98,8 @@ def test_router_type_check_can_be_turned_off(tmp_path, flag):
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
 
 
-def test_authors_pth_format_loads(tmp_path):
+@pytest.mark.parametrize("family", ["llama", "gemma2"])  # the authors' two families
+def test_authors_pth_format_loads(tmp_path, family):
     """The released checkpoints: full-model-style keys, router_{attention,mlp}.weight_predictor."""
     torch.manual_seed(5)
     sd = {"model.embed_tokens.weight": torch.randn(128, 64)}  # non-router keys are ignored
@@ -108,7 +109,7 @@ def test_authors_pth_format_loads(tmp_path):
             sd[f"model.layers.{i}.{kind}.weight_predictor.bias"] = torch.randn(2, dtype=torch.bfloat16)
     path = tmp_path / "router.pth"
     torch.save(sd, path)
-    model = skipgpt.apply(tiny_model("llama"), SkipConfig())
+    model = skipgpt.apply(tiny_model(family), SkipConfig())
     skipgpt.load_routers(model, path)
     w = model.model.layers[2].router_mlp.weight_predictor.weight
     assert w.dtype == torch.float32 and float(model.model.layers[2].router_mlp.input_scale) == 1.0

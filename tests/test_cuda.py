@@ -21,7 +21,7 @@ import skipgpt
 import skipgpt_ext
 from skipgpt import SkipConfig
 from skipgpt_ext import reference as ref
-from tiny_models import FAMILY_NAMES, WINDOWED_NAMES, left_padded_batch, tiny_model
+from tiny_models import FAMILY_NAMES, NEW_FAMILY_NAMES, WINDOWED_NAMES, left_padded_batch, tiny_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from cuda_kernel_env import gemm_unavailable  # noqa: E402  (the kernel-choice probe, shared with the benchmarks)
@@ -173,6 +173,26 @@ def test_sparse_query_attention_matches_float64(dtype, case, kind, seed=0, drop=
     n = int(cnt)
     _close(got[:n], want[:n], dtype)
     assert (got[n:] == 0).all()
+
+
+# Gemma 2's logit soft-cap: the CUDA-core kernel applies it (prefill cases that would otherwise run
+# the tensor-core kernel fall back to it), decode and split-KV included.
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", [ATTN_CASES[1], ATTN_CASES[2], ATTN_CASES[3], ATTN_CASES[4]])
+def test_sparse_query_attention_softcap_matches_float64(dtype, case):
+    B, S, past, Hkv, G, hd, window, padded = case
+    gen = torch.Generator().manual_seed(11 + S)
+    T, Lk = B * S, past + S
+    q = _randn(T, Hkv * G * hd, dtype=dtype, gen=gen, scale=3.0)  # scores of order 1 and more: the cap matters
+    k, v = _randn(B, Hkv, Lk, hd, dtype=dtype, gen=gen), _randn(B, Hkv, Lk, hd, dtype=dtype, gen=gen)
+    q_pos = torch.arange(past, past + S).repeat(B).to(DEV)
+    idx, cnt = _rows(T, "some", gen)
+    got = ops.sparse_query_attention(q, idx, cnt, k, v, q_pos, None, 0, S, hd**-0.5, window, 0.8)
+    want = ref.sparse_query_attention(*_cpu64(q, idx, cnt, k, v, q_pos, None), 0, S, hd**-0.5, window, 0.8)
+    uncapped = ref.sparse_query_attention(*_cpu64(q, idx, cnt, k, v, q_pos, None), 0, S, hd**-0.5, window)
+    n = int(cnt)
+    assert (want[:n] - uncapped[:n]).abs().max() > 0.1
+    _close(got[:n], want[:n], dtype)
 
 
 # A sliding cache's keys from position drop on (kv_offset > 0), and a count of 0: decode on one
@@ -513,7 +533,7 @@ def _logits_close(a: torch.Tensor, b: torch.Tensor, keep: torch.Tensor) -> None:
     assert (a - b).norm() / a.norm() <= 3e-2
 
 
-@pytest.mark.parametrize("family", FAMILY_NAMES + WINDOWED_NAMES)
+@pytest.mark.parametrize("family", FAMILY_NAMES + WINDOWED_NAMES + NEW_FAMILY_NAMES)
 def test_native_equals_masked_bfloat16(family):
     """bf16 on CUDA: native == masked within bf16 rounding. Stated tolerance: logits relative
     error (Frobenius, real tokens) <= 3e-2, realised sparsity within 0.03 (a decision near the

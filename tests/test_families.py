@@ -156,3 +156,22 @@ def test_save_load_and_remove(family, tmp_path):
     assert torch.equal(_logits(model, ids, mask), before)
     after = model.state_dict()
     assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state)
+
+
+def test_lora_on_fused_projections_then_merged_skipping(backend):
+    """Phi-3's LoRA targets are its fused projections; merged, the skipping modes run them and
+    equal the masked path, which runs the unmerged adapter."""
+    peft = pytest.importorskip("peft")
+    from skipgpt.train import lora_targets
+
+    model = tiny_model("phi3")
+    targets = lora_targets(model, ("q_proj", "v_proj", "gate_proj"))
+    assert targets == ["qkv_proj", "gate_up_proj"]
+    skipgpt.apply(model, SkipConfig(mode="masked"))
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
+    ids, mask = left_padded_batch()
+    with_adapter = _logits(lora, ids, mask)
+    merged = lora.merge_and_unload()
+    assert type(merged.model.layers[0].self_attn.qkv_proj) is torch.nn.Linear
+    skipgpt.set_mode(merged, backend)
+    assert (_logits(merged, ids, mask) - with_adapter)[mask.bool()].abs().max() <= TOL

@@ -316,10 +316,13 @@ def test_linear_scatter_add_matches_float64(data):
     if data.draw(st.booleans()):
         w = w.t().contiguous().t()  # a transposed (column-major) weight
     idx, cnt = _rows(T, data.draw)
+    # The epilogue: a post-norm (Gemma 2/3, OLMo 2) and/or an output multiplier (Granite).
+    pw = (torch.rand(d) + 0.5).to(dtype) if data.draw(st.booleans()) else None
+    scale = data.draw(st.sampled_from([1.0, 1.0, 0.3]))
     got = h.clone()
-    ops.linear_scatter_add_(got, a, idx, cnt, w, b)
+    ops.linear_scatter_add_(got, a, idx, cnt, w, b, pw, 1e-6, scale)
     want = h.double()
-    ref.linear_scatter_add_(want, *_f64(a, idx, cnt, w, b))
+    ref.linear_scatter_add_(want, *_f64(a, idx, cnt, w, b, pw), 1e-6, scale)
     _close(got, want, dtype)
     skipped = torch.ones(T, dtype=torch.bool)
     skipped[idx[: int(cnt)]] = False
@@ -340,10 +343,16 @@ def test_skip_mlp_matches_float64(data):
     wu = (torch.randn(inter, d) / d**0.5).to(dtype)
     wd = (torch.randn(d, inter) / inter**0.5).to(dtype)
     idx, cnt = _rows(T, data.draw)
+    # The family features: no input norm (OLMo 2), GeLU-tanh (Gemma), the epilogue.
+    if data.draw(st.booleans()):
+        nw = None
+    act = data.draw(st.sampled_from(["silu", "gelu_tanh"]))
+    pw = (torch.rand(d) + 0.5).to(dtype) if data.draw(st.booleans()) else None
+    scale = data.draw(st.sampled_from([1.0, 1.0, 0.3]))
     got = h.clone()
-    ops.skip_mlp_(got, idx, cnt, nw, 1e-6, wg, wu, wd)
+    ops.skip_mlp_(got, idx, cnt, nw, 1e-6, wg, wu, wd, act, pw, 1e-5, scale)
     want = h.double()
-    ref.skip_mlp_(want, *_f64(idx, cnt, nw), 1e-6, *_f64(wg, wu, wd))
+    ref.skip_mlp_(want, *_f64(idx, cnt, nw), 1e-6, *_f64(wg, wu, wd), act, *_f64(pw), 1e-5, scale)
     _close(got, want, dtype)
     skipped = torch.ones(T, dtype=torch.bool)
     skipped[idx[: int(cnt)]] = False

@@ -217,7 +217,7 @@ def test_attention_refuses_positions_out_of_range(impl):
     for pos in (-1, 2**63 - 1):
         with pytest.raises(RuntimeError, match="q_pos must hold positions"):
             impl.sparse_query_attention(q, idx, cnt, k, v, torch.tensor([pos]), None, 0, 1, 1.0, 0)
-    for cap in (-1.0, float("inf"), float("nan")):
+    for cap in (-1.0, float("inf"), float("nan")):  # the soft-cap
         with pytest.raises(RuntimeError, match="softcap must be finite and >= 0"):
             impl.sparse_query_attention(q, idx, cnt, k, v, torch.tensor([3]), None, 0, 1, 1.0, 0, cap)
     # At the top of the range the math is still right: the query at the last key's position sees
@@ -225,3 +225,28 @@ def test_attention_refuses_positions_out_of_range(impl):
     got = impl.sparse_query_attention(q, idx, cnt, k, v, torch.tensor([top + 3]), None, top, 1, 1.0, 3)
     want = torch.softmax(k[0, 0, 1:].double() @ q[0].double(), 0) @ v[0, 0, 1:].double()
     assert (got[0].double() - want).abs().max() < 1e-5
+
+
+# -- 10. the family features' arguments are checked, by name, before anything is written ----------
+@pytest.mark.parametrize("impl", IMPLS)
+def test_epilogue_and_activation_arguments_are_checked(impl):
+    torch.manual_seed(5)
+    T, d, inter = 4, 8, 6
+    h = torch.randn(T, d)
+    idx, cnt = ref.compact(torch.ones(T, dtype=torch.bool))
+    a, w = torch.randn(T, 5), torch.randn(d, 5)
+    wg, wu, wd = torch.randn(inter, d), torch.randn(inter, d), torch.randn(d, inter)
+    nw = torch.rand(d)
+    before = h.clone()
+    bad = [
+        (lambda: impl.linear_scatter_add_(h, a, idx, cnt, w, None, torch.ones(d + 1)), "post_norm_weight"),
+        (lambda: impl.linear_scatter_add_(h, a, idx, cnt, w, None, None, 0.0, float("nan")), "out_scale must be finite"),
+        (lambda: impl.linear_scatter_add_(h, a, idx, cnt, w, None, torch.ones(d), -1.0), "post_norm_eps must be finite and >= 0"),
+        (lambda: impl.skip_mlp_(h, idx, cnt, nw, 1e-6, wg, wu, wd, "relu"), "activation must be 'silu' or 'gelu_tanh'"),
+        (lambda: impl.skip_mlp_(h, idx, cnt, nw, 1e-6, wg, wu, wd, "silu", None, 0.0, float("inf")), "out_scale must be finite"),
+        (lambda: impl.skip_mlp_(h, idx, cnt, nw, 1e-6, wg, wu, wd, "silu", h[0]), "post_norm_weight"),
+    ]
+    for call, match in bad:
+        with pytest.raises(RuntimeError, match=match):
+            call()
+        assert torch.equal(h, before)  # a refused call writes nothing

@@ -146,16 +146,69 @@ at::Tensor gather_linear_cpu(const at::Tensor& x_in, const at::Tensor& idx, cons
   return out;
 }
 
+// h[idx[i]] += out_scale * post_norm(y[i]) for i < n: the epilogue of the scatter-adding ops when
+// the family has a post-norm or a multiplier. The norm as Gemma's and OLMo 2's: fp32 statistics,
+// times the weight in fp32, rounded once; then the multiplier and the add, each rounded.
+template <typename scalar_t>
+void scatter_add_epilogue(at::Tensor& h, const at::Tensor& y, const int64_t* idx, int64_t n, const scalar_t* pw,
+                          float eps, float scale) {
+  const int64_t d = h.size(1), hs = h.stride(0);
+  scalar_t* hp = h.data_ptr<scalar_t>();
+  const scalar_t* yp = y.data_ptr<scalar_t>();
+  at::parallel_for(0, n, 16, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {  // the rows idx[i] are distinct: no two threads share one
+      const scalar_t* row = yp + i * d;
+      scalar_t* dst = hp + idx[i] * hs;
+      float inv = 1.0f;
+      if (pw != nullptr) {
+        float ss = 0;
+        for (int64_t j = 0; j < d; ++j) ss += static_cast<float>(row[j]) * static_cast<float>(row[j]);
+        inv = 1.0f / std::sqrt(ss / d + eps);
+      }
+      for (int64_t j = 0; j < d; ++j) {
+        float v = static_cast<float>(row[j]);
+        if (pw != nullptr) v = static_cast<float>(static_cast<scalar_t>(v * inv * static_cast<float>(pw[j])));
+        if (scale != 1.0f) v = static_cast<float>(static_cast<scalar_t>(v * scale));
+        dst[j] = static_cast<scalar_t>(static_cast<float>(dst[j]) + v);
+      }
+    }
+  });
+}
+
+// y = x @ w^T (+ b) for the n rows of x: the skinny kernel for a few rows, else ATen's GEMM.
+at::Tensor linear_rows(const at::Tensor& x, int64_t n, const at::Tensor& w, const std::optional<at::Tensor>& b) {
+  auto y = at::empty({n, w.size(0)}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  if (!skinny_linear(x, nullptr, n, w, b, y, nullptr, false)) gemm_split_n(y, x, w, b, false);
+  return y;
+}
+
+void epilogue_scatter_add(at::Tensor& h, const at::Tensor& y, const int64_t* ip, int64_t n,
+                          const std::optional<at::Tensor>& post_norm_weight, double post_norm_eps, double out_scale) {
+  const at::Tensor pw = post_norm_weight.has_value() ? post_norm_weight->contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "scatter_add_epilogue", [&] {
+    scatter_add_epilogue<scalar_t>(h, y, ip, n, pw.defined() ? pw.data_ptr<scalar_t>() : nullptr,
+                                   static_cast<float>(post_norm_eps), static_cast<float>(out_scale));
+  });
+}
+
 void linear_scatter_add_cpu(at::Tensor& h, const at::Tensor& a, const at::Tensor& idx, const at::Tensor& count,
-                            const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+                            const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                            const std::optional<at::Tensor>& post_norm_weight, double post_norm_eps, double out_scale) {
   const char* op = "skipgpt::linear_scatter_add_";
   check_cpu(h, op, "h");
   check_float_dtype(h, op, "h");
   const int64_t T = check_linear_scatter_add_args(h, a, idx, count, weight, bias, op, on_cpu(op)).T;
+  check_epilogue_args(h, post_norm_weight, post_norm_eps, out_scale, op, on_cpu(op));
   const int64_t n = read_count_and_check_idx(idx, count, T, op);
   if (n == 0) return;  // no weight byte is read
   const auto idx_c = idx.contiguous();
-  gemm_scatter_add(h, a.narrow(0, 0, n), idx_c.data_ptr<int64_t>(), n, weight, bias);
+  if (!post_norm_weight.has_value() && out_scale == 1.0) {
+    gemm_scatter_add(h, a.narrow(0, 0, n), idx_c.data_ptr<int64_t>(), n, weight, bias);
+    return;
+  }
+  const at::Tensor a_n = a.narrow(0, 0, n).contiguous();
+  epilogue_scatter_add(h, linear_rows(a_n, n, weight, bias), idx_c.data_ptr<int64_t>(), n, post_norm_weight,
+                       post_norm_eps, out_scale);
 }
 
 template <typename scalar_t>
@@ -165,6 +218,10 @@ void gather_norm_rows(const at::Tensor& h, const int64_t* idx, int64_t n, const 
   at::parallel_for(0, n, 16, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
       const scalar_t* row = hp + idx[i] * rs;
+      if (w == nullptr) {  // no input norm (OLMo 2): the rows themselves
+        std::copy(row, row + d, x + i * d);
+        continue;
+      }
       float ss = 0;
       for (int64_t j = 0; j < d; ++j) ss += static_cast<float>(row[j]) * static_cast<float>(row[j]);
       const float inv = 1.0f / std::sqrt(ss / d + eps);
@@ -183,22 +240,37 @@ void silu_mul_scalar(float* g, const float* u, int64_t n) {
   }
 }
 
-void skip_mlp_cpu(at::Tensor& h, const at::Tensor& idx, const at::Tensor& count, const at::Tensor& norm_weight,
-                  double eps, const at::Tensor& gate_weight, const at::Tensor& up_weight,
-                  const at::Tensor& down_weight) {
+// g[j] = gelu_tanh(g[j]) * u[j], in fp32, rounded once (GeGLU, Gemma).
+template <typename scalar_t>
+void gelu_tanh_mul(scalar_t* g, const scalar_t* u, int64_t n) {
+  constexpr float k0 = 0.7978845608028654f, k1 = 0.044715f;  // sqrt(2 / pi)
+  for (int64_t j = 0; j < n; ++j) {
+    const float x = static_cast<float>(g[j]);
+    const float a = 0.5f * x * (1.0f + std::tanh(k0 * (x + k1 * x * x * x)));
+    g[j] = static_cast<scalar_t>(a * static_cast<float>(u[j]));
+  }
+}
+
+void skip_mlp_cpu(at::Tensor& h, const at::Tensor& idx, const at::Tensor& count,
+                  const std::optional<at::Tensor>& norm_weight, double eps, const at::Tensor& gate_weight,
+                  const at::Tensor& up_weight, const at::Tensor& down_weight, c10::string_view activation,
+                  const std::optional<at::Tensor>& post_norm_weight, double post_norm_eps, double out_scale) {
   const char* op = "skipgpt::skip_mlp_";
   check_cpu(h, op, "h");
   check_float_dtype(h, op, "h");
   const auto [T, d, I] =
       check_skip_mlp_args(h, idx, count, norm_weight, gate_weight, up_weight, down_weight, op, on_cpu(op));
+  const Activation act = check_activation(activation, op);
+  check_epilogue_args(h, post_norm_weight, post_norm_eps, out_scale, op, on_cpu(op));
   const int64_t n = read_count_and_check_idx(idx, count, T, op);
   if (n == 0) return;  // no weight byte is read
   const auto idx_c = idx.contiguous();
   const int64_t* ip = idx_c.data_ptr<int64_t>();
-  const auto nw = norm_weight.contiguous();
+  const at::Tensor nw = norm_weight.has_value() ? norm_weight->contiguous() : at::Tensor();
   auto x = at::empty({n, d}, h.options().memory_format(at::MemoryFormat::Contiguous));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "skip_mlp_norm", [&] {
-    gather_norm_rows<scalar_t>(h, ip, n, nw.data_ptr<scalar_t>(), static_cast<float>(eps), x.data_ptr<scalar_t>());
+    gather_norm_rows<scalar_t>(h, ip, n, nw.defined() ? nw.data_ptr<scalar_t>() : nullptr, static_cast<float>(eps),
+                               x.data_ptr<scalar_t>());
   });
   // gate and up: the skinny kernel for a few rows (decode), else ATen's GEMM.
   auto gate = at::empty({n, I}, x.options()), up = at::empty({n, I}, x.options());
@@ -206,7 +278,13 @@ void skip_mlp_cpu(at::Tensor& h, const at::Tensor& idx, const at::Tensor& count,
     gemm_split_n(gate, x, gate_weight, std::nullopt, false);
   if (!skinny_linear(x, nullptr, n, up_weight, std::nullopt, up, nullptr, false))
     gemm_split_n(up, x, up_weight, std::nullopt, false);
-  if (h.scalar_type() == at::kFloat) {  // vectorised exp (libm's expf is scalar)
+  if (act == Activation::kGeluTanh) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "skip_mlp_gelu_mul", [&] {
+      scalar_t* g = gate.data_ptr<scalar_t>();
+      const scalar_t* u = up.data_ptr<scalar_t>();
+      at::parallel_for(0, n * I, 4096, [&](int64_t b, int64_t e) { gelu_tanh_mul<scalar_t>(g + b, u + b, e - b); });
+    });
+  } else if (h.scalar_type() == at::kFloat) {  // vectorised exp (libm's expf is scalar)
     float* g = gate.data_ptr<float>();
     const float* u = up.data_ptr<float>();
     const Isa isa = cpu_isa();
@@ -227,7 +305,12 @@ void skip_mlp_cpu(at::Tensor& h, const at::Tensor& idx, const at::Tensor& count,
       }
     });
   });
-  gemm_scatter_add(h, gate, ip, n, down_weight, std::nullopt);
+  if (!post_norm_weight.has_value() && out_scale == 1.0) {
+    gemm_scatter_add(h, gate, ip, n, down_weight, std::nullopt);
+    return;
+  }
+  epilogue_scatter_add(h, linear_rows(gate, n, down_weight, std::nullopt), ip, n, post_norm_weight, post_norm_eps,
+                       out_scale);
 }
 
 }  // namespace

@@ -282,12 +282,24 @@ void gemm_scatter_add(at::Tensor& h, const void* a, int64_t lda, int64_t K, cons
   check_launch(launch_gemm(p, Epilogue::kScatterAdd, dtype_of(h), stream), op);
 }
 
+// The epilogue features (post-norm, output multiplier) and skip_mlp_'s GeLU-tanh and absent
+// pre-norm are not in the CUDA kernels yet: refused by name, never silently ignored (the layer
+// runs those steps in PyTorch on CUDA; skipgpt_ext.ops.EPILOGUE_DEVICES).
+void refuse_epilogue(const std::optional<at::Tensor>& post_norm_weight, double out_scale, const char* op) {
+  TORCH_CHECK(!post_norm_weight.has_value(), op,
+              ": post_norm_weight (a post-norm epilogue) is not implemented by the CUDA kernels yet; use mode='reference'");
+  TORCH_CHECK(out_scale == 1.0, op, ": out_scale != 1 is not implemented by the CUDA kernels yet; use mode='reference'");
+}
+
 void linear_scatter_add_cuda(at::Tensor& h, const at::Tensor& a, const at::Tensor& idx, const at::Tensor& count,
-                             const at::Tensor& weight_in, const std::optional<at::Tensor>& bias) {
+                             const at::Tensor& weight_in, const std::optional<at::Tensor>& bias,
+                             const std::optional<at::Tensor>& post_norm_weight, double post_norm_eps, double out_scale) {
   const char* op = "skipgpt::linear_scatter_add_";
   check_first(h, /*tensor_cores=*/true, op, "h");
   const c10::cuda::CUDAGuard guard(h.device());
   check_linear_scatter_add_args(h, a, idx, count, weight_in, bias, op, on_device_of(h, op));
+  check_epilogue_args(h, post_norm_weight, post_norm_eps, out_scale, op, on_device_of(h, op));
+  refuse_epilogue(post_norm_weight, out_scale, op);
   check_rows16(h, op, "h");
   check_rows16(a, op, "a");
   check_gemm_weight(weight_in, op, "weight");
@@ -298,12 +310,22 @@ void linear_scatter_add_cuda(at::Tensor& h, const at::Tensor& a, const at::Tenso
                    c10::cuda::getCurrentCUDAStream().stream(), op);
 }
 
-void skip_mlp_cuda(at::Tensor& h, const at::Tensor& idx, const at::Tensor& count, const at::Tensor& norm_weight,
-                   double eps, const at::Tensor& gate_in, const at::Tensor& up_in, const at::Tensor& down_in) {
+void skip_mlp_cuda(at::Tensor& h, const at::Tensor& idx, const at::Tensor& count,
+                   const std::optional<at::Tensor>& norm_weight_opt, double eps, const at::Tensor& gate_in,
+                   const at::Tensor& up_in, const at::Tensor& down_in, c10::string_view activation,
+                   const std::optional<at::Tensor>& post_norm_weight, double post_norm_eps, double out_scale) {
   const char* op = "skipgpt::skip_mlp_";
   check_first(h, /*tensor_cores=*/true, op, "h");
   const c10::cuda::CUDAGuard guard(h.device());
-  const auto [T, d, I] = check_skip_mlp_args(h, idx, count, norm_weight, gate_in, up_in, down_in, op, on_device_of(h, op));
+  const auto [T, d, I] =
+      check_skip_mlp_args(h, idx, count, norm_weight_opt, gate_in, up_in, down_in, op, on_device_of(h, op));
+  TORCH_CHECK(check_activation(activation, op) == Activation::kSilu, op,
+              ": activation='gelu_tanh' is not implemented by the CUDA kernels yet; use mode='reference'");
+  TORCH_CHECK(norm_weight_opt.has_value(), op,
+              ": an MLP without an input norm (norm_weight=None) is not implemented by the CUDA kernels yet; use mode='reference'");
+  check_epilogue_args(h, post_norm_weight, post_norm_eps, out_scale, op, on_device_of(h, op));
+  refuse_epilogue(post_norm_weight, out_scale, op);
+  const at::Tensor& norm_weight = *norm_weight_opt;
   check_rows16(h, op, "h");
   for (const auto& [w, name] : {NamedTensor{&gate_in, "gate_weight"}, NamedTensor{&up_in, "up_weight"},
                                 NamedTensor{&down_in, "down_weight"}})

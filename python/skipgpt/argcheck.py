@@ -68,7 +68,8 @@ class Rule:
 
 
 _POSITIVE_INT = Rule(int, 1)
-# The linear projections of a decoder layer of every supported family: what LoRA can target.
+# The linear projections of a decoder layer of every supported family: what LoRA can target
+# (q/k/v and gate/up name the fused qkv_proj and gate_up_proj of Phi-3).
 LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _FRACTION = Rule(float, 0.0, 1.0, hi_open=True)  # a sparsity: 0 <= s < 1
 

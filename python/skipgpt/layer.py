@@ -274,32 +274,48 @@ class SkipDecoderLayerMixin:
             ad.window(attn), ad.softcap(attn),
         )
         o_proj = ad.projection(attn, "o")[0]
-        if ad.norm(self, 1) is None and ad.residual_scale(self) == 1.0:
+        post, c = ad.norm(self, 1), ad.residual_scale(self)
+        if post is None and c == 1.0:
             ops.linear_scatter_add_(h_rows, o, idx, count, o_proj.weight, o_proj.bias)
-            return
-        n = int(count)
-        if n:
-            y = torch.nn.functional.linear(o[:n], o_proj.weight, o_proj.bias)
-            h_rows.index_add_(0, idx[:n], self._post(1, y))
+        elif _epilogue_in_ops(ops, h_rows) and _is_rms_norm(post):
+            ops.linear_scatter_add_(
+                h_rows, o, idx, count, o_proj.weight, o_proj.bias, *self._epilogue_args(post, c)
+            )
+        else:
+            n = int(count)
+            if n:
+                y = torch.nn.functional.linear(o[:n], o_proj.weight, o_proj.bias)
+                h_rows.index_add_(0, idx[:n], self._post(1, y))
+
+    def _epilogue_args(self, post: nn.Module | None, c: float) -> tuple:
+        """The ops' ``post_norm_weight, post_norm_eps, out_scale`` for a post-norm and multiplier."""
+        ad = self.skip_state.adapter
+        return (ad.norm_weight(post), norm_eps(post), c) if post is not None else (None, 0.0, c)
 
     def _mlp_(self, ops, h_rows, idx, count) -> None:
         """The MLP of the executing rows (its norms included), added into ``h_rows`` in place:
-        the fused op for a plain SiLU-gated MLP behind a pre-norm; otherwise the model's own MLP
-        module on the gathered rows (a mixture of experts routes only these rows)."""
+        the fused op for a gated MLP (SiLU, or GeLU-tanh with the epilogue features); otherwise
+        the model's own MLP module on the gathered rows (a mixture of experts routes only these
+        rows)."""
         ad, mlp = self.skip_state.adapter, self.mlp
-        pre = ad.norm(self, 2)
+        pre, post, c = ad.norm(self, 2), ad.norm(self, 3), ad.residual_scale(self)
         proj = ad.mlp_projections(mlp)
-        if (
-            proj is not None and pre is not None and ad.norm(self, 3) is None and ad.residual_scale(self) == 1.0
-            and type(ad.mlp_activation(mlp)).__name__ in ("SiLU", "SiLUActivation")
-            and all(type(m) is nn.Linear and m.bias is None for m in proj[::2])
-        ):
+        act = _ACTIVATIONS.get(type(ad.mlp_activation(mlp)).__name__)
+        plain = proj is not None and all(type(m) is nn.Linear and m.bias is None for m in proj[::2])
+        llama_like = pre is not None and post is None and c == 1.0 and act == "silu"
+        if plain and act is not None and (llama_like or (
+            _epilogue_in_ops(ops, h_rows) and (pre is None or _is_rms_norm(pre)) and (post is None or _is_rms_norm(post))
+        )):
             gate, g_part, up, u_part, down = proj
-            ops.skip_mlp_(
-                h_rows, idx, count, ad.norm_weight(pre), norm_eps(pre),
+            args = (
+                h_rows, idx, count, ad.norm_weight(pre) if pre is not None else None, norm_eps(pre) if pre is not None else 0.0,
                 gate.weight if g_part is None else gate.weight[g_part],
                 up.weight if u_part is None else up.weight[u_part], down.weight,
             )
+            if llama_like:
+                ops.skip_mlp_(*args)
+            else:
+                ops.skip_mlp_(*args, act, *self._epilogue_args(post, c))
             return
         n = int(count)
         if n:
@@ -309,6 +325,21 @@ class SkipDecoderLayerMixin:
                 x = pre(x)
             y = _tensor(mlp(x.unsqueeze(0))).squeeze(0)
             h_rows.index_add_(0, sel, self._post(3, y))
+
+
+# The MLP activations the fused op computes, by the class transformers' ACT2FN gives.
+_ACTIVATIONS = {"SiLU": "silu", "SiLUActivation": "silu", "GELUTanh": "gelu_tanh", "PytorchGELUTanh": "gelu_tanh"}
+
+
+def _epilogue_in_ops(ops, x: torch.Tensor) -> bool:
+    """Whether ``ops`` run the scatter-adding ops' extra features (post-norm, multiplier, no
+    pre-norm, GeLU-tanh) on ``x``'s device: the reference everywhere, the kernels per device."""
+    return ops is reference or x.device.type in ops.EPILOGUE_DEVICES
+
+
+def _is_rms_norm(norm: nn.Module | None) -> bool:
+    """An RMSNorm the ops can compute from its weight and epsilon (all the supported families')."""
+    return norm is None or (type(norm).__name__.endswith("RMSNorm") and getattr(norm, "bias", None) is None)
 
 
 def _tensor(out) -> torch.Tensor:

@@ -550,9 +550,23 @@ def add_lora(model, args: LoraArgs):
 
     cfg = LoraConfig(
         r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-        target_modules=list(args.target_modules), task_type="CAUSAL_LM",
+        target_modules=lora_targets(model, args.target_modules), task_type="CAUSAL_LM",
     )
     return get_peft_model(model, cfg)
+
+
+def lora_targets(model, names) -> list[str]:
+    """The model's own names for the projections ``names``: a family with fused projections
+    (Phi-3) has ``qkv_proj`` for q/k/v and ``gate_up_proj`` for gate/up."""
+    from .adapters import adapter_for
+
+    ad = adapter_for(model)
+    fused = {}
+    if ad.fused_qkv:
+        fused.update(dict.fromkeys(("q_proj", "k_proj", "v_proj"), ad.fused_qkv))
+    if ad.fused_gate_up:
+        fused.update(dict.fromkeys(("gate_proj", "up_proj"), ad.fused_gate_up))
+    return list(dict.fromkeys(fused.get(n, n) for n in names))
 
 
 def _save_adapter(model, directory: Path) -> None:
