@@ -23,11 +23,16 @@ from pathlib import Path
 
 import torch
 
-# Each arm: flag overrides of RouterArgs (the recipe's defaults are the "recipe" arm).
+# Each arm: flag overrides of RouterArgs. "default" is whatever the defaults are; every other arm
+# spells out all of its levers, so a later change of the defaults does not change what it names.
 OLD = dict(loss="lm", gate_noise=1.0, gate_noise_end=1.0, target_ramp=0.0, pin_cost=float("inf"),
            prior_bias_scale=0.0, eval_every=0, select="last")
+# All levers, as first proposed: KD, noise annealed to 0 over half the steps, ramp, pinning, selection.
+RECIPE = dict(loss="kd", gate_noise=1.0, gate_noise_end=0.0, noise_anneal=0.5, target_ramp=0.2, pin_cost=1.0,
+              prior_bias_scale=0.0, eval_every=50, select="best")
 ARMS: dict[str, dict] = {
-    "recipe": {},
+    "default": {},
+    "recipe": RECIPE,
     "old": OLD,
     "old+kd": {**OLD, "loss": "kd"},
     "old+pin": {**OLD, "pin_cost": 1.0},
@@ -36,18 +41,19 @@ ARMS: dict[str, dict] = {
     "old+ramp": {**OLD, "target_ramp": 0.2},
     "old+select": {**OLD, "eval_every": 50, "select": "best"},
     "old+pin+kd": {**OLD, "pin_cost": 1.0, "loss": "kd"},
-    "recipe-kd": {"loss": "lm"},
-    "recipe+kdlm": {"loss": "kd+lm"},
-    "recipe-pin": {"pin_cost": float("inf")},
-    "recipe-anneal": {"gate_noise_end": 1.0},
-    "recipe-anneal-kd": {"gate_noise_end": 1.0, "loss": "lm"},
-    "recipe-anneal+pin0.5": {"gate_noise_end": 1.0, "pin_cost": 0.5},
-    "recipe+det": {"gate_noise": 0.0},
-    "recipe-ramp": {"target_ramp": 0.0},
-    "recipe-select": {"select": "last"},
-    "recipe+prior": {"prior_bias_scale": 2.0},
-    "recipe+pin0.5": {"pin_cost": 0.5},
-    "recipe+bias_lr": {"bias_lr": 2e-2},
+    "recipe-kd": {**RECIPE, "loss": "lm"},
+    "recipe+kdlm": {**RECIPE, "loss": "kd+lm"},
+    "recipe-pin": {**RECIPE, "pin_cost": float("inf")},
+    "recipe-anneal": {**RECIPE, "gate_noise_end": 1.0},
+    # The defaults since: LM loss, pinning, ramp, selection, noise 1 throughout.
+    "recipe-anneal-kd": {**RECIPE, "gate_noise_end": 1.0, "loss": "lm"},
+    "recipe-anneal+pin0.5": {**RECIPE, "gate_noise_end": 1.0, "pin_cost": 0.5},
+    "recipe+det": {**RECIPE, "gate_noise": 0.0},
+    "recipe-ramp": {**RECIPE, "target_ramp": 0.0},
+    "recipe-select": {**RECIPE, "select": "last"},
+    "recipe+prior": {**RECIPE, "prior_bias_scale": 2.0},
+    "recipe+pin0.5": {**RECIPE, "pin_cost": 0.5},
+    "recipe+bias_lr": {**RECIPE, "bias_lr": 2e-2},
 }
 EVAL_SETS = ("shakespeare", "chat", "pydoc")
 

@@ -10,11 +10,12 @@ straight-through gates (temperature annealed from ``tau_start`` to ``tau_end``),
 ``L + alpha * |target_t - s|`` with ``s`` the realised sparsity of the batch (padding excluded).
 The recipe (docs/training.md; every lever a flag):
 
-- ``loss``: ``kd`` (default) is the KL divergence from the dense model's next-token
-  distribution (the same frozen model, every module executing, a no-grad forward in the same
-  step) to the skipping model's; ``lm`` the paper's next-token loss; ``kd+lm`` their sum.
+- ``loss``: ``lm`` (default) the paper's next-token loss; ``kd`` the KL divergence from the
+  dense model's next-token distribution (the same frozen model, every module executing, a
+  no-grad forward in the same step) to the skipping model's; ``kd+lm`` their sum.
 - ``gate_noise`` -> ``gate_noise_end`` over the first ``noise_anneal`` of the steps: the scale of
-  the Gumbel noise in the gate. Ending at 0 trains the deterministic rule used at inference.
+  the Gumbel noise in the gate (default 1 throughout, the paper's sample). Ending at 0 trains
+  the deterministic rule used at inference.
 - ``target_ramp``: the target rises linearly from 0 to ``sparsity`` over that fraction of steps.
 - The importance prior (:mod:`skipgpt.importance`): modules whose ablation costs at least
   ``pin_cost`` nats never skip; ``prior_bias_scale`` raises the other routers' initial margins
@@ -85,8 +86,8 @@ class TrainArgs:
     max_steps_this_run: int | None = _flag(
         None, "stop after this many steps of this invocation (time-boxed jobs); --resume continues")
     dtype: str = _flag("float32", "dtype of the model's weights")
-    loss: str = _flag("kd", "training loss: kd (KL from the dense model's next-token distribution), lm (next-token "
-                            "loss, the paper's) or kd+lm (their sum)")
+    loss: str = _flag("lm", "training loss: lm (next-token loss, the paper's), kd (KL from the dense model's "
+                            "next-token distribution) or kd+lm (their sum)")
 
 
 @dataclasses.dataclass
@@ -98,17 +99,17 @@ class RouterArgs(TrainArgs):
     tau_end: float = _flag(1.0, "... annealed linearly to this at the last step")
     router_type: str = _flag("linear", "linear: Linear(d, 2), the paper's; mlp: d -> d/4 -> ReLU -> 2")
     gate_noise: float = _flag(1.0, "Gumbel noise scale of the training gate at step 0 (1 = the paper's sample)")
-    gate_noise_end: float = _flag(0.0, "... annealed linearly to this (0 = deterministic straight-through)")
+    gate_noise_end: float = _flag(1.0, "... annealed linearly to this (0 = deterministic straight-through)")
     noise_anneal: float = _flag(0.5, "fraction of the steps over which the noise anneals")
-    target_ramp: float = _flag(0.2, "fraction of the steps over which the target rises from 0 to --sparsity")
+    target_ramp: float = _flag(0.0, "fraction of the steps over which the target rises from 0 to --sparsity")
     pin_cost: float = _flag(1.0, "modules whose ablation costs >= this many nats never skip (inf: pin none)")
     prior_bias_scale: float = _flag(
         0.0, "raise the initial execute margins of the other routers by scale * log10(cost / median cost); 0: off")
     prior_blocks: int = _flag(4, "calibration blocks for the ablation costs of --pin-cost and --prior-bias-scale")
     bias_lr: float | None = _flag(None, "learning rate of the router biases (default: --lr)")
-    eval_every: int = _flag(50, "score the routers on validation blocks every N steps (0: never)")
+    eval_every: int = _flag(0, "score the routers on validation blocks every N steps (0: never)")
     val_blocks: int = _flag(8, "validation blocks (for --select and threshold calibration)")
-    select: str = _flag("best", "which routers the run ends with: best (lowest validation loss) or last")
+    select: str = _flag("last", "which routers the run ends with: best (lowest validation loss) or last")
     # Start near-dense (p_exec = sigmoid(3) = 0.95) and let the penalty pull skipping in where it
     # costs least; 0 (p_exec = 0.5) starts from a wrecked model. Measured on SmolLM2, BENCHMARKS.md.
     init_execute_bias: float = _flag(3.0, "initial execute margin of fresh routers (3: p_exec = 0.95, near dense; "
