@@ -108,7 +108,7 @@ def test_recipe_run_pins_selects_best_and_resumes_exactly(tiny_dir, tmp_path):
     """KD loss, prior (one module pinned), ramp, noise anneal, validation and best-of-run
     selection; a run split in two by a kill-and-resume ends with the same routers and logs."""
     kw = dict(steps=8, lr=0.05, sparsity=0.4, loss="kd+lm", eval_every=3, val_blocks=4, pin_cost=1.0,
-              prior_bias_scale=1.0, target_ramp=0.5, noise_anneal=0.5)
+              prior_bias_scale=1.0, target_ramp=0.5, noise_anneal=0.5, gate_noise_end=0.0, select="best")
     # The run reads the ablation costs from importance.json when present: layer-0 attention
     # costs over pin_cost, so it is pinned.
     prior = {"base_loss": 10.0, "costs": [[5.0, 0.1], [0.2, 0.3]], "tokens": 128}
