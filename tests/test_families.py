@@ -14,6 +14,7 @@ import torch
 import skipgpt
 from skipgpt import SkipConfig
 from skipgpt.adapters import active_params, adapter_for
+from test_patching import assert_skipping_equals_masked_in_chunks
 from tiny_models import NEW_FAMILY_NAMES, left_padded_batch, tiny_model
 
 TOL = 1e-4
@@ -106,24 +107,7 @@ def test_skip_all_equals_identity_layers(family, any_mode):
 def test_skipping_equals_masked_prefill_and_cached_chunks(family, backend):
     model = tiny_model(family)
     skipgpt.apply(model, SkipConfig(mode="masked"))  # untrained routers: ~50% random decisions
-    ids, mask = left_padded_batch()
-    new = torch.randint(3, 128, (3, 4), generator=torch.Generator().manual_seed(7))
-    mask2 = torch.cat([mask, torch.ones_like(new)], 1)
-    results = {}
-    for mode in ("masked", backend):
-        skipgpt.set_mode(model, mode)
-        with torch.no_grad():
-            out = model(input_ids=ids, attention_mask=mask, use_cache=True)
-            s1 = skipgpt.stats(model)
-            assert 0.1 < s1["attn_skip"] < 0.9 and 0.1 < s1["mlp_skip"] < 0.9, s1
-            step = model(input_ids=new[:, :3], attention_mask=mask2[:, :-1], past_key_values=out.past_key_values, use_cache=True)
-            one = model(input_ids=new[:, 3:], attention_mask=mask2, past_key_values=step.past_key_values, use_cache=True)
-        results[mode] = (out.logits, step.logits, one.logits, s1)
-    (pm, sm, om, stm), (pr, sr, orr, str_) = results["masked"], results[backend]
-    assert (pm - pr)[mask.bool()].abs().max() <= TOL
-    assert (sm - sr).abs().max() <= TOL
-    assert (om - orr).abs().max() <= TOL
-    assert stm == str_
+    assert_skipping_equals_masked_in_chunks(model, backend)
 
 
 @pytest.mark.parametrize("family", NEW_FAMILY_NAMES)

@@ -68,10 +68,9 @@ def _in_modes(model, backend, run):
     return out["masked"], out[backend]
 
 
-@pytest.mark.parametrize("family", FAMILY_NAMES + WINDOWED_NAMES)
-def test_skipping_equals_masked_prefill_and_cached_chunks(family, backend):
-    model = tiny_model(family)
-    skipgpt.apply(model, SkipConfig(mode="masked"))  # untrained routers: ~50% random decisions
+def assert_skipping_equals_masked_in_chunks(model, backend: str) -> None:
+    """A patched model's prefill (left padding, mixed decisions), a 3-token cached chunk and a
+    decode step under ``backend`` against the masked oracle: logits within TOL, same decisions."""
     ids, mask = left_padded_batch()
     new = torch.randint(3, 128, (3, 4), generator=torch.Generator().manual_seed(7))
     mask2 = torch.cat([mask, torch.ones_like(new)], 1)
@@ -91,6 +90,13 @@ def test_skipping_equals_masked_prefill_and_cached_chunks(family, backend):
     assert (sm - sr).abs().max() <= TOL
     assert (om - orr).abs().max() <= TOL
     assert stm == str_
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES + WINDOWED_NAMES)
+def test_skipping_equals_masked_prefill_and_cached_chunks(family, backend):
+    model = tiny_model(family)
+    skipgpt.apply(model, SkipConfig(mode="masked"))  # untrained routers: ~50% random decisions
+    assert_skipping_equals_masked_in_chunks(model, backend)
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES + WINDOWED_NAMES)
@@ -400,6 +406,18 @@ def test_router_buffer_update_invalidates_cached_margins(backend):
         assert torch.equal(w[0], wa) and torch.equal(b[0], ba)
 
 
+def _assert_mixed_prefill_equals_masked(model, backend: str) -> None:
+    ids, mask = left_padded_batch()
+
+    def logits_of_mixed_decisions(m):
+        logits = m(input_ids=ids, attention_mask=mask).logits
+        _mixed(m, ids, mask)
+        return logits
+
+    masked, got = _in_modes(model, backend, logits_of_mixed_decisions)
+    assert (masked - got)[mask.bool()].abs().max() <= TOL
+
+
 @pytest.mark.parametrize("target", ["k_proj", "v_proj"])
 def test_skipping_keeps_a_wrapped_k_or_v_proj(target, backend):
     """K and V run through the fused projection op only for a plain nn.Linear; a LoRA-wrapped
@@ -410,15 +428,7 @@ def test_skipping_keeps_a_wrapped_k_or_v_proj(target, backend):
     model = peft.get_peft_model(model, lora).base_model.model
     assert type(getattr(model.model.layers[0].self_attn, target)) is not torch.nn.Linear
     skipgpt.apply(model, SkipConfig(mode="masked"))
-    ids, mask = left_padded_batch()
-
-    def logits_of_mixed_decisions(m):
-        logits = m(input_ids=ids, attention_mask=mask).logits
-        _mixed(m, ids, mask)
-        return logits
-
-    masked, got = _in_modes(model, backend, logits_of_mixed_decisions)
-    assert (masked - got)[mask.bool()].abs().max() <= TOL
+    _assert_mixed_prefill_equals_masked(model, backend)
 
 
 @pytest.mark.parametrize("case", ["mlp_bias", "lora_mlp"])
@@ -431,15 +441,7 @@ def test_skipping_runs_any_mlp_on_the_executing_rows(case, backend):
         lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["gate_proj", "down_proj"], init_lora_weights=False)
         model = peft.get_peft_model(model, lora).base_model.model
     skipgpt.apply(model, SkipConfig(mode="masked"))
-    ids, mask = left_padded_batch()
-
-    def logits_of_mixed_decisions(m):
-        logits = m(input_ids=ids, attention_mask=mask).logits
-        _mixed(m, ids, mask)
-        return logits
-
-    masked, got = _in_modes(model, backend, logits_of_mixed_decisions)
-    assert (masked - got)[mask.bool()].abs().max() <= TOL
+    _assert_mixed_prefill_equals_masked(model, backend)
 
 
 # -- what the skipping modes refuse, with a clear error, and nothing lost ----------------------------
