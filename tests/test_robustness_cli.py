@@ -117,7 +117,7 @@ def test_every_flag_has_help_and_fixed_valued_flags_have_choices():
         for action in p._actions:
             if isinstance(action, argparse._HelpAction):
                 continue
-            where = f"{name} {action.option_strings[0]}"
+            where = f"{name} {(action.option_strings or [action.dest])[0]}"
             if not (action.help or "").strip():
                 no_help.append(where)
             if isinstance(action, argparse.BooleanOptionalAction):
@@ -147,7 +147,8 @@ def test_every_training_field_declares_its_help():
 
 def test_help_lists_every_command_with_a_line(capsys):
     commands = _commands()
-    assert set(commands) == {"demo", "train-routers", "finetune-lora", "eval-ppl", "eval-lm", "gen-chat", "analyze"}
+    assert set(commands) == {"demo", "train-routers", "finetune-lora", "eval-ppl", "eval-lm", "gen-chat", "analyze",
+                             "export", "serve"}
     with pytest.raises(SystemExit) as exit_:
         cli.main(["--help"])
     assert exit_.value.code == 0

@@ -10,6 +10,7 @@ from .adapters import FAMILIES, UnsupportedModelError
 from .calibration import calibrate_bias, calibrate_input_scale, calibrate_threshold
 from .checkpoint import CheckpointError, CheckpointMismatchError, load_routers, read_config, save_routers
 from .config import SkipConfig
+from .export import export, export_model, from_pretrained
 from .patch import (
     apply,
     load_skipgpt,
@@ -28,6 +29,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "SkipConfig",
+    "export",
+    "export_model",
+    "from_pretrained",
     "Router",
     "apply",
     "load_skipgpt",

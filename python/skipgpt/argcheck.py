@@ -128,13 +128,15 @@ RULES: dict[str, Rule] = {
     "threads": _POSITIVE_INT,
     # gen-chat.
     "num_prompts": _POSITIVE_INT,
+    # serve.
+    "port": Rule(int, 1, 65535),
 }
 
 
 # The string flags whose values are open-ended (paths, hub ids, corpus specs, split names of HF
 # datasets, task names, a prompt). Every other flag that takes a string has a fixed set of values
 # (choices, from its rule): a test holds the parser to that.
-OPEN_ENDED = frozenset({"out", "model", "routers", "data", "split", "prompt", "tasks"})
+OPEN_ENDED = frozenset({"out", "model", "routers", "data", "split", "prompt", "tasks", "host", "folder"})
 
 
 def flag(name: str) -> str:

