@@ -122,6 +122,27 @@ def test_lora_stage_changes_no_router_and_artefact_reloads(tiny_dir, tmp_path):
     assert (a - c).abs().max() > 1e-3  # the adapter really changed the model
 
 
+def test_lora_stage_recalibrates_the_threshold_onto_the_target(tiny_dir, tmp_path):
+    """LoRA changes the hidden states the frozen routers read, so the realised sparsity drifts;
+    finetune-lora moves the threshold back onto the routers' target on the validation blocks
+    (and --no-calibrate-threshold keeps the routers' own threshold)."""
+    rt = RouterArgs(**_common(tiny_dir, tmp_path / "rt", steps=3, lr=0.05, sparsity=0.3, sparsity_metric="modules"))
+    train_routers(rt)
+    before = json.loads((tmp_path / "rt" / "skip_config.json").read_text())["threshold"]
+    lo = LoraArgs(**_common(tiny_dir, tmp_path / "lora", steps=4, routers=str(tmp_path / "rt"), lr=2e-2))
+    res = finetune_lora(lo)
+    cfg = json.loads((tmp_path / "lora" / "skip_config.json").read_text())
+    assert cfg["threshold"] == res["threshold"] != before
+    model, tok = load_skipgpt(lo.model, tmp_path / "lora")
+    val = data.load_blocks(lo.data, "validation", tok, 32, max_blocks=8, seed=0)  # calibrated on these (_setup: 8)
+    with torch.no_grad():
+        model(input_ids=val)
+    assert abs(skipgpt.stats(model)["module_sparsity"] - 0.3) < 0.02
+    keep = LoraArgs(**_common(tiny_dir, tmp_path / "keep", steps=2, routers=str(tmp_path / "rt"), calibrate_threshold=False))
+    assert "threshold" not in finetune_lora(keep)
+    assert json.loads((tmp_path / "keep" / "skip_config.json").read_text())["threshold"] == before
+
+
 def test_two_process_accelerate_run(tiny_dir, tmp_path):
     out = tmp_path / "ddp"
     # On a GPU-less machine `--multi_gpu` makes accelerate start torchrun, and Accelerator(cpu=True)

@@ -131,6 +131,8 @@ class LoraArgs(TrainArgs):
     lora_dropout: float = _flag(0.1, "dropout on the LoRA input")
     warmup_ratio: float = _flag(0.1, "fraction of the steps of linear learning-rate warm-up")
     target_modules: tuple[str, ...] = _flag(LORA_TARGETS, "the projections that get LoRA adapters")
+    calibrate_threshold: bool = _flag(True, "after LoRA, move the inference threshold back onto the routers' target "
+                                            "rate (LoRA changes the hidden states the routers read)")
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -585,8 +587,9 @@ def finetune_lora(args: LoraArgs, model=None, blocks=None, accelerator=None) -> 
     check_fields(args)
     if not args.routers:
         raise ValueError("finetune_lora needs --routers DIR (the output of train-routers)")
+    val_blocks = None
     if model is None:
-        accelerator, model, _, blocks, _ = _setup(args)
+        accelerator, model, _, blocks, val_blocks = _setup(args)
     base = unwrap(model)
     if not hasattr(base, "skipgpt_state"):
         apply(model, from_dir=args.routers)
@@ -619,6 +622,13 @@ def finetune_lora(args: LoraArgs, model=None, blocks=None, accelerator=None) -> 
     if result["done"] and accelerator.is_main_process:
         raw = accelerator.unwrap_model(model)
         st.config.gate, st.config.mode = "auto", "auto"
+        if args.calibrate_threshold and st.config.policy == "router":
+            val = val_blocks if val_blocks is not None else blocks[-8:]
+            raw.eval()
+            with torch.no_grad(), overrides(raw, mode="masked"):  # LoRA-wrapped projections: masked
+                result["threshold"] = calibrate_threshold(
+                    raw, val.to(next(raw.parameters()).device), st.config.sparsity_target, st.config.sparsity_metric
+                )
         save_routers(raw, args.out)
         _save_adapter(raw, Path(args.out))
         (Path(args.out) / "train_args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2, default=list))
