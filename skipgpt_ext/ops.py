@@ -203,10 +203,10 @@ def linear_scatter_add_(
     )
 
 
-# What each device's kernels of linear_scatter_add_ and skip_mlp_ implement beyond the Llama
+# The devices whose kernels of linear_scatter_add_ and skip_mlp_ implement more than the Llama
 # family's math: the epilogue (post_norm_weight, out_scale), an absent pre-norm and GeLU-tanh.
-# The CUDA kernels refuse these by name; the layer then runs that step in PyTorch.
-EPILOGUE_DEVICES = ("cpu",)
+# On a device not listed, the layer runs those steps in PyTorch on the compacted rows.
+EPILOGUE_DEVICES = ("cpu", "cuda")
 
 
 def skip_mlp_(

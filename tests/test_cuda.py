@@ -311,6 +311,57 @@ def test_skip_mlp_matches_float64(dtype, T, d, inter, kind, seed=0):
     assert torch.equal(got[skipped.to(DEV)], h[skipped.to(DEV)])
 
 
+# The epilogue features (Gemma's and OLMo 2's post-norms, Granite's multiplier), Gemma's GeLU-tanh
+# and OLMo 2's MLP without an input norm: the GEMV (T <= 8) and the tiled GEMM both feed them.
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,din,dout", [(1, 64, 64), (9, 256, 576), (300, 1536, 256)])
+@pytest.mark.parametrize("kind", ["all", "none", "some"])
+@pytest.mark.parametrize("post_norm,out_scale", [(True, 1.0), (False, 0.6), (True, 0.2)])
+def test_linear_scatter_add_epilogue_matches_float64(dtype, T, din, dout, kind, post_norm, out_scale):
+    gen = torch.Generator().manual_seed(T + din + dout)
+    h = _randn(T, dout, dtype=dtype, gen=gen)
+    a = _randn(T, din, dtype=dtype, gen=gen)
+    w = _randn(dout, din, dtype=dtype, gen=gen, scale=din**-0.5)
+    b = _randn(dout, dtype=dtype, gen=gen)
+    pw = _randn(dout, dtype=dtype, gen=gen) if post_norm else None
+    idx, cnt = _rows(T, kind, gen)
+    n = int(cnt)
+    a[n:] = float("nan")  # rows past count must never be read
+    got = h.clone()
+    ops.linear_scatter_add_(got, a, idx, cnt, w, b, pw, 1e-6, out_scale)
+    want = h.cpu().double()
+    ref.linear_scatter_add_(want, *_cpu64(a, idx, cnt, w, b), *_cpu64(pw), 1e-6, out_scale)
+    _close(got, want, dtype)
+    skipped = torch.ones(T, dtype=torch.bool)
+    skipped[idx[:n].cpu()] = False
+    assert torch.equal(got[skipped.to(DEV)], h[skipped.to(DEV)])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,d,inter", [(1, 64, 96), (50, 576, 1536), (513, 256, 704)])
+@pytest.mark.parametrize("kind", ["all", "some"])
+@pytest.mark.parametrize("activation,pre_norm,post_norm,out_scale",
+                         [("gelu_tanh", True, True, 1.0), ("silu", False, True, 1.0), ("silu", True, False, 0.6),
+                          ("gelu_tanh", False, False, 1.0)])
+def test_skip_mlp_features_match_float64(dtype, T, d, inter, kind, activation, pre_norm, post_norm, out_scale):
+    gen = torch.Generator().manual_seed(T + d + inter)
+    h = _randn(T, d, dtype=dtype, gen=gen)
+    nw = _randn(d, dtype=dtype, gen=gen) if pre_norm else None
+    wg, wu = _randn(inter, d, dtype=dtype, gen=gen, scale=d**-0.5), _randn(inter, d, dtype=dtype, gen=gen, scale=d**-0.5)
+    wd = _randn(d, inter, dtype=dtype, gen=gen, scale=inter**-0.5)
+    pw = _randn(d, dtype=dtype, gen=gen) if post_norm else None
+    idx, cnt = _rows(T, kind, gen)
+    got = h.clone()
+    ops.skip_mlp_(got, idx, cnt, nw, 1e-6, wg, wu, wd, activation, pw, 1e-6, out_scale)
+    want = h.cpu().double()
+    ref.skip_mlp_(want, *_cpu64(idx, cnt, nw), 1e-6, *_cpu64(wg, wu, wd), activation, *_cpu64(pw), 1e-6, out_scale)
+    _close(got, want, dtype)
+    n = int(cnt)
+    skipped = torch.ones(T, dtype=torch.bool)
+    skipped[idx[:n].cpu()] = False
+    assert torch.equal(got[skipped.to(DEV)], h[skipped.to(DEV)])
+
+
 # -- every tiled GEMM mainloop ----------------------------------------------------------------------
 # launch_gemm runs mma.sync (gemm.cu) unless SKIPGPT_CUDA_GEMM (read per launch) asks for the
 # plain, the warp-specialised or the warp-specialised TMA wgmma mainloop (gemm_sm90.cu;

@@ -95,7 +95,8 @@ cudaError_t launch_gemv(const GemmParams& p, Epilogue epi, DType dtype, cudaStre
 // RoPE (and head norm) in place on the compacted rows when head_dim does not tile the GEMM.
 cudaError_t launch_rope_rows(const GemmParams& p, DType dtype, cudaStream_t stream);
 
-// x[i] = RMSNorm(h[idx[i]]) for i < count (the MLP's gather rides on its norm).
+// x[i] = RMSNorm(h[idx[i]]) for i < count (the MLP's gather rides on its norm); a plain
+// gather when norm_weight is null.
 struct GatherNormParams {
   const void* h = nullptr;
   int64_t h_stride = 0;
@@ -107,6 +108,31 @@ struct GatherNormParams {
   int64_t T = 0, d = 0;
 };
 cudaError_t launch_gather_norm(const GatherNormParams& p, DType dtype, cudaStream_t stream);
+
+// out[i, :] = gelu_tanh(gate[i, :]) * up[i, :] for i < count; all [T, I] contiguous.
+struct GeluMulParams {
+  const void* gate = nullptr;
+  const void* up = nullptr;
+  void* out = nullptr;
+  const int64_t* count = nullptr;
+  int64_t T = 0, I = 0;
+};
+cudaError_t launch_gelu_mul(const GeluMulParams& p, DType dtype, cudaStream_t stream);
+
+// h[idx[i], :] += out_scale * RMSNorm_w(y[i, :]) for i < count (no norm when norm_weight is
+// null): the post-norm / output-multiplier epilogue of linear_scatter_add_ and skip_mlp_.
+struct NormScatterAddParams {
+  void* h = nullptr;
+  int64_t h_stride = 0;
+  const void* y = nullptr;  // [T, d] contiguous
+  const int64_t* idx = nullptr;
+  const int64_t* count = nullptr;
+  const void* norm_weight = nullptr;  // [d] or null
+  float eps = 0.f;
+  float out_scale = 1.f;
+  int64_t T = 0, d = 0;
+};
+cudaError_t launch_norm_scatter_add(const NormScatterAddParams& p, DType dtype, cudaStream_t stream);
 
 // -- query-sparse attention (attention.cu) -----------------------------------------------------
 struct AttentionParams {

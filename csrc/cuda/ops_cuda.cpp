@@ -19,6 +19,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <utility>
 
 #include "../op_args.h"
 #include "kernels.h"
@@ -282,13 +283,31 @@ void gemm_scatter_add(at::Tensor& h, const void* a, int64_t lda, int64_t K, cons
   check_launch(launch_gemm(p, Epilogue::kScatterAdd, dtype_of(h), stream), op);
 }
 
-// The epilogue features (post-norm, output multiplier) and skip_mlp_'s GeLU-tanh and absent
-// pre-norm are not in the CUDA kernels yet: refused by name, never silently ignored (the layer
-// runs those steps in PyTorch on CUDA; skipgpt_ext.ops.EPILOGUE_DEVICES).
-void refuse_epilogue(const std::optional<at::Tensor>& post_norm_weight, double out_scale, const char* op) {
-  TORCH_CHECK(!post_norm_weight.has_value(), op,
-              ": post_norm_weight (a post-norm epilogue) is not implemented by the CUDA kernels yet; use mode='reference'");
-  TORCH_CHECK(out_scale == 1.0, op, ": out_scale != 1 is not implemented by the CUDA kernels yet; use mode='reference'");
+// The epilogue of linear_scatter_add_ and skip_mlp_ beyond a plain scatter-add (a post-norm,
+// an output multiplier): the projection is stored for the executing rows, then one row kernel
+// norms, scales and scatter-adds it (the norm needs whole rows, which a GEMM tile does not hold).
+bool has_epilogue(const std::optional<at::Tensor>& post_norm_weight, double out_scale) {
+  return post_norm_weight.has_value() || out_scale != 1.0;
+}
+
+void gemm_norm_scatter_add(at::Tensor& h, const void* a, int64_t lda, int64_t K, const at::Tensor& weight,
+                           const void* bias, const at::Tensor& idx, const at::Tensor& count,
+                           const std::optional<at::Tensor>& post_norm_weight, double post_norm_eps, double out_scale,
+                           cudaStream_t stream, const char* op) {
+  const int64_t T = h.size(0), d = h.size(1);
+  auto y = at::empty({T, d}, h.options().memory_format(at::MemoryFormat::Contiguous));
+  const int64_t* cnt = count.data_ptr<int64_t>();
+  const GemmParams p{.A = a, .lda = lda, .W = weight.data_ptr(), .bias = bias, .out = y.data_ptr(), .ldo = d,
+                     .count = cnt, .M = T, .N = d, .K = K};
+  check_gemm_mainloop(op);
+  check_launch(launch_gemm(p, Epilogue::kStore, dtype_of(h), stream), op);
+  const auto nw = post_norm_weight.has_value() ? post_norm_weight->contiguous() : at::Tensor();
+  const NormScatterAddParams e{.h = h.data_ptr(), .h_stride = h.stride(0), .y = y.data_ptr(),
+                               .idx = idx.data_ptr<int64_t>(), .count = cnt,
+                               .norm_weight = nw.defined() ? nw.data_ptr() : nullptr,
+                               .eps = static_cast<float>(post_norm_eps), .out_scale = static_cast<float>(out_scale),
+                               .T = T, .d = d};
+  check_launch(launch_norm_scatter_add(e, dtype_of(h), stream), op);
 }
 
 void linear_scatter_add_cuda(at::Tensor& h, const at::Tensor& a, const at::Tensor& idx, const at::Tensor& count,
@@ -299,15 +318,20 @@ void linear_scatter_add_cuda(at::Tensor& h, const at::Tensor& a, const at::Tenso
   const c10::cuda::CUDAGuard guard(h.device());
   check_linear_scatter_add_args(h, a, idx, count, weight_in, bias, op, on_device_of(h, op));
   check_epilogue_args(h, post_norm_weight, post_norm_eps, out_scale, op, on_device_of(h, op));
-  refuse_epilogue(post_norm_weight, out_scale, op);
   check_rows16(h, op, "h");
   check_rows16(a, op, "a");
   check_gemm_weight(weight_in, op, "weight");
   check_idx_contiguous(idx, op);
   const auto weight = aligned16(weight_in);
   const auto b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  if (has_epilogue(post_norm_weight, out_scale)) {
+    gemm_norm_scatter_add(h, a.data_ptr(), a.stride(0), a.size(1), weight, b.defined() ? b.data_ptr() : nullptr, idx,
+                          count, post_norm_weight, post_norm_eps, out_scale, stream, op);
+    return;
+  }
   gemm_scatter_add(h, a.data_ptr(), a.stride(0), a.size(1), weight, b.defined() ? b.data_ptr() : nullptr, idx, count,
-                   c10::cuda::getCurrentCUDAStream().stream(), op);
+                   stream, op);
 }
 
 void skip_mlp_cuda(at::Tensor& h, const at::Tensor& idx, const at::Tensor& count,
@@ -319,31 +343,44 @@ void skip_mlp_cuda(at::Tensor& h, const at::Tensor& idx, const at::Tensor& count
   const c10::cuda::CUDAGuard guard(h.device());
   const auto [T, d, I] =
       check_skip_mlp_args(h, idx, count, norm_weight_opt, gate_in, up_in, down_in, op, on_device_of(h, op));
-  TORCH_CHECK(check_activation(activation, op) == Activation::kSilu, op,
-              ": activation='gelu_tanh' is not implemented by the CUDA kernels yet; use mode='reference'");
-  TORCH_CHECK(norm_weight_opt.has_value(), op,
-              ": an MLP without an input norm (norm_weight=None) is not implemented by the CUDA kernels yet; use mode='reference'");
+  const Activation act_kind = check_activation(activation, op);
   check_epilogue_args(h, post_norm_weight, post_norm_eps, out_scale, op, on_device_of(h, op));
-  refuse_epilogue(post_norm_weight, out_scale, op);
-  const at::Tensor& norm_weight = *norm_weight_opt;
   check_rows16(h, op, "h");
   for (const auto& [w, name] : {NamedTensor{&gate_in, "gate_weight"}, NamedTensor{&up_in, "up_weight"},
                                 NamedTensor{&down_in, "down_weight"}})
     check_gemm_weight(*w, op, name);
   check_idx_contiguous(idx, op);
-  const auto nw = norm_weight.contiguous();
+  const auto nw = norm_weight_opt.has_value() ? norm_weight_opt->contiguous() : at::Tensor();
   const auto gate = aligned16(gate_in), up = aligned16(up_in), down = aligned16(down_in);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   auto x = at::empty({T, d}, h.options().memory_format(at::MemoryFormat::Contiguous));
   auto act = at::empty({T, I}, h.options().memory_format(at::MemoryFormat::Contiguous));
   const int64_t* cnt = count.data_ptr<int64_t>();
   const GatherNormParams g{.h = h.data_ptr(), .h_stride = h.stride(0), .idx = idx.data_ptr<int64_t>(), .count = cnt,
-                           .norm_weight = nw.data_ptr(), .eps = static_cast<float>(eps), .x = x.data_ptr(), .T = T, .d = d};
+                           .norm_weight = nw.defined() ? nw.data_ptr() : nullptr, .eps = static_cast<float>(eps),
+                           .x = x.data_ptr(), .T = T, .d = d};
   check_launch(launch_gather_norm(g, dtype_of(h), stream), op);
-  const GemmParams gate_up{.A = x.data_ptr(), .lda = d, .W = gate.data_ptr(), .W1 = up.data_ptr(), .out = act.data_ptr(),
-                           .ldo = I, .count = cnt, .M = T, .N = I, .K = d};
   check_gemm_mainloop(op);
-  check_launch(launch_gemm(gate_up, Epilogue::kSiluMul, dtype_of(h), stream), op);
+  if (act_kind == Activation::kSilu) {
+    const GemmParams gate_up{.A = x.data_ptr(), .lda = d, .W = gate.data_ptr(), .W1 = up.data_ptr(),
+                             .out = act.data_ptr(), .ldo = I, .count = cnt, .M = T, .N = I, .K = d};
+    check_launch(launch_gemm(gate_up, Epilogue::kSiluMul, dtype_of(h), stream), op);
+  } else {  // GeLU-tanh: gate and up stored, then one elementwise pass
+    auto up_out = at::empty({T, I}, h.options().memory_format(at::MemoryFormat::Contiguous));
+    for (const auto& [w, out] : {std::pair{&gate, &act}, std::pair{&up, &up_out}}) {
+      const GemmParams p{.A = x.data_ptr(), .lda = d, .W = w->data_ptr(), .out = out->data_ptr(), .ldo = I,
+                         .count = cnt, .M = T, .N = I, .K = d};
+      check_launch(launch_gemm(p, Epilogue::kStore, dtype_of(h), stream), op);
+    }
+    const GeluMulParams e{.gate = act.data_ptr(), .up = up_out.data_ptr(), .out = act.data_ptr(), .count = cnt,
+                          .T = T, .I = I};
+    check_launch(launch_gelu_mul(e, dtype_of(h), stream), op);
+  }
+  if (has_epilogue(post_norm_weight, out_scale)) {
+    gemm_norm_scatter_add(h, act.data_ptr(), I, I, down, nullptr, idx, count, post_norm_weight, post_norm_eps,
+                          out_scale, stream, op);
+    return;
+  }
   gemm_scatter_add(h, act.data_ptr(), I, I, down, nullptr, idx, count, stream, op);
 }
 

@@ -1,6 +1,10 @@
-// Row-wise kernels around the GEMMs: the MLP's gather + RMSNorm of its executing rows, and
-// RoPE (with the optional per-head RMSNorm) on compacted Q rows when head_dim does not tile
-// the GEMM's N block. One warp per row (or per row and head); rows past count exit at once.
+// Row-wise kernels around the GEMMs: the MLP's gather + RMSNorm of its executing rows (a plain
+// gather without a norm), RoPE (with the optional per-head RMSNorm) on compacted Q rows when
+// head_dim does not tile the GEMM's N block, GeLU-tanh(gate) * up, and the post-norm /
+// output-multiplier epilogue scatter-added into the residual. One warp per row (or per row and
+// head); rows past count exit at once.
+#include <algorithm>
+
 #include "common.cuh"
 
 namespace skipgpt::cuda {
@@ -17,6 +21,14 @@ __global__ void __launch_bounds__(kWarps * 32) gather_norm_kernel(GatherNormPara
   const T* nw = static_cast<const T*>(p.norm_weight);
   T* out = static_cast<T*>(p.x) + i * p.d;
   using P = RowPack<T, kVec>;
+  if (nw == nullptr) {  // no input norm (OLMo 2's MLP): the gather alone
+    for (int64_t j = int64_t{lane} * P::V; j < p.d; j += 32 * P::V) {
+      P x;
+      x.load(row + j);
+      x.store(out + j);
+    }
+    return;
+  }
   float ss = 0.f;
   for (int64_t j = int64_t{lane} * P::V; j < p.d; j += 32 * P::V) {
     P x;
@@ -58,7 +70,63 @@ __global__ void __launch_bounds__(kWarps * 32) rope_rows_kernel(GemmParams p) {
   }
 }
 
+// act[i, n] = gelu_tanh(g[i, n]) * u[i, n] for i < count, from the rounded gate and up rows,
+// computed in fp32 and rounded once. One thread per element of the first count rows.
+template <typename T>
+__global__ void __launch_bounds__(256) gelu_mul_kernel(GeluMulParams p) {
+  const int64_t n = load_count(p.count, p.T) * p.I;
+  const T* g = static_cast<const T*>(p.gate);
+  const T* u = static_cast<const T*>(p.up);
+  T* out = static_cast<T*>(p.out);
+  for (int64_t e = int64_t{blockIdx.x} * blockDim.x + threadIdx.x; e < n; e += int64_t{gridDim.x} * blockDim.x) {
+    const float x = to_float<T>(g[e]);
+    const float inner = 0.7978845608028654f * (x + 0.044715f * x * x * x);  // sqrt(2/pi) (x + 0.044715 x^3)
+    out[e] = from_float<T>(0.5f * x * (1.f + tanhf(inner)) * to_float<T>(u[e]));
+  }
+}
+
+// h[idx[i]] += out_scale * post_norm(y[i]) for i < count, as the reference rounds it: the
+// RMSNorm in fp32 times the weight, rounded once; times out_scale, rounded; added, rounded.
+template <typename T>
+__global__ void __launch_bounds__(kWarps * 32) norm_scatter_add_kernel(NormScatterAddParams p) {
+  const int lane = threadIdx.x % 32;
+  const int64_t i = int64_t{blockIdx.x} * kWarps + threadIdx.x / 32;
+  if (i >= load_count(p.count, p.T)) return;
+  const T* y = static_cast<const T*>(p.y) + i * p.d;
+  const T* nw = static_cast<const T*>(p.norm_weight);
+  T* h = static_cast<T*>(p.h) + p.idx[i] * p.h_stride;
+  float inv = 1.f;
+  if (nw != nullptr) {
+    float ss = 0.f;
+    for (int64_t j = lane; j < p.d; j += 32) ss += to_float<T>(y[j]) * to_float<T>(y[j]);
+    inv = rsqrtf(warp_sum(ss) / static_cast<float>(p.d) + p.eps);
+  }
+  for (int64_t j = lane; j < p.d; j += 32) {
+    float z = to_float<T>(y[j]);
+    if (nw != nullptr) z = round_to<T>(z * inv * to_float<T>(nw[j]));
+    if (p.out_scale != 1.f) z = round_to<T>(z * p.out_scale);
+    h[j] = from_float<T>(to_float<T>(h[j]) + z);
+  }
+}
+
 }  // namespace
+
+cudaError_t launch_gelu_mul(const GeluMulParams& p, DType dtype, cudaStream_t stream) {
+  if (p.T == 0 || p.I == 0) return cudaSuccess;
+  return dispatch_dtype(dtype, [&]<typename T>() {
+    const auto blocks = static_cast<unsigned>(std::min<int64_t>(ceil_div(p.T * p.I, 256), 65535));
+    gelu_mul_kernel<T><<<blocks, 256, 0, stream>>>(p);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t launch_norm_scatter_add(const NormScatterAddParams& p, DType dtype, cudaStream_t stream) {
+  if (p.T == 0) return cudaSuccess;
+  return dispatch_dtype(dtype, [&]<typename T>() {
+    norm_scatter_add_kernel<T><<<static_cast<unsigned>(ceil_div(p.T, kWarps)), kWarps * 32, 0, stream>>>(p);
+    return cudaGetLastError();
+  });
+}
 
 cudaError_t launch_gather_norm(const GatherNormParams& p, DType dtype, cudaStream_t stream) {
   if (p.T == 0) return cudaSuccess;
