@@ -57,7 +57,7 @@ $(VLLM_VENV)/.deps: | $(PY)
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q "torch==$(TORCH)"
-	$(VPY) -m pip install -q "$(VLLM_PKG)" pytest==9.2.0 ninja==1.13.2 setuptools==84.2.1 wheel
+	$(VPY) -m pip install -q "$(VLLM_PKG)" pytest==9.2.0 ninja==1.13.2 wheel
 	$(VPY) -m pip uninstall -y -q torchvision torchaudio torchcodec
 	touch $@
 $(VLLM_VENV)/.built: $(VLLM_VENV)/.deps $(NATIVE_SRC)

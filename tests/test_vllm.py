@@ -103,6 +103,14 @@ def test_vllm_equals_the_hf_skipping_path(served):
     """Greedy tokens and their log-probabilities equal our transformers model's at the same
     decisions, and so do the decisions: the realised sparsity over the same tokens is equal."""
     _, export, _, llm = served
+    # The fused ops really run: vLLM keeps the plain weights they read (on the CPU it would
+    # otherwise repack them for oneDNN and drop them, sending every step to the fallback).
+    from skipgpt.vllm.models import _plain_weight
+
+    kept = llm.apply_model(lambda m: [_plain_weight(getattr(getattr(layer, a), b)) is not None for layer in m.model.layers
+                                      for a, b in (("self_attn", "qkv_proj"), ("self_attn", "o_proj"),
+                                                   ("mlp", "gate_up_proj"), ("mlp", "down_proj"))])[0]
+    assert all(kept)
     hf = skipgpt.from_pretrained(export)
     for prompt in PROMPTS:
         skipgpt_vllm.stats(llm, reset=True)

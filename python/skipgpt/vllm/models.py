@@ -180,7 +180,8 @@ class SkipLayer(nn.Module):
         attn = self.self_attn
         w = _plain_weight(attn.qkv_proj)
         qs, kvs = attn.q_size, attn.kv_size
-        if w is not None:
+        every = n == h.shape[0]  # all rows execute: the compacted order is the identity
+        if w is not None and not every:
             bias = getattr(attn.qkv_proj, "bias", None)
             kv = F.linear(x_norm, w[qs:], None if bias is None else bias[qs:])
             k, v = kv.split([kvs, kvs], dim=-1)
@@ -202,8 +203,11 @@ class SkipLayer(nn.Module):
         rows = idx[:n]
         wo = _plain_weight(attn.o_proj)
         if wo is not None:
-            a = out.new_empty(out.shape)
-            a[:n] = out[rows]
+            if every:
+                a = out.contiguous()
+            else:
+                a = out.new_empty(out.shape)
+                a[:n] = out[rows]
             ops.linear_scatter_add_(h, a, idx, count, wo, getattr(attn.o_proj, "bias", None))
         else:
             o, _ = attn.o_proj(out[rows].contiguous())
@@ -238,6 +242,35 @@ def _skip_layer_class(cls: type) -> type:
     if cls not in _LAYER_CLASSES:
         _LAYER_CLASSES[cls] = type(f"SkipGPT{cls.__name__}", (SkipLayer, cls), {})
     return _LAYER_CLASSES[cls]
+
+
+def _keep_plain_weights(linear: nn.Module) -> None:
+    """On the CPU, vLLM repacks an unquantised linear layer's weight for oneDNN after loading and
+    drops the plain weight. The layers SkipGPT runs through its own ops keep theirs (and compute
+    their dense calls with it), so nothing is held twice."""
+    method = getattr(linear, "quant_method", None)
+    if method is None or type(method).__name__ != "UnquantizedLinearMethod":
+        return
+    linear.quant_method = _plain_method_class(type(method))()
+
+
+_PLAIN_METHOD: dict[type, type] = {}
+
+
+def _plain_method_class(base: type) -> type:
+    if base not in _PLAIN_METHOD:
+
+        def process_weights_after_loading(self, layer: nn.Module) -> None:
+            from vllm.platforms import current_platform
+
+            if current_platform.is_cpu():
+                layer.cpu_linear = lambda x, weight, bias: F.linear(x, weight, bias)
+            else:
+                base.process_weights_after_loading(self, layer)
+
+        # The same class name: _plain_weight (and vLLM's own checks) recognise it.
+        _PLAIN_METHOD[base] = type(base.__name__, (base,), {"process_weights_after_loading": process_weights_after_loading})
+    return _PLAIN_METHOD[base]
 
 
 def _check_eager(vllm_config) -> None:
@@ -277,6 +310,8 @@ def attach(model: nn.Module, vllm_config) -> SkipStats:
     for i, layer in enumerate(layers):
         layer.__class__ = _skip_layer_class(type(layer))
         layer._skipgpt_init(cfg, config.hidden_size, i, stats, first.device)
+        for linear in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):
+            _keep_plain_weights(linear)
     return stats
 
 
