@@ -17,7 +17,8 @@ gain ``router_attention`` and ``router_mlp`` (loaded by vLLM's weight loader fro
 With tensor parallelism, quantised weights or a biased MLP, steps 3-5 call the model's own
 layers on the gathered executing rows instead (their all-reduce included): still real skipping,
 without our fused kernels. The layer returns ``(0, h)``, which vLLM's next layer and final norm
-read as ``hidden_states + residual``.
+read as ``hidden_states + residual`` (between SkipGPT layers the 0 is a stride-0 view, and the
+next layer takes ``h`` as it is: no zero tensor, no add).
 
 The counts are data-dependent, so the model runs eagerly: torch.compile and CUDA graphs are
 refused with a message naming ``enforce_eager=True``.
@@ -38,6 +39,7 @@ from skipgpt_ext import reference
 from ..config import SkipConfig
 from ..export import _ROUTER_KEY, SECTION, skip_config_of
 from ..router import Router
+from ..sparsity import realised_sparsity
 
 # The export's base architecture -> (vLLM module, class).
 VLLM_BASES = {
@@ -95,14 +97,13 @@ class SkipStats:
                "mlp_exec_per_layer": [int(x) for x in c[:, 2]]}
         if not tokens:
             return {**out, "attn_skip": 0.0, "mlp_skip": 0.0, "module_sparsity": 0.0, "param_sparsity": 0.0}
-        ra, rm = c[:, 1] / tokens, c[:, 2] / tokens
-        pa, pm = self.attn_params, self.mlp_params
+        ea, em = c[:, 1], c[:, 2]
         return {
             **out,
-            "attn_skip": float(1 - ra.mean()),
-            "mlp_skip": float(1 - rm.mean()),
-            "module_sparsity": float(1 - (ra.mean() + rm.mean()) / 2),
-            "param_sparsity": float(1 - (ra * pa + rm * pm).sum() / (pa + pm).sum()),
+            "attn_skip": float(1 - ea.mean() / tokens),
+            "mlp_skip": float(1 - em.mean() / tokens),
+            **{f"{key}_sparsity": float(realised_sparsity(ea, em, tokens, self.attn_params, self.mlp_params, metric))
+               for key, metric in (("module", "modules"), ("param", "params"))},
         }
 
 
@@ -134,6 +135,7 @@ class SkipLayer(nn.Module):
         object.__setattr__(self, "_skip_index", layer_index)
         object.__setattr__(self, "_skip_stats", stats)
         object.__setattr__(self, "_skip_margin", None)
+        object.__setattr__(self, "_skip_last", False)
         attn, mlp = self.self_attn, self.mlp
         if getattr(attn, "do_llama_4_scaling", False) or getattr(self, "ada_rms_norm_t_cond", None) is not None:
             raise NotImplementedError("SkipGPT's vLLM layer does not support Llama-4 attention scaling or ada-RMSNorm")
@@ -166,6 +168,8 @@ class SkipLayer(nn.Module):
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None, **kwargs):
         if residual is None:
             h = hidden_states.clone()  # the embedding output may be an engine buffer: never written
+        elif hidden_states.dim() == 2 and hidden_states.stride(0) == 0:
+            h = residual  # the previous SkipGPT layer's (0, h): h is this forward's own tensor
         else:
             h = hidden_states + residual
         ops = skipgpt_ext.ops if skipgpt_ext.has_kernels(h.device, h.dtype) else reference
@@ -174,7 +178,11 @@ class SkipLayer(nn.Module):
         self._skip_stats.add(self._skip_index, h.shape[0], n_a, n_m)
         self._attention(ops, positions, h, x_norm, idx_a, count_a, n_a)
         self._mlp(ops, h, idx_m, count_m, n_m)
-        return torch.zeros_like(h), h
+        # vLLM's next layer and final norm read hidden_states + residual. Between SkipGPT layers
+        # the zero is a stride-0 view (nothing allocated or added); the stage's last layer hands
+        # a real one to the final norm (or to the next pipeline stage).
+        zero = torch.zeros_like(h) if self._skip_last else h.new_zeros(()).expand_as(h)
+        return zero, h
 
     def _attention(self, ops, positions, h, x_norm, idx, count, n: int) -> None:
         attn = self.self_attn
@@ -312,6 +320,8 @@ def attach(model: nn.Module, vllm_config) -> SkipStats:
         layer._skipgpt_init(cfg, config.hidden_size, i, stats, first.device)
         for linear in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):
             _keep_plain_weights(linear)
+    if layers:
+        object.__setattr__(layers[-1], "_skip_last", True)
     return stats
 
 
