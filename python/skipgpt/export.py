@@ -71,7 +71,7 @@ def _tensors_for_export(model: nn.Module) -> dict[str, torch.Tensor]:
     for name, t in base.state_dict().items():
         if _ROUTER_KEY.search(name) or (tied and name == "lm_head.weight"):
             continue
-        out[name] = t.detach().to("cpu").contiguous().clone()
+        out[name] = t.detach().to("cpu").contiguous()  # no copy: only tied weights share storage, and those are skipped
     out.update(_router_state(model))
     return out
 
