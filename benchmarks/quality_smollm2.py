@@ -1,8 +1,9 @@
 """Quality at matched sparsity on a real model: SmolLM2-135M-Instruct on held-out text.
 
 Compares, at 25% and 40% parameter-weighted sparsity, by perplexity on the Shakespeare test
-split and on the chat corpus's test split (modern English in the chat format), and by the
-repeated-4-gram fraction of greedy answers to hand-written chat prompts:
+split, the chat corpus's test split (modern English in the chat format) and the Python-docs
+test split (modern technical English), and by the repeated-4-gram fraction of greedy answers
+to hand-written chat prompts:
 dense; SkipGPT-RT (router tuning) and SkipGPT-RT-L (+LoRA); ShortGPT, static module drop
 (LLM-Drop), MoD-D (top-k capacity, routers tuned the same way) and random skipping, each also
 with the same LoRA budget. Dense+LoRA is the LoRA reference. Everything is measured by the
@@ -10,11 +11,13 @@ same perplexity code, with the realised sparsity (both metrics) beside each numb
 
     python benchmarks/quality_smollm2.py                # defaults
     python benchmarks/quality_smollm2.py --quick        # a smoke run (minutes)
-    python benchmarks/quality_smollm2.py --seeds 0 1 2 --rt-from runs/final   # reuse RT runs
+    python benchmarks/quality_smollm2.py --seeds 0 1 2 --rt-from 'runs/abl300/default-{tag}-s{seed}'
 
 SkipGPT-RT is tuned with the recipe's defaults (`skipgpt train-routers`), one run per seed;
-`--rt-from DIR` takes finished runs `DIR/recipe-{25,40}-s{seed}` (benchmarks/router_ablation.py)
-instead of tuning here, so the seeds can be trained side by side in other processes.
+`--rt-from PATTERN` takes finished runs instead (`{tag}` is 25 or 40, `{seed}` the seed; for
+example benchmarks/router_ablation.py's), so the seeds can be trained side by side in other
+processes. `--lora-from PATTERN` likewise takes the first seed's finished `finetune-lora` runs,
+which must have the table's LoRA budget.
 
 Writes runs/quality/results.json and results.md, and with --save-routers copies the trained
 SkipGPT-RT routers into python/skipgpt/assets/routers/ (used by `make demo`).
@@ -59,7 +62,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--rt-steps", type=int, default=600)
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="SkipGPT-RT seeds (the first gets LoRA)")
-    p.add_argument("--rt-from", default=None, help="reuse the ablation runner's recipe-<tag>-s<seed> runs")
+    p.add_argument("--rt-from", default=None, help="reuse finished RT runs: a folder pattern with {tag} and {seed}")
+    p.add_argument("--lora-from", default=None, help="reuse the first seed's finished RT-L runs: a pattern with {tag}")
     p.add_argument("--chat-tokens", type=int, default=4096)
     p.add_argument("--lora-steps", type=int, default=20)
     p.add_argument("--eval-window", type=int, default=256)
@@ -81,6 +85,7 @@ def main() -> None:
     model, tok = models.load_model(ns.model)
     test_tokens = token_stream("shakespeare", "test", tok, ns.eval_tokens)
     chat_tokens = token_stream("chat", "test", tok, ns.chat_tokens)
+    doc_tokens = token_stream("pydoc", "test", tok, ns.chat_tokens)
     calib = data.pack_tokens(data.load_texts("shakespeare", "validation"), tok, ns.block_size, max_blocks=16, progress=False)
     del model
     common = dict(model=ns.model, block_size=ns.block_size, batch_size=ns.batch_size, save_every=10_000, log_every=10)
@@ -105,11 +110,13 @@ def main() -> None:
         t0 = time.perf_counter()
         r = perplexity(model, test_tokens, window=ns.eval_window, batch_size=4, progress=False)
         c = perplexity(model, chat_tokens, window=ns.eval_window, batch_size=4, progress=False)
+        dc = perplexity(model, doc_tokens, window=ns.eval_window, batch_size=4, progress=False)
         answers = chat.chat_eval(model, tok)
         row = {"method": name, "target": sparsity, "ppl": r["ppl"], "tokens": r["tokens"],
                "param_sparsity": r.get("param_sparsity", 0.0), "module_sparsity": r.get("module_sparsity", 0.0),
                "attn_skip": r.get("attn_skip", 0.0), "mlp_skip": r.get("mlp_skip", 0.0),
                "chat_ppl": c["ppl"], "chat_tokens": c["tokens"], "chat_param_sparsity": c.get("param_sparsity", 0.0),
+               "pydoc_ppl": dc["ppl"], "pydoc_tokens": dc["tokens"], "pydoc_param_sparsity": dc.get("param_sparsity", 0.0),
                "rep4": answers["rep4"], "answers": answers["answers"],
                "train_s": seconds, "eval_s": time.perf_counter() - t0}
         rows.append(row)
@@ -121,7 +128,12 @@ def main() -> None:
     def trained(d: Path) -> bool:
         return (d / "train_args.json").exists()
 
-    def lora(name: str, routers: Path, sparsity: float | None, label: str):
+    def lora(name: str, routers: Path, sparsity: float | None, label: str, done: Path | None = None):
+        if done is not None:  # a finished run from elsewhere: it must have this table's budget
+            steps = json.loads((done / "train_args.json").read_text())["steps"]
+            if steps != ns.lora_steps:
+                raise SystemExit(f"--lora-from: {done} ran {steps} LoRA steps; this table gives every method {ns.lora_steps}")
+            return evaluate(f"{label} + LoRA", sparsity, done)
         args = LoraArgs(out=str(out / f"{name}-lora"), routers=str(routers), steps=ns.lora_steps, **common)
         seconds = None if trained(Path(args.out)) else finetune_lora(args)["seconds"]
         return evaluate(f"{label} + LoRA", sparsity, Path(args.out), seconds=seconds)
@@ -138,7 +150,7 @@ def main() -> None:
     tags = {s: f"{round(s * 100)}" for s in ns.sparsities}
     def rt_dir(s: float, seed: int) -> Path:
         if ns.rt_from:
-            return Path(ns.rt_from) / f"recipe-{tags[s]}-s{seed}"
+            return Path(ns.rt_from.format(tag=tags[s], seed=seed))
         return out / f"skipgpt-rt-{tags[s]}-s{seed}"
 
     for s in ns.sparsities:  # 1: SkipGPT-RT and the training-free baselines
@@ -168,7 +180,8 @@ def main() -> None:
     skipgpt.save_routers(dense, out / "dense-routers")
     lora("dense", out / "dense-routers", None, "dense")
     for s in ns.sparsities:
-        lora(f"skipgpt-rt-{tags[s]}-s{ns.seeds[0]}", rt_dir(s, ns.seeds[0]), s, f"SkipGPT-RT (seed {ns.seeds[0]})")
+        done = Path(ns.lora_from.format(tag=tags[s])) if ns.lora_from else None
+        lora(f"skipgpt-rt-{tags[s]}-s{ns.seeds[0]}", rt_dir(s, ns.seeds[0]), s, f"SkipGPT-RT (seed {ns.seeds[0]})", done)
         lora(f"mod-d-{tags[s]}", out / f"mod-d-{tags[s]}", s, "MoD-D")
         for name in labels:
             lora(f"{name}-{tags[s]}", out / f"{name}-{tags[s]}", s, labels[name])
@@ -184,14 +197,15 @@ def main() -> None:
         f"window {ns.eval_window}; RT {ns.rt_steps} steps, LoRA {ns.lora_steps} steps, batch {ns.batch_size}x{ns.block_size}.",
         "",
         "| method | target | Shakespeare PPL | param sparsity | module sparsity | attn skip | MLP skip "
-        "| chat PPL | chat param sparsity | chat repeated 4-grams |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| chat PPL | chat param sparsity | Python-docs PPL | Python-docs param sparsity | chat repeated 4-grams |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         tgt = "-" if r["target"] is None else f"{r['target']:.2f}"
         lines.append(f"| {r['method']} | {tgt} | {r['ppl']:.2f} | {r['param_sparsity']:.3f} | "
                      f"{r['module_sparsity']:.3f} | {r['attn_skip']:.3f} | {r['mlp_skip']:.3f} | "
-                     f"{r['chat_ppl']:.2f} | {r['chat_param_sparsity']:.3f} | {r['rep4']:.3f} |")
+                     f"{r['chat_ppl']:.2f} | {r['chat_param_sparsity']:.3f} | {r['pydoc_ppl']:.2f} | "
+                     f"{r['pydoc_param_sparsity']:.3f} | {r['rep4']:.3f} |")
     lines += ["", f"Wall time {total / 60:.1f} min on {meta['machine']}, {meta['date']}."]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -348,6 +348,48 @@ def test_calibrate_threshold_hits_target_sparsity():
     assert abs(skipgpt.stats(model)["param_sparsity"] - 0.4) < 0.02
 
 
+def test_calibrate_threshold_on_several_texts_minimises_the_largest_deviation():
+    """With one token set per kind of text, the threshold puts the midpoint of the highest and the
+    lowest set's rate on the target, so the set furthest from the target is as close as any
+    threshold can bring it: checked against a scan of thresholds (the oracle). Pooling the sets
+    instead lets the larger one decide. A one-set list calibrates like the tensor itself."""
+    model = tiny_model("llama")
+    skipgpt.apply(model, SkipConfig(mode="reference"))
+    # Routers that read which half of the vocabulary a token comes from: two kinds of text,
+    # skipped at very different rates by the same threshold.
+    emb = model.get_input_embeddings().weight.detach()
+    w = emb[3:64].mean(0) - emb[64:128].mean(0)
+    with torch.no_grad():
+        for layer in skipgpt.state(model).adapter.layers(model):
+            for router in (layer.router_attention, layer.router_mlp):
+                router.output_layer.weight[0] = 20 * w / w.norm()
+                router.output_layer.weight[1] = -20 * w / w.norm()
+    gen = torch.Generator().manual_seed(0)
+    texts = [torch.randint(3, 64, (6, 40), generator=gen), torch.randint(64, 128, (1, 40), generator=gen)]
+
+    def worst(t, target=0.4):
+        with skipgpt.overrides(model, threshold=t), torch.no_grad():
+            rates = []
+            for ids in texts:
+                model(input_ids=ids)
+                rates.append(skipgpt.stats(model)["param_sparsity"])
+        return max(abs(r - target) for r in rates)
+
+    t = skipgpt.calibrate_threshold(model, texts, 0.4)
+    assert skipgpt.state(model).config.threshold == t
+    scan = min(worst(x / 200) for x in range(1, 200))
+    assert worst(t) <= scan + 0.02, (worst(t), scan)  # one token-module moves a rate by < 2 points
+    pooled = skipgpt.calibrate_threshold(model, torch.cat(texts), 0.4)
+    assert worst(pooled) > worst(t) + 0.1  # the six-row set decides the pooled threshold
+    assert skipgpt.calibrate_threshold(model, texts[:1], 0.4) == skipgpt.calibrate_threshold(model, texts[0], 0.4)
+    before = skipgpt.state(model).config.threshold
+    with pytest.raises(ValueError, match="2 attention masks for 3 token sets"):
+        skipgpt.calibrate_threshold(model, texts + texts[:1], 0.4, attention_mask=[None, None])
+    with pytest.raises(TypeError, match="non-empty list"):
+        skipgpt.calibrate_threshold(model, [], 0.4)
+    assert skipgpt.state(model).config.threshold == before  # refused: nothing changed
+
+
 # -- the native backend, and what both skipping backends share ---------------------------------------
 @pytest.mark.skipif(not skipgpt_ext.has_kernels("cpu"), reason="native CPU kernels not built")
 def test_auto_mode_resolves_to_native_in_eval_and_masked_in_train():

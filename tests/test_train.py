@@ -80,6 +80,67 @@ def test_router_tuning_can_calibrate_the_inference_threshold(tiny_dir, tmp_path)
     assert abs(skipgpt.stats(model)["module_sparsity"] - 0.3) < 0.02
 
 
+def test_router_tuning_on_a_mixture_balances_the_threshold_over_its_sources(tiny_dir, tmp_path):
+    """On a mixture, the threshold is calibrated on each source's validation blocks (the largest
+    deviation from the target smallest, skipgpt.calibrate_threshold with a list); --calibration
+    pooled calibrates on the mixture's validation blocks together."""
+    from skipgpt.train import source_blocks
+
+    mix = "shakespeare:0.5+pydoc:0.5"
+    thresholds = {}
+    for how in ("balanced", "pooled"):
+        args = RouterArgs(**{**_common(tiny_dir, tmp_path / how, steps=2, lr=0.05, sparsity=0.3, calibration=how),
+                             "data": mix})
+        thresholds[how] = train_routers(args)["threshold"]
+    model, tok = load_skipgpt(args.model, tmp_path / "balanced")
+    sets = source_blocks(mix, "validation", tok, 32, 8)
+    assert len(sets) == 2 and all(len(b) == 8 for b in sets)
+    with torch.no_grad():
+        again = skipgpt.calibrate_threshold(model, sets, 0.3)
+        rates = []
+        for ids in sets:
+            model(input_ids=ids)
+            rates.append(skipgpt.stats(model)["param_sparsity"])
+    assert again == thresholds["balanced"]  # calibrated on exactly these sets
+    assert abs((max(rates) + min(rates)) / 2 - 0.3) < 0.02, rates
+    model, tok = load_skipgpt(args.model, tmp_path / "pooled")
+    val = data.load_blocks(mix, "validation", tok, 32, max_blocks=8, seed=0)
+    with torch.no_grad():
+        assert skipgpt.calibrate_threshold(model, val, 0.3) == thresholds["pooled"]
+
+
+def test_calibrate_command_moves_only_the_threshold(tiny_dir, tmp_path):
+    """`skipgpt calibrate` copies an artefact with its threshold calibrated onto a new sparsity;
+    the routers are the same tensors, and a refused call writes nothing."""
+    from skipgpt.cli import main
+
+    rt = RouterArgs(**_common(tiny_dir, tmp_path / "rt", steps=2, lr=0.05, sparsity=0.3))
+    train_routers(rt)
+    out = tmp_path / "rt50"
+    assert main(["calibrate", "--routers", str(tmp_path / "rt"), "--out", str(out), "--sparsity", "0.5"]) == 0
+    a = skipgpt.checkpoint._read(tmp_path / "rt" / "routers.safetensors")
+    b = skipgpt.checkpoint._read(out / "routers.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    old = json.loads((tmp_path / "rt" / "skip_config.json").read_text())
+    new = json.loads((out / "skip_config.json").read_text())
+    assert {k for k in old if old[k] != new[k]} == {"threshold", "sparsity_target", "save_id"}
+    assert new["sparsity_target"] == 0.5 and new["threshold"] > old["threshold"]
+    assert json.loads((out / "train_args.json").read_text()) == json.loads((tmp_path / "rt" / "train_args.json").read_text())
+    model, tok = load_skipgpt(rt.model, out)
+    val = data.load_blocks(rt.data, "validation", tok, 32, max_blocks=8, seed=0)
+    with torch.no_grad():
+        model(input_ids=val)
+    assert abs(skipgpt.stats(model)["param_sparsity"] - 0.5) < 0.03
+    listing = sorted(p.name for p in out.iterdir())
+    with pytest.raises(FileExistsError, match="not an empty folder"):
+        main(["calibrate", "--routers", str(tmp_path / "rt"), "--out", str(out)])
+    assert sorted(p.name for p in out.iterdir()) == listing
+    assert json.loads((out / "skip_config.json").read_text()) == new
+    with pytest.raises(SystemExit):
+        main(["calibrate", "--routers", str(tmp_path / "rt"), "--out", str(tmp_path / "x"), "--sparsity", "1.5"])
+    assert not (tmp_path / "x").exists()
+
+
 def test_resume_reproduces_uninterrupted_run(tiny_dir, tmp_path):
     full = RouterArgs(**_common(tiny_dir, tmp_path / "full", steps=6, lr=0.05, sparsity=0.4))
     train_routers(full)

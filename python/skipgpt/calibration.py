@@ -122,7 +122,7 @@ def calibrate_input_scale(model: nn.Module, input_ids: torch.Tensor, attention_m
 
 @torch.no_grad()
 def calibrate_threshold(
-    model: nn.Module, input_ids: torch.Tensor, target: float, metric: str = "params", attention_mask=None, iters: int = 20
+    model: nn.Module, input_ids, target: float, metric: str = "params", attention_mask=None, iters: int = 20
 ) -> float:
     """Set the global inference threshold so the realised sparsity on these tokens is ``target``.
 
@@ -130,6 +130,13 @@ def calibrate_threshold(
     land elsewhere (routers still unsure execute every time). Sparsity grows monotonically
     with the threshold, so a bisection on it finds the rate. Returns the threshold (also set).
     A refused or failed call leaves the threshold as it was.
+
+    ``input_ids`` may also be a list of token tensors, one per kind of text (for example the
+    sources of a training mixture), with ``attention_mask`` None or a list of the same length.
+    Token-aware routers skip more of some texts than others, so one threshold cannot put
+    every source on the target. With a list, the threshold puts the midpoint of the highest
+    and the lowest source's rate on the target: the largest deviation of any source from the
+    target is then as small as one threshold can make it, whatever each source's share.
     """
     st = state(model)
     if isinstance(target, bool) or not isinstance(target, numbers.Real) or not 0.0 <= target <= 1.0:
@@ -138,15 +145,30 @@ def calibrate_threshold(
         raise ValueError(f"calibrate_threshold: metric must be 'params' or 'modules', got {metric!r}")
     if isinstance(iters, bool) or not isinstance(iters, numbers.Integral) or iters < 1:
         raise ValueError(f"calibrate_threshold: iters must be a positive integer, got {iters!r}")
+    if isinstance(input_ids, torch.Tensor):
+        sets, masks = [input_ids], [attention_mask]
+    else:
+        sets = list(input_ids)
+        if not sets or not all(isinstance(t, torch.Tensor) for t in sets):
+            raise TypeError("calibrate_threshold: input_ids must be a token tensor or a non-empty list of them, "
+                            f"got {type(input_ids).__name__}")
+        masks = [None] * len(sets) if attention_mask is None else list(attention_mask)
+        if len(masks) != len(sets):
+            raise ValueError(f"calibrate_threshold: {len(masks)} attention masks for {len(sets)} token sets")
     key = "param_sparsity" if metric == "params" else "module_sparsity"
+
+    def rate(ids, mask) -> float:
+        model(input_ids=ids, attention_mask=mask)
+        fwd = st.forward_state()  # this call's forward, whatever other threads run
+        return st.summary(fwd.exec_counts, fwd.n_valid)[key]
+
     lo, hi = 0.0, 1.0
     with overrides(model, threshold=st.config.threshold):  # the trial thresholds do not outlive the search
         for _ in range(iters):
             mid = (lo + hi) / 2
             set_threshold(model, mid)
-            model(input_ids=input_ids, attention_mask=attention_mask)
-            fwd = st.forward_state()  # this call's forward, whatever other threads run
-            s = st.summary(fwd.exec_counts, fwd.n_valid)[key]
+            rates = [rate(ids, mask) for ids, mask in zip(sets, masks)]
+            s = (max(rates) + min(rates)) / 2  # each rate, and so this, grows with the threshold
             lo, hi = (mid, hi) if s < target else (lo, mid)
     set_threshold(model, (lo + hi) / 2)
     return st.config.threshold

@@ -3,6 +3,7 @@
     skipgpt demo
     skipgpt train-routers --sparsity 0.25 --steps 200 --out runs/rt25
     skipgpt finetune-lora --routers runs/rt25 --steps 100 --out runs/rt25-lora
+    skipgpt calibrate --routers runs/rt25 --sparsity 0.3 --out runs/rt30    # the threshold only
     skipgpt eval-ppl --routers runs/rt25-lora            # or --baseline shortgpt --sparsity 0.25
     skipgpt eval-lm --routers runs/rt25 --tasks skipgpt_nextline
     skipgpt analyze --routers runs/rt25 --out runs/rt25/analysis
@@ -99,6 +100,14 @@ def _finetune_lora(ns):
     from .train import LoraArgs, finetune_lora
 
     _print(finetune_lora(_args(LoraArgs, ns)))
+    return 0
+
+
+def _calibrate(ns):
+    from .train import recalibrate
+
+    _print(recalibrate(ns.routers, ns.out, sparsity=ns.sparsity, data_spec=ns.data, calibration=ns.calibration,
+                       val_blocks=ns.val_blocks, model=ns.model))
     return 0
 
 
@@ -257,6 +266,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     lo = _add_command(sub, "finetune-lora", "stage 2: LoRA recovery with frozen routers", _finetune_lora)
     _add_dataclass_args(lo, LoraArgs)
+
+    c = _add_command(sub, "calibrate", "copy trained routers with their inference threshold calibrated anew", _calibrate)
+    c.add_argument("--routers", required=True, help="a train-routers or finetune-lora output folder")
+    c.add_argument("--out", required=True, help="the folder to write (must not exist, or be empty)")
+    c.add_argument("--sparsity", type=float, default=None, help="the sparsity to calibrate onto (default: the routers' target)")
+    c.add_argument("--data", default=None,
+                   help="text whose validation split to calibrate on (default: the text the routers were trained on)")
+    c.add_argument("--calibration", default="balanced", choices=("balanced", "pooled"),
+                   help="a mixture's sources balanced (the furthest from the target as close as possible) or pooled")
+    c.add_argument("--val-blocks", type=int, default=8, help="validation blocks of each source")
+    c.add_argument("--model", default=None,
+                   help="the base model (default: the one in the routers' train_args.json, else the embedded SmolLM2-135M)")
 
     e = _add_command(sub, "eval-ppl", "perplexity over a dataset split, with realised sparsity", _eval_ppl)
     _add_eval_model_args(e)

@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 from . import data, importance, models
 from .adapters import unwrap
 from .argcheck import check_fields
-from .checkpoint import load_routers, save_routers
+from .checkpoint import load_routers, read_config, save_routers
 from .config import SkipConfig
 from .calibration import calibrate_input_scale, calibrate_threshold
 from .patch import apply, load_skipgpt, router_parameters, stats  # load_skipgpt: re-exported for callers of train
@@ -88,6 +88,10 @@ class TrainArgs:
     dtype: str = _flag("float32", "dtype of the model's weights")
     loss: str = _flag("lm", "training loss: lm (next-token loss, the paper's), kd (KL from the dense model's "
                             "next-token distribution) or kd+lm (their sum)")
+    calibration: str = _flag(
+        "balanced", "how the threshold is calibrated when --data is a mixture: balanced (on each source's validation "
+                    "blocks, so that the source furthest from the target is as close as one threshold allows) or "
+                    "pooled (on the mixture's validation blocks together)")
 
 
 @dataclasses.dataclass
@@ -349,7 +353,70 @@ def _setup(args: TrainArgs):
     val = data.load_blocks(args.data, "validation", tok, args.block_size, max_blocks=n_val, seed=0, progress=False)
     if len(val) == 0:
         val = blocks[-n_val:]
-    return accelerator, model, tok, blocks, val.to(accelerator.device)
+    val = val.to(accelerator.device)
+    return accelerator, model, tok, blocks, val, _calibration_sets(args, tok, val)
+
+
+def _calibration_sets(args: TrainArgs, tok, val: torch.Tensor):
+    """What the threshold is calibrated on: with ``--calibration balanced`` and a mixture, a list
+    of each source's validation blocks (``val_blocks`` of each; see :func:`calibrate_threshold`),
+    else the mixture's validation blocks ``val``."""
+    if args.calibration != "balanced" or len(data.parse_mix(args.data)) < 2:
+        return val
+    sets = source_blocks(args.data, "validation", tok, args.block_size, getattr(args, "val_blocks", 8))
+    sets = [b.to(val.device) for b in sets]
+    return sets if len(sets) > 1 else val
+
+
+def source_blocks(spec: str, split: str, tok, block_size: int, max_blocks: int) -> list[torch.Tensor]:
+    """Up to ``max_blocks`` blocks of each source of ``spec`` (a mixture or one source), in the
+    order of the spec; sources without text in ``split`` are left out."""
+    sets = [data.load_blocks(name, split, tok, block_size, max_blocks=max_blocks, progress=False)
+            for name, _ in data.parse_mix(spec)]
+    return [b for b in sets if len(b)]
+
+
+def recalibrate(
+    routers: str | Path, out: str | Path, sparsity: float | None = None, data_spec: str | None = None,
+    calibration: str = "balanced", val_blocks: int = 8, model: str | None = None,
+) -> dict[str, Any]:
+    """Copy a ``train-routers`` or ``finetune-lora`` artefact to ``out`` with its inference
+    threshold calibrated anew: onto ``sparsity`` (default: the routers' target), on the
+    validation split of ``data_spec`` (default: the text it was trained on), each source
+    balanced or all pooled (:func:`calibrate_threshold`). Nothing but the threshold changes.
+    Returns the old and new threshold."""
+    from .argcheck import RULES, flag
+
+    routers, out = Path(routers), Path(out)
+    cfg = read_config(routers)  # refuses a folder that is not an artefact
+    if cfg.policy != "router":
+        raise ValueError(f"recalibrate: {routers} holds {cfg.policy!r} routers, which have no threshold to calibrate")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"recalibrate: {out} exists and is not an empty folder")
+    saved = json.loads((routers / "train_args.json").read_text()) if (routers / "train_args.json").exists() else {}
+    target = cfg.sparsity_target if sparsity is None else sparsity
+    for name, value in (("sparsity", target), ("calibration", calibration), ("val_blocks", val_blocks)):
+        why = RULES[name].check(value)
+        if why:
+            raise ValueError(f"recalibrate: {flag(name)} {why}")
+    spec = data_spec or saved.get("data") or TrainArgs.data
+    block_size = int(saved.get("block_size", 128))
+    net, tok = load_skipgpt(model if model is not None else saved.get("model"), routers, merge=True)
+    sets = source_blocks(spec, "validation", tok, block_size, val_blocks)
+    if not sets:
+        raise ValueError(f"recalibrate: {spec!r} has no validation text to calibrate on")
+    ids = sets if calibration == "balanced" and len(sets) > 1 else torch.cat(sets)
+    before = state(net).config.threshold
+    with torch.no_grad(), overrides(net, mode="masked"):
+        after = calibrate_threshold(net, ids, target, cfg.sparsity_metric)
+    state(net).config.sparsity_target = target
+    out.mkdir(parents=True, exist_ok=True)
+    for f in routers.iterdir():  # the adapter, train_args.json, README: everything but the run's history
+        if f.is_file() and f.name not in ("log.jsonl", "wall.jsonl"):
+            shutil.copy2(f, out / f.name)
+    save_routers(net, out)
+    return {"out": str(out), "threshold_before": before, "threshold": after, "sparsity": target,
+            "data": spec, "calibration": calibration}
 
 
 def _lm_loss(model, batch) -> torch.Tensor:
@@ -455,12 +522,20 @@ def validate(raw, val: torch.Tensor, target: float, metric: str) -> dict[str, fl
 
 
 def train_routers(args: RouterArgs, model=None, blocks=None, accelerator=None, val_blocks=None) -> dict[str, Any]:
-    """Stage 1. Writes the routers to ``args.out`` (see :func:`skipgpt.save_routers`)."""
+    """Stage 1. Writes the routers to ``args.out`` (see :func:`skipgpt.save_routers`).
+
+    A caller that passes ``model`` and ``blocks`` may pass ``val_blocks`` (a token tensor, or a
+    list of them, one per source: what the threshold is calibrated on); else the last blocks."""
     check_fields(args)
+    calib = val_blocks
     if model is None:
-        accelerator, model, _, blocks, val_blocks = _setup(args)
+        accelerator, model, _, blocks, val_blocks, calib = _setup(args)
     if val_blocks is None:
         val_blocks = blocks[-min(len(blocks), args.val_blocks):].to(accelerator.device)
+    if not isinstance(val_blocks, torch.Tensor):  # one set per source: validate on them together
+        val_blocks = torch.cat(list(val_blocks))
+    if calib is None:
+        calib = val_blocks
     out = Path(args.out)
     cfg = router_config(args)
     pinned: list[tuple[int, str]] = []
@@ -540,7 +615,7 @@ def train_routers(args: RouterArgs, model=None, blocks=None, accelerator=None, v
         if args.calibrate_threshold and args.policy == "router":
             raw.eval()
             with torch.no_grad():
-                result["threshold"] = calibrate_threshold(raw, val_blocks, args.sparsity, metric)
+                result["threshold"] = calibrate_threshold(raw, calib, args.sparsity, metric)
         save_routers(raw, args.out)
         (Path(args.out) / "train_args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
     accelerator.wait_for_everyone()
@@ -587,9 +662,9 @@ def finetune_lora(args: LoraArgs, model=None, blocks=None, accelerator=None) -> 
     check_fields(args)
     if not args.routers:
         raise ValueError("finetune_lora needs --routers DIR (the output of train-routers)")
-    val_blocks = None
+    calib = None
     if model is None:
-        accelerator, model, _, blocks, val_blocks = _setup(args)
+        accelerator, model, _, blocks, _, calib = _setup(args)
     base = unwrap(model)
     if not hasattr(base, "skipgpt_state"):
         apply(model, from_dir=args.routers)
@@ -623,12 +698,10 @@ def finetune_lora(args: LoraArgs, model=None, blocks=None, accelerator=None) -> 
         raw = accelerator.unwrap_model(model)
         st.config.gate, st.config.mode = "auto", "auto"
         if args.calibrate_threshold and st.config.policy == "router":
-            val = val_blocks if val_blocks is not None else blocks[-8:]
+            val = calib if calib is not None else blocks[-8:].to(next(raw.parameters()).device)
             raw.eval()
             with torch.no_grad(), overrides(raw, mode="masked"):  # LoRA-wrapped projections: masked
-                result["threshold"] = calibrate_threshold(
-                    raw, val.to(next(raw.parameters()).device), st.config.sparsity_target, st.config.sparsity_metric
-                )
+                result["threshold"] = calibrate_threshold(raw, val, st.config.sparsity_target, st.config.sparsity_metric)
         save_routers(raw, args.out)
         _save_adapter(raw, Path(args.out))
         (Path(args.out) / "train_args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2, default=list))
