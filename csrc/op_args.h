@@ -169,6 +169,7 @@ RouteNormDims check_route_norm_args(const at::Tensor& h, const at::Tensor& norm_
 struct GatherLinearDims {
   int64_t T, d, N;
   int64_t head_dim;  // 0: a plain projection (no cos/sin)
+  int64_t rot_dim;   // the rotated features of a head (cos.size(1)), <= head_dim
 };
 
 template <typename OnDevice>
@@ -176,7 +177,7 @@ GatherLinearDims check_gather_linear_args(const at::Tensor& x, const at::Tensor&
                                           const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                           const std::optional<at::Tensor>& head_norm_weight,
                                           const std::optional<at::Tensor>& cos, const std::optional<at::Tensor>& sin,
-                                          const char* op, OnDevice&& on_device) {
+                                          int64_t head_dim, bool whole_norm, const char* op, OnDevice&& on_device) {
   check_devices(on_device, {{&weight, "weight"}, {opt_ptr(bias), "bias"}, {opt_ptr(head_norm_weight), "head_norm_weight"},
                             {opt_ptr(cos), "cos"}, {opt_ptr(sin), "sin"}, {&idx, "idx"}, {&count, "count"}});
   check_dim(x, 2, op, "x");
@@ -184,28 +185,39 @@ GatherLinearDims check_gather_linear_args(const at::Tensor& x, const at::Tensor&
   const int64_t N = check_weight(weight, -1, d, x, op, "weight", "x");
   check_bias(bias, N, x, op, "x");
   // RoPE: cos and sin come together or not at all, head_norm_weight only with them; they are
-  // [T, head_dim] with an even head_dim that tiles the N output features.
+  // [T, rot_dim] with an even rot_dim <= head_dim, and head_dim tiles the N output features.
   TORCH_CHECK(cos.has_value() == sin.has_value(), op, ": cos and sin must be given together (RoPE) or both "
               "omitted (a plain projection)");
   TORCH_CHECK(cos.has_value() || !head_norm_weight.has_value(), op,
               ": head_norm_weight needs cos and sin (it normalises RoPE heads)");
-  int64_t hd = 0;
+  TORCH_CHECK(head_dim >= 0, op, ": head_dim must be >= 0 (0: cos.size(1)), got ", head_dim);
+  int64_t hd = 0, rd = 0;
   if (cos.has_value()) {
     for (const auto& [t, name] : {NamedTensor{&*cos, "cos"}, NamedTensor{&*sin, "sin"}}) {
-      TORCH_CHECK(t->dim() == 2 && t->size(0) == T, op, ": ", name, " must be [", T, ", head_dim], got ", t->sizes());
+      TORCH_CHECK(t->dim() == 2 && t->size(0) == T, op, ": ", name, " must be [", T, ", rotary_dim], got ", t->sizes());
       check_float_dtype(*t, op, name);
     }
-    hd = cos->size(1);
-    TORCH_CHECK(sin->size(1) == hd, op, ": sin must be [", T, ", ", hd, "] like cos, got ", sin->sizes());
-    TORCH_CHECK(hd > 0 && hd % 2 == 0 && N % hd == 0, op, ": weight's ", N,
-                " output features must be a multiple of head_dim = cos.size(1) = ", hd, " (even)");
+    rd = cos->size(1);
+    TORCH_CHECK(sin->size(1) == rd, op, ": sin must be [", T, ", ", rd, "] like cos, got ", sin->sizes());
+    hd = head_dim > 0 ? head_dim : rd;
+    TORCH_CHECK(rd > 0 && rd % 2 == 0 && rd <= hd, op, ": cos.size(1) = ", rd,
+                " (the rotated features of a head) must be even, > 0 and <= head_dim = ", hd);
+    TORCH_CHECK(N % hd == 0, op, ": weight's ", N, " output features must be a multiple of head_dim = ", hd);
+  } else {
+    TORCH_CHECK(head_dim == 0 && !whole_norm, op, ": head_dim and whole_norm need cos and sin (RoPE heads)");
   }
   if (head_norm_weight.has_value()) {
     check_same_dtype(*head_norm_weight, x, op, "head_norm_weight", "x");
-    check_shape(*head_norm_weight, {hd}, op, "head_norm_weight", "head_dim");
+    if (whole_norm) {
+      check_shape(*head_norm_weight, {N}, op, "head_norm_weight", "N (whole_norm: the whole projected row)");
+    } else {
+      check_shape(*head_norm_weight, {hd}, op, "head_norm_weight", "head_dim");
+    }
+  } else {
+    TORCH_CHECK(!whole_norm, op, ": whole_norm needs head_norm_weight");
   }
   check_idx_args(idx, count, T, op);
-  return {T, d, N, hd};
+  return {T, d, N, hd, rd};
 }
 
 struct AttentionDims {

@@ -55,18 +55,23 @@ TORCH_LIBRARY(skipgpt, m) {
       "(Tensor x_norm, Tensor attn_idx, Tensor attn_count, Tensor mlp_idx, Tensor mlp_count)");
   // In-order compaction of a boolean row mask (routers that are not a single linear map).
   m.def("compact(Tensor mask) -> (Tensor idx, Tensor count)");
-  // The compacted projection of rows idx[:count] of x, with an optional per-head RMSNorm and RoPE
-  // epilogue: out[i] = rope(head_norm(x[idx[i]] @ W^T + b), cos[idx[i]], sin[idx[i]]) for
-  // i < count. Without cos/sin (both absent) it is the plain compacted projection (no head norm
-  // then). The layer's Q (executing rows), and K and V (every row).
+  // The compacted projection of rows idx[:count] of x, with an optional RMSNorm and RoPE
+  // epilogue: out[i] = rope(norm(x[idx[i]] @ W^T + b), cos[idx[i]], sin[idx[i]]) for i < count.
+  // Heads are head_dim wide (0: cos.size(1)); RoPE rotates the first cos.size(1) features of
+  // each head (partial RoPE when that is less than head_dim). The norm is per head
+  // (head_norm_weight [head_dim]; Qwen3, Gemma 3) or, with whole_norm, over the whole projected
+  // row (head_norm_weight [N]; OLMo 2). Without cos/sin (both absent) it is the plain compacted
+  // projection (no norm then). The layer's Q (executing rows), and K and V (every row).
   m.def(
       "gather_linear(Tensor x, Tensor idx, Tensor count, Tensor weight, Tensor? bias, "
-      "Tensor? head_norm_weight, float head_norm_eps, Tensor? cos, Tensor? sin) -> Tensor");
+      "Tensor? head_norm_weight, float head_norm_eps, Tensor? cos, Tensor? sin, int head_dim=0, "
+      "bool whole_norm=False) -> Tensor");
   // gather_linear's old name, kept so that code and exported graphs that call it still load;
   // both devices register the same kernel under it.
   m.def(
       "q_proj_rope(Tensor x, Tensor idx, Tensor count, Tensor weight, Tensor? bias, "
-      "Tensor? head_norm_weight, float head_norm_eps, Tensor? cos, Tensor? sin) -> Tensor");
+      "Tensor? head_norm_weight, float head_norm_eps, Tensor? cos, Tensor? sin, int head_dim=0, "
+      "bool whole_norm=False) -> Tensor");
   // Compacted queries q [T, Hq*hd] against the full K/V [B, Hkv, Lk, hd] of their own
   // sequence (row r belongs to sequence r // seq_len). Key j has cache position kv_offset + j
   // and is visible to a query at position p iff key_valid[b, j], kv_offset + j <= p and,

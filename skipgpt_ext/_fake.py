@@ -24,7 +24,7 @@ def _compact(mask):
 
 
 @register_fake("skipgpt::gather_linear")
-def _gather_linear(x, idx, count, weight, bias, head_norm_weight, head_norm_eps, cos, sin):
+def _gather_linear(x, idx, count, weight, bias, head_norm_weight, head_norm_eps, cos, sin, head_dim=0, whole_norm=False):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 

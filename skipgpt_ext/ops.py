@@ -95,30 +95,37 @@ def gather_linear(
     head_norm_eps: float,
     cos: Tensor | None,
     sin: Tensor | None,
+    head_dim: int = 0,
+    whole_norm: bool = False,
 ) -> Tensor:
-    """Compacted projection of the executing rows, optionally with a per-head RMSNorm and RoPE
-    at their true positions.
+    """Compacted projection of the executing rows, optionally with an RMSNorm and RoPE at their
+    true positions.
 
     ``out[i] = rope(head_norm(x[idx[i]] @ weight.T + bias), cos[idx[i]], sin[idx[i]])`` for
-    ``i < count``, per head of ``head_dim = cos.shape[1]`` (RoPE rotates the two halves of a
-    head, as Hugging Face's ``rotate_half``); without ``cos`` and ``sin``, ``x[idx[i]] @
-    weight.T + bias``. The layer uses it for Q on the executing rows, and over every row for K
+    ``i < count``, per head of ``head_dim`` features (RoPE rotates the two halves of the first
+    ``cos.shape[1]`` features of a head, as Hugging Face's ``rotate_half``; the rest pass
+    through: partial RoPE); without ``cos`` and ``sin``, ``x[idx[i]] @ weight.T + bias``. The layer uses it for Q on the executing rows, and over every row for K
     (with RoPE) and V (without). Formerly ``q_proj_rope``, a name that still works.
 
     Args:
         x: ``[T, d]``, the normalised rows.
         idx, count: the executing rows (see the module docstring).
         weight: ``[N, d]`` with ``N = heads * head_dim``; bias: ``[N]`` or None.
-        head_norm_weight: ``[head_dim]`` or None: a per-head RMSNorm before RoPE (Qwen3's
-            q_norm / k_norm), with epsilon ``head_norm_eps``. Needs ``cos`` and ``sin``.
-        cos, sin: ``[T, head_dim]`` (even ``head_dim``), the rotary tables of every row; both
-            None for the plain projection (no head norm then).
+        head_norm_weight: ``[head_dim]`` or None: a per-head RMSNorm before RoPE (Qwen3's and
+            Gemma 3's q_norm / k_norm), with epsilon ``head_norm_eps``; with ``whole_norm``,
+            ``[N]``: one RMSNorm over the whole projected row (OLMo 2's). Needs ``cos`` and
+            ``sin``.
+        cos, sin: ``[T, rotary_dim]`` (even ``rotary_dim``, at most ``head_dim``), the rotary
+            tables of every row; both None for the plain projection (no norm then).
+        head_dim: the width of a head, dividing ``N``; 0 means ``rotary_dim`` (full RoPE).
+        whole_norm: normalise the whole row (above) rather than each head. As OLMo 2, the
+            weight multiplies the fp32 normalised row, rounded once.
 
     Returns:
         ``[T, N]``, compacted: row ``i < count`` belongs to token row ``idx[i]``.
     """
     return torch.ops.skipgpt.gather_linear.default(
-        x, idx, count, weight, bias, head_norm_weight, head_norm_eps, cos, sin
+        x, idx, count, weight, bias, head_norm_weight, head_norm_eps, cos, sin, head_dim, whole_norm
     )
 
 

@@ -98,8 +98,15 @@ def gather_linear(
     head_norm_eps: float,
     cos: torch.Tensor | None,
     sin: torch.Tensor | None,
+    head_dim: int = 0,
+    whole_norm: bool = False,
 ) -> torch.Tensor:
-    """Without cos/sin (both None): the plain compacted projection (no head norm allowed)."""
+    """Without cos/sin (both None): the plain compacted projection (no norm allowed).
+
+    Heads are ``head_dim`` wide (0: ``cos.shape[-1]``); RoPE rotates the first
+    ``cos.shape[-1]`` features of each head. The norm is per head as Hugging Face's Llama-style
+    RMSNorm, or with ``whole_norm`` over the whole row as OLMo 2's (weight applied in fp32,
+    rounded once)."""
     if (cos is None) != (sin is None):
         raise ValueError("gather_linear: cos and sin must be given together or both omitted")
     if cos is None and head_norm_weight is not None:
@@ -112,13 +119,20 @@ def gather_linear(
     if cos is None:
         out[:n] = F.linear(x.index_select(0, rows), weight, bias)
         return out
-    hd = cos.shape[-1]
-    q = F.linear(x.index_select(0, rows), weight, bias).view(n, -1, hd)
+    rd = cos.shape[-1]
+    hd = head_dim or rd
+    q = F.linear(x.index_select(0, rows), weight, bias)
     if head_norm_weight is not None:
-        q = rms_norm(q, head_norm_weight, head_norm_eps)
+        if whole_norm:
+            q = _epilogue(q, head_norm_weight, head_norm_eps, 1.0)
+        else:
+            q = rms_norm(q.view(n, -1, hd), head_norm_weight, head_norm_eps).reshape(n, -1)
+    q = q.view(n, -1, hd)
     c = cos.index_select(0, rows).unsqueeze(1)
     s = sin.index_select(0, rows).unsqueeze(1)
-    out[:n] = (q * c + rotate_half(q) * s).reshape(n, -1)
+    r = q[..., :rd]
+    r = r * c + rotate_half(r) * s
+    out[:n] = (torch.cat([r, q[..., rd:]], -1) if rd < hd else r).reshape(n, -1)
     return out
 
 

@@ -133,6 +133,27 @@ def test_gather_linear_matches_float64(dtype, T, d, hd, H, kind, extras, seed=0)
     assert (got[n:] == 0).all()  # rows past count are zeroed
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,d,hd,H", [(1, 64, 16, 4), (5, 576, 64, 9), (300, 256, 128, 3), (129, 64, 32, 8)])
+@pytest.mark.parametrize("kind", ["all", "some"])
+@pytest.mark.parametrize("variant", ["whole", "partial", "whole+partial"])  # OLMo 2's q/k norm; Phi-3's RoPE
+def test_gather_linear_whole_row_norm_and_partial_rope_match_float64(dtype, T, d, hd, H, kind, variant):
+    gen = torch.Generator().manual_seed(T + d + hd)
+    x = _randn(T, d, dtype=dtype, gen=gen)
+    w = _randn(H * hd, d, dtype=dtype, gen=gen, scale=d**-0.5)
+    whole = "whole" in variant
+    hn = _randn(H * hd if whole else hd, dtype=dtype, gen=gen)
+    rd = hd // 2 if "partial" in variant else hd
+    ang = torch.rand(T, rd, generator=gen) * 6
+    cos, sin = ang.cos().to(dtype).to(DEV), ang.sin().to(dtype).to(DEV)
+    idx, cnt = _rows(T, kind, gen)
+    got = ops.gather_linear(x, idx, cnt, w, None, hn, 1e-6, cos, sin, hd, whole)
+    want = ref.gather_linear(*_cpu64(x, idx, cnt, w), None, *_cpu64(hn), 1e-6, *_cpu64(cos, sin), hd, whole)
+    n = int(cnt)
+    _close(got[:n], want[:n], dtype)
+    assert (got[n:] == 0).all()
+
+
 # -- sparse_query_attention ----------------------------------------------------------------------
 ATTN_CASES = [
     # B, S, past, Hkv, G, hd, window, padded

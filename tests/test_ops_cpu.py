@@ -107,14 +107,19 @@ def test_gather_linear_matches_float64(data):
         x = _noncontig(x)
     w = (torch.randn(H * hd, d) / d**0.5).to(dtype)
     b = torch.randn(H * hd).to(dtype) if data.draw(st.booleans()) else None
-    hn = torch.randn(hd).to(dtype) if data.draw(st.booleans()) else None
-    ang = torch.rand(T, hd) * 6
+    rd = data.draw(st.sampled_from(range(2, hd + 1, 2)))  # the rotated features: < hd is partial RoPE
+    whole = data.draw(st.booleans())  # OLMo 2's norm over the whole row, or one per head
+    hn = torch.randn(H * hd if whole else hd).to(dtype) if data.draw(st.booleans()) else None
+    whole = whole and hn is not None
+    ang = torch.rand(T, rd) * 6
     cos, sin = ang.cos().to(dtype), ang.sin().to(dtype)
+    head_dim = hd if rd < hd or data.draw(st.booleans()) else 0  # 0: cos's width
     if not data.draw(st.booleans()):  # the plain projection (the layer's V): no RoPE, no head norm
         cos = sin = hn = None
+        head_dim, whole = 0, False
     idx, cnt = _rows(T, data.draw)
-    got = ops.gather_linear(x, idx, cnt, w, b, hn, 1e-6, cos, sin)
-    want = ref.gather_linear(*_f64(x, idx, cnt, w, b, hn), 1e-6, *_f64(cos, sin))
+    got = ops.gather_linear(x, idx, cnt, w, b, hn, 1e-6, cos, sin, head_dim, whole)
+    want = ref.gather_linear(*_f64(x, idx, cnt, w, b, hn), 1e-6, *_f64(cos, sin), head_dim, whole)
     n = int(cnt)
     _close(got[:n], want[:n], dtype)
     assert not got[n:].any()  # rows past count are zero
@@ -486,6 +491,17 @@ def test_opcheck_plain_projection(dtype):
     torch.library.opcheck(torch.ops.skipgpt.gather_linear.default, (x, idx, cnt, w, b, None, heps, None, None))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_opcheck_whole_row_norm_and_partial_rope(dtype):
+    """gather_linear with OLMo 2's whole-row q/k norm, and with partial RoPE."""
+    x, idx, cnt, w, b, hn, heps, cos, sin = _samples(dtype)["gather_linear"]
+    hd = cos.shape[1]
+    whole = torch.randn(w.shape[0], dtype=dtype)
+    torch.library.opcheck(torch.ops.skipgpt.gather_linear.default, (x, idx, cnt, w, b, whole, heps, cos, sin, 0, True))
+    half = (cos[:, : hd // 2].contiguous(), sin[:, : hd // 2].contiguous())
+    torch.library.opcheck(torch.ops.skipgpt.gather_linear.default, (x, idx, cnt, w, b, hn, heps, *half, hd, False))
+
+
 # -- bad inputs name the argument ---------------------------------------------------------------------
 def _raises(fn, *args, match):
     with pytest.raises(RuntimeError, match=match):
@@ -511,6 +527,13 @@ def test_bad_inputs_name_the_argument():
     _raises(ops.gather_linear, x, idx, cnt, w, b, hn, heps, cos[:-1], sin, match="cos must be")
     _raises(ops.gather_linear, x, idx, cnt, w, b, None, heps, cos, None, match="cos and sin must be given together")
     _raises(ops.gather_linear, x, idx, cnt, w, b, hn, heps, None, None, match="head_norm_weight needs cos and sin")
+    hd = cos.shape[1]
+    _raises(ops.gather_linear, x, idx, cnt, w, b, hn, heps, cos, sin, hd // 2, False, match=r"must be even, > 0 and <= head_dim")
+    _raises(ops.gather_linear, x, idx, cnt, w, b, None, heps, cos, sin, hd + 2, False, match="multiple of head_dim")
+    _raises(ops.gather_linear, x, idx, cnt, w, b, hn, heps, cos, sin, -1, False, match="head_dim must be >= 0")
+    _raises(ops.gather_linear, x, idx, cnt, w, b, None, heps, None, None, hd, False, match="head_dim and whole_norm need cos")
+    _raises(ops.gather_linear, x, idx, cnt, w, b, None, heps, cos, sin, 0, True, match="whole_norm needs head_norm_weight")
+    _raises(ops.gather_linear, x, idx, cnt, w, b, hn, heps, cos, sin, 0, True, match=r"head_norm_weight must be \[16\] \(N")
     _raises(ops.gather_linear, x, idx.int(), cnt, w, b, hn, heps, cos, sin, match="idx must be int64")
     _raises(ops.gather_linear, x, idx, torch.tensor(11), w, b, hn, heps, cos, sin, match=r"count must be in \[0, 10\]")
     bad_idx = idx.clone()

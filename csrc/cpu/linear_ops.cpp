@@ -84,13 +84,14 @@ void gemm_scatter_add(at::Tensor& h, const at::Tensor& a, const int64_t* idx, in
 at::Tensor gather_linear_cpu(const at::Tensor& x_in, const at::Tensor& idx, const at::Tensor& count,
                              const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                              const std::optional<at::Tensor>& head_norm_weight, double head_norm_eps,
-                             const std::optional<at::Tensor>& cos_in, const std::optional<at::Tensor>& sin_in) {
+                             const std::optional<at::Tensor>& cos_in, const std::optional<at::Tensor>& sin_in,
+                             int64_t head_dim, bool whole_norm) {
   const char* op = "skipgpt::gather_linear";
   check_cpu(x_in, op, "x");
   check_float_dtype(x_in, op, "x");
-  const GatherLinearDims dims =
-      check_gather_linear_args(x_in, idx, count, weight, bias, head_norm_weight, cos_in, sin_in, op, on_cpu(op));
-  const int64_t T = dims.T, N = dims.N, hd = dims.head_dim;
+  const GatherLinearDims dims = check_gather_linear_args(x_in, idx, count, weight, bias, head_norm_weight, cos_in,
+                                                         sin_in, head_dim, whole_norm, op, on_cpu(op));
+  const int64_t T = dims.T, N = dims.N, hd = dims.head_dim, rd = dims.rot_dim;
   const bool rope = hd > 0;
   const at::Tensor hnw = head_norm_weight.has_value() ? head_norm_weight->to(at::kFloat).contiguous() : at::Tensor();
   const int64_t n = read_count_and_check_idx(idx, count, T, op);
@@ -114,30 +115,47 @@ at::Tensor gather_linear_cpu(const at::Tensor& x_in, const at::Tensor& idx, cons
   const float* sp = sf.data_ptr<float>();
   const float* hw = hnw.defined() ? hnw.data_ptr<float>() : nullptr;
   const float heps = static_cast<float>(head_norm_eps);
-  const int64_t H = N / hd, half = hd / 2;
+  const int64_t H = N / hd, half = rd / 2;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "gather_linear", [&] {
     scalar_t* qp = out.data_ptr<scalar_t>();
+    const auto round = [](float v) { return static_cast<float>(static_cast<scalar_t>(v)); };
     at::parallel_for(0, n, 8, [&](int64_t b, int64_t e) {
       std::vector<float> t(hd);
       for (int64_t i = b; i < e; ++i) {
-        const float* c = cp + ip[i] * hd;  // RoPE at the row's true position
-        const float* s = sp + ip[i] * hd;
+        const float* c = cp + ip[i] * rd;  // RoPE at the row's true position
+        const float* s = sp + ip[i] * rd;
+        float row_inv = 1.0f;
+        if (hw != nullptr && whole_norm) {  // OLMo 2: one RMS over the whole projected row
+          float ss = 0;
+          for (int64_t j = 0; j < N; ++j) {
+            const float v = static_cast<float>(qp[i * N + j]);
+            ss += v * v;
+          }
+          row_inv = 1.0f / std::sqrt(ss / N + heps);
+        }
         for (int64_t hh = 0; hh < H; ++hh) {
           scalar_t* v = qp + i * N + hh * hd;
           for (int64_t j = 0; j < hd; ++j) t[j] = static_cast<float>(v[j]);
-          if (hw != nullptr) {
+          if (hw != nullptr && whole_norm) {
+            // As OLMo 2's norm: the weight times the fp32 normalised value, rounded once.
+            const float* w = hw + hh * hd;
+            for (int64_t j = 0; j < hd; ++j) t[j] = round(w[j] * (t[j] * row_inv));
+          } else if (hw != nullptr) {
             float ss = 0;
             for (int64_t j = 0; j < hd; ++j) ss += t[j] * t[j];
             const float inv = 1.0f / std::sqrt(ss / hd + heps);
-            for (int64_t j = 0; j < hd; ++j)
-              t[j] = static_cast<float>(static_cast<scalar_t>(hw[j] * static_cast<float>(static_cast<scalar_t>(t[j] * inv))));
+            // As the Llama-style norm: the normalised value rounded, times the weight, rounded.
+            for (int64_t j = 0; j < hd; ++j) t[j] = round(hw[j] * round(t[j] * inv));
           }
           for (int64_t j = 0; j < half; ++j) {
             // As HF in the model's dtype: round(x * cos) + round(rotate_half(x) * sin), rounded
             // (cos/sin in another dtype promote the products, as in torch: one rounding).
-            const auto rd = [same](float x) { return same ? static_cast<float>(static_cast<scalar_t>(x)) : x; };
-            v[j] = static_cast<scalar_t>(rd(t[j] * c[j]) - rd(t[j + half] * s[j]));
-            v[j + half] = static_cast<scalar_t>(rd(t[j + half] * c[j + half]) + rd(t[j] * s[j + half]));
+            const auto rd_ = [&](float x) { return same ? round(x) : x; };
+            v[j] = static_cast<scalar_t>(rd_(t[j] * c[j]) - rd_(t[j + half] * s[j]));
+            v[j + half] = static_cast<scalar_t>(rd_(t[j + half] * c[j + half]) + rd_(t[j] * s[j + half]));
+          }
+          if (hw != nullptr) {  // partial RoPE: the unrotated features keep their normalised value
+            for (int64_t j = rd; j < hd; ++j) v[j] = static_cast<scalar_t>(t[j]);
           }
         }
       }

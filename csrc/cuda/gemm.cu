@@ -2,6 +2,7 @@
 // with the fusions the skipping layer needs in the epilogue:
 //   kStore       q = A[idx] W^T + b                      (rows past count zeroed)
 //   kRope        kStore, then per-head RMSNorm (Qwen3) and RoPE at each row's true position
+//                (a whole-row norm or partial RoPE: a row pass after kStore, rows.cu)
 //   kScatterAdd  h[out_idx[i]] += A[i] W^T + b            (O and down projections, in place)
 //   kSiluMul     act = silu(A W_gate^T) * (A W_up^T)      (gate and up share the A tiles)
 //
@@ -231,8 +232,11 @@ cudaError_t launch_gemm(const GemmParams& p, Epilogue epi, DType dtype, cudaStre
     return loop == GemmMainloop::kMma ? launch_gemm_mma(p, e, dtype, stream)
                                       : launch_gemm_sm90(p, e, dtype, loop, stream);
   };
-  // Both mainloops' BN are multiples of 128: RoPE rides in the epilogue when heads tile that.
-  if (epi == Epilogue::kRope && (p.head_dim <= 0 || 128 % p.head_dim != 0)) {
+  // Both mainloops' BN are multiples of 128: RoPE rides in the epilogue when heads tile that
+  // (full RoPE and per-head norms only).
+  const bool rope_in_tile = p.head_dim > 0 && 128 % p.head_dim == 0 && (p.rot_dim == 0 || p.rot_dim == p.head_dim) &&
+                            p.row_inv == nullptr;
+  if (epi == Epilogue::kRope && !rope_in_tile) {
     const cudaError_t e = tiled(Epilogue::kStore);
     return e != cudaSuccess ? e : launch_rope_rows(p, dtype, stream);
   }

@@ -66,12 +66,18 @@ struct GemmParams {
   const int64_t* out_idx = nullptr;  // kScatterAdd
   const int64_t* count = nullptr;    // device count; null = all M rows
   int64_t M = 0, N = 0, K = 0;       // M: the row capacity (T)
-  // kRope: cos/sin [T, head_dim] (h's dtype), optional head-norm weight [head_dim].
+  // kRope: cos/sin [T, rot_dim] (h's dtype), optional head-norm weight [head_dim]. RoPE turns
+  // the first rot_dim features of each head (rot_dim < head_dim: partial RoPE). With row_inv (a
+  // [M] fp32 scratch), the norm is over the whole row instead (OLMo 2), weight [N], rounded
+  // once; launch_rope_rows fills row_inv. The tiled epilogue covers only rot_dim == head_dim
+  // and per-head norms; launch_gemm sends the rest to the row pass.
   const void* cos = nullptr;
   const void* sin = nullptr;
   const void* head_norm_weight = nullptr;
   float head_norm_eps = 0.f;
   int head_dim = 0;
+  int rot_dim = 0;  // 0: head_dim
+  float* row_inv = nullptr;
 };
 // launch_gemm hands row capacities M <= kGemvMaxRows (gemv_rows.h; decode batches) to
 // launch_gemv (gemv.cu): one warp per output feature, same epilogues and rounding.
@@ -92,7 +98,8 @@ cudaError_t launch_gemm_mma(const GemmParams& p, Epilogue epi, DType dtype, cuda
 // loop: kWgmma, kWgmmaWs or kWgmmaTma.
 cudaError_t launch_gemm_sm90(const GemmParams& p, Epilogue epi, DType dtype, GemmMainloop loop, cudaStream_t stream);
 cudaError_t launch_gemv(const GemmParams& p, Epilogue epi, DType dtype, cudaStream_t stream);
-// RoPE (and head norm) in place on the compacted rows when head_dim does not tile the GEMM.
+// RoPE (and the head or whole-row norm) in place on the compacted rows, where the tiled
+// epilogue does not cover the family's heads (see GemmParams).
 cudaError_t launch_rope_rows(const GemmParams& p, DType dtype, cudaStream_t stream);
 
 // x[i] = RMSNorm(h[idx[i]]) for i < count (the MLP's gather rides on its norm); a plain

@@ -182,12 +182,13 @@ std::tuple<at::Tensor, at::Tensor> compact_cuda(const at::Tensor& mask) {
 at::Tensor gather_linear_cuda(const at::Tensor& x, const at::Tensor& idx, const at::Tensor& count,
                               const at::Tensor& weight_in, const std::optional<at::Tensor>& bias,
                               const std::optional<at::Tensor>& head_norm_weight, double head_norm_eps,
-                              const std::optional<at::Tensor>& cos_in, const std::optional<at::Tensor>& sin_in) {
+                              const std::optional<at::Tensor>& cos_in, const std::optional<at::Tensor>& sin_in,
+                              int64_t head_dim, bool whole_norm) {
   const char* op = "skipgpt::gather_linear";
   check_first(x, /*tensor_cores=*/true, op, "x");
   const c10::cuda::CUDAGuard guard(x.device());
-  const auto [T, d, N, hd] = check_gather_linear_args(x, idx, count, weight_in, bias, head_norm_weight, cos_in, sin_in,
-                                                      op, on_device_of(x, op));
+  const auto [T, d, N, hd, rd] = check_gather_linear_args(x, idx, count, weight_in, bias, head_norm_weight, cos_in,
+                                                          sin_in, head_dim, whole_norm, op, on_device_of(x, op));
   const bool rope = hd > 0;
   check_rows16(x, op, "x");
   check_gemm_weight(weight_in, op, "weight");
@@ -198,12 +199,16 @@ at::Tensor gather_linear_cuda(const at::Tensor& x, const at::Tensor& idx, const 
   const auto sn = rope ? sin_in->to(x.scalar_type()).contiguous() : at::Tensor();
   const auto b = bias.has_value() ? bias->contiguous() : at::Tensor();
   auto out = at::empty({T, N}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  // The whole-row norm's per-row statistic (the row pass writes it before it normalises).
+  const bool row_norm = whole_norm && hnw.defined();
+  const auto row_inv = row_norm ? at::empty({T}, x.options().dtype(at::kFloat)) : at::Tensor();
   const GemmParams p{.A = x.data_ptr(), .lda = x.stride(0), .a_idx = idx.data_ptr<int64_t>(), .W = weight.data_ptr(),
                      .bias = b.defined() ? b.data_ptr() : nullptr, .out = out.data_ptr(), .ldo = N,
                      .count = count.data_ptr<int64_t>(), .M = T, .N = N, .K = d,
                      .cos = rope ? cs.data_ptr() : nullptr, .sin = rope ? sn.data_ptr() : nullptr,
                      .head_norm_weight = hnw.defined() ? hnw.data_ptr() : nullptr,
-                     .head_norm_eps = static_cast<float>(head_norm_eps), .head_dim = static_cast<int>(hd)};
+                     .head_norm_eps = static_cast<float>(head_norm_eps), .head_dim = static_cast<int>(hd),
+                     .rot_dim = static_cast<int>(rd), .row_inv = row_norm ? row_inv.data_ptr<float>() : nullptr};
   check_gemm_mainloop(op);
   check_launch(launch_gemm(p, rope ? Epilogue::kRope : Epilogue::kStore, dtype_of(x),
                        c10::cuda::getCurrentCUDAStream().stream()),

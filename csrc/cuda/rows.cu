@@ -39,34 +39,63 @@ __global__ void __launch_bounds__(kWarps * 32) gather_norm_kernel(GatherNormPara
   write_rms_norm_row<T, kVec>(row, nw, out, p.d, rsqrtf(warp_sum(ss) / static_cast<float>(p.d) + p.eps), lane);
 }
 
-// In place on out [M, N] (rows < count): per head, optional RMSNorm, then RoPE with the
-// cos/sin row of token a_idx[i].
+// row_inv[i] = 1 / RMS(out[i, :N]) for the rows i < count: the whole-row norm's statistic
+// (OLMo 2), a pass of its own so that no warp rewrites a row another is still reading.
+template <typename T>
+__global__ void __launch_bounds__(kWarps * 32) row_rms_kernel(GemmParams p) {
+  const int lane = threadIdx.x % 32;
+  const int64_t i = int64_t{blockIdx.x} * kWarps + threadIdx.x / 32;
+  if (i >= load_count(p.count, p.M)) return;
+  const T* v = static_cast<const T*>(p.out) + i * p.ldo;
+  float ss = 0.f;
+  for (int64_t j = lane; j < p.N; j += 32) ss += to_float<T>(v[j]) * to_float<T>(v[j]);
+  ss = warp_sum(ss);
+  if (lane == 0) p.row_inv[i] = rsqrtf(ss / static_cast<float>(p.N) + p.head_norm_eps);
+}
+
+// In place on out [M, N] (rows < count): per head, the optional RMSNorm (of the head, or of the
+// whole row with row_inv), then RoPE on the head's first rot_dim features with the cos/sin row
+// of token a_idx[i]; the rest of the head keeps its normalised value (partial RoPE).
 template <typename T>
 __global__ void __launch_bounds__(kWarps * 32) rope_rows_kernel(GemmParams p) {
-  const int lane = threadIdx.x % 32, hd = p.head_dim, half = hd / 2;
+  const int lane = threadIdx.x % 32, hd = p.head_dim, rd = p.rot_dim > 0 ? p.rot_dim : hd, half = rd / 2;
   const int64_t heads = p.N / hd;
   const int64_t item = int64_t{blockIdx.x} * kWarps + threadIdx.x / 32;
   const int64_t i = item / heads, h = item % heads;
   if (i >= load_count(p.count, p.M)) return;
   T* v = static_cast<T*>(p.out) + i * p.ldo + h * hd;
+  const bool whole = p.row_inv != nullptr;
   const T* hw = static_cast<const T*>(p.head_norm_weight);
+  if (hw != nullptr && whole) hw += h * hd;  // the whole-row weight [N]: this head's slice
   const int64_t row = p.a_idx != nullptr ? p.a_idx[i] : i;
-  const T* c = static_cast<const T*>(p.cos) + row * hd;
-  const T* s = static_cast<const T*>(p.sin) + row * hd;
+  const T* c = static_cast<const T*>(p.cos) + row * rd;
+  const T* s = static_cast<const T*>(p.sin) + row * rd;
   float inv = 1.f;
   if (hw != nullptr) {
-    float ss = 0.f;
-    for (int j = lane; j < hd; j += 32) ss += to_float<T>(v[j]) * to_float<T>(v[j]);
-    inv = rsqrtf(warp_sum(ss) / static_cast<float>(hd) + p.head_norm_eps);  // also a warp barrier
+    if (whole) {
+      inv = p.row_inv[i];
+    } else {
+      float ss = 0.f;
+      for (int j = lane; j < hd; j += 32) ss += to_float<T>(v[j]) * to_float<T>(v[j]);
+      inv = rsqrtf(warp_sum(ss) / static_cast<float>(hd) + p.head_norm_eps);  // also a warp barrier
+    }
   }
+  // OLMo 2's norm rounds once (the weight times the fp32 normalised value); the per-head
+  // norms as Llama's RMSNorm, twice (the normalised value, then the product).
+  const auto normed = [&](float t, int j) {
+    return whole ? round_to<T>(to_float<T>(hw[j]) * (t * inv)) : round_to<T>(to_float<T>(hw[j]) * round_to<T>(t * inv));
+  };
   for (int j = lane; j < half; j += 32) {
     float t1 = to_float<T>(v[j]), t2 = to_float<T>(v[j + half]);
     if (hw != nullptr) {
-      t1 = round_to<T>(to_float<T>(hw[j]) * round_to<T>(t1 * inv));
-      t2 = round_to<T>(to_float<T>(hw[j + half]) * round_to<T>(t2 * inv));
+      t1 = normed(t1, j);
+      t2 = normed(t2, j + half);
     }
     rope_pair<T>(t1, t2, to_float<T>(c[j]), to_float<T>(s[j]), to_float<T>(c[j + half]), to_float<T>(s[j + half]), v[j],
                  v[j + half]);
+  }
+  if (hw != nullptr) {
+    for (int j = rd + lane; j < hd; j += 32) v[j] = from_float<T>(normed(to_float<T>(v[j]), j));
   }
 }
 
@@ -147,6 +176,11 @@ cudaError_t launch_gather_norm(const GatherNormParams& p, DType dtype, cudaStrea
 cudaError_t launch_rope_rows(const GemmParams& p, DType dtype, cudaStream_t stream) {
   if (p.M == 0 || p.head_dim <= 0) return cudaSuccess;
   return dispatch_dtype(dtype, [&]<typename T>() {
+    if (p.row_inv != nullptr) {
+      row_rms_kernel<T><<<static_cast<unsigned>(ceil_div(p.M, kWarps)), kWarps * 32, 0, stream>>>(p);
+      const cudaError_t e = cudaGetLastError();
+      if (e != cudaSuccess) return e;
+    }
     const auto blocks = static_cast<unsigned>(ceil_div(p.M * (p.N / p.head_dim), kWarps));
     rope_rows_kernel<T><<<blocks, kWarps * 32, 0, stream>>>(p);
     return cudaGetLastError();

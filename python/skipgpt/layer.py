@@ -20,9 +20,9 @@ Three backends share this structure:
      projection, scatter-added into the residual in place;
   5. MLP: only its executing tokens run the MLP (its norm included), scatter-added in place.
 
-Where a family needs a feature the fused ops do not have (a post-norm, an output multiplier, a
-whole-projection q/k norm, partial RoPE, a non-SiLU or mixture-of-experts MLP), that step runs on
-the compacted executing rows in PyTorch instead: the model's own module on the gathered rows,
+Where a family needs a feature the fused ops do not have (a q/k norm without RoPE, an MLP
+that is neither SiLU- nor GeLU-gated, a mixture of experts), that step runs on the compacted
+executing rows in PyTorch instead: the model's own module on the gathered rows,
 the result scatter-added. The skipping stays real (skipped rows cost nothing); only the fusion
 is lost, and the step reads the executing count on the host.
 """
@@ -232,11 +232,11 @@ class SkipDecoderLayerMixin:
             return self._qk_epilogue(y, norm, cos, sin) if which != "v" else y
         w = mod.weight if part is None else mod.weight[part]
         b = mod.bias if part is None or mod.bias is None else mod.bias[part]
-        fused = ad.qk_norm != "proj" and (cos is None or cos.shape[-1] == hd) and (norm is None or rope)
-        if fused:
+        if norm is None or rope:  # the op's norm is that of RoPE heads (per head, or the whole row)
             return ops.gather_linear(
                 x, idx, count, w, b, ad.norm_weight(norm) if norm is not None else None,
                 norm_eps(norm) if norm is not None else 0.0, cos, sin,
+                hd if rope else 0, norm is not None and ad.qk_norm == "proj",
             )
         y = ops.gather_linear(x, idx, count, w, b, None, 0.0, None, None)
         n = y.shape[0] if all_rows else int(count)
