@@ -66,6 +66,9 @@ def main() -> None:
     p.add_argument("--lora-from", default=None, help="reuse the first seed's finished RT-L runs: a pattern with {tag}")
     p.add_argument("--chat-tokens", type=int, default=4096)
     p.add_argument("--lora-steps", type=int, default=20)
+    p.add_argument("--lora-lr", type=float, default=None, help="LoRA learning rate (default: finetune-lora's)")
+    p.add_argument("--no-lora", action="store_true",
+                   help="stop before the LoRA phase (a later run with the same --out reuses every finished row)")
     p.add_argument("--eval-window", type=int, default=256)
     p.add_argument("--eval-tokens", type=int, default=4096)
     p.add_argument("--threads", type=int, default=None)
@@ -131,10 +134,13 @@ def main() -> None:
     def lora(name: str, routers: Path, sparsity: float | None, label: str, done: Path | None = None):
         if done is not None:  # a finished run from elsewhere: it must have this table's budget
             steps = json.loads((done / "train_args.json").read_text())["steps"]
-            if steps != ns.lora_steps:
-                raise SystemExit(f"--lora-from: {done} ran {steps} LoRA steps; this table gives every method {ns.lora_steps}")
+            lr = json.loads((done / "train_args.json").read_text())["lr"]
+            if steps != ns.lora_steps or (ns.lora_lr is not None and lr != ns.lora_lr):
+                raise SystemExit(f"--lora-from: {done} ran {steps} LoRA steps at lr {lr}; this table gives every "
+                                 f"method {ns.lora_steps} steps" + (f" at lr {ns.lora_lr}" if ns.lora_lr else ""))
             return evaluate(f"{label} + LoRA", sparsity, done)
-        args = LoraArgs(out=str(out / f"{name}-lora"), routers=str(routers), steps=ns.lora_steps, **common)
+        lr = {} if ns.lora_lr is None else {"lr": ns.lora_lr}
+        args = LoraArgs(out=str(out / f"{name}-lora"), routers=str(routers), steps=ns.lora_steps, **common, **lr)
         seconds = None if trained(Path(args.out)) else finetune_lora(args)["seconds"]
         return evaluate(f"{label} + LoRA", sparsity, Path(args.out), seconds=seconds)
 
@@ -175,6 +181,9 @@ def main() -> None:
     for s in ns.sparsities:  # 2: MoD-D, routers tuned the same way
         mod = out / f"mod-d-{tags[s]}"
         evaluate("MoD-D", s, mod, seconds=routers(mod, s, policy="topk"))
+    if ns.no_lora:
+        print(f"--no-lora: {len(rows)} rows in {cache_path}; run again without it for the LoRA phase")
+        return
     # 3: the same LoRA budget for everyone (dense routers always execute: same code path).
     skipgpt.apply(dense, skipgpt.SkipConfig(threshold=0.0))
     skipgpt.save_routers(dense, out / "dense-routers")

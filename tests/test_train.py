@@ -74,7 +74,7 @@ def test_router_tuning_can_calibrate_the_inference_threshold(tiny_dir, tmp_path)
     cfg = json.loads((tmp_path / "rt" / "skip_config.json").read_text())
     assert cfg["threshold"] == res["threshold"] and 0.0 < cfg["threshold"] < 1.0
     model, tok = load_skipgpt(args.model, tmp_path / "rt")
-    blocks = data.load_blocks(args.data, "validation", tok, 32, max_blocks=args.val_blocks, seed=0)  # calibrated on these
+    blocks = data.load_blocks(args.data, "validation", tok, 32, max_blocks=args.calib_blocks, seed=0)  # calibrated on these
     with torch.no_grad():
         model(input_ids=blocks)
     assert abs(skipgpt.stats(model)["module_sparsity"] - 0.3) < 0.02
@@ -93,8 +93,8 @@ def test_router_tuning_on_a_mixture_balances_the_threshold_over_its_sources(tiny
                              "data": mix})
         thresholds[how] = train_routers(args)["threshold"]
     model, tok = load_skipgpt(args.model, tmp_path / "balanced")
-    sets = source_blocks(mix, "validation", tok, 32, 8)
-    assert len(sets) == 2 and all(len(b) == 8 for b in sets)
+    sets = source_blocks(mix, "validation", tok, 32, args.calib_blocks)
+    assert len(sets) == 2 and all(len(b) == args.calib_blocks for b in sets)
     with torch.no_grad():
         again = skipgpt.calibrate_threshold(model, sets, 0.3)
         rates = []
@@ -104,7 +104,7 @@ def test_router_tuning_on_a_mixture_balances_the_threshold_over_its_sources(tiny
     assert again == thresholds["balanced"]  # calibrated on exactly these sets
     assert abs((max(rates) + min(rates)) / 2 - 0.3) < 0.02, rates
     model, tok = load_skipgpt(args.model, tmp_path / "pooled")
-    val = data.load_blocks(mix, "validation", tok, 32, max_blocks=8, seed=0)
+    val = data.load_blocks(mix, "validation", tok, 32, max_blocks=args.calib_blocks, seed=0)
     with torch.no_grad():
         assert skipgpt.calibrate_threshold(model, val, 0.3) == thresholds["pooled"]
 
@@ -127,7 +127,7 @@ def test_calibrate_command_moves_only_the_threshold(tiny_dir, tmp_path):
     assert new["sparsity_target"] == 0.5 and new["threshold"] > old["threshold"]
     assert json.loads((out / "train_args.json").read_text()) == json.loads((tmp_path / "rt" / "train_args.json").read_text())
     model, tok = load_skipgpt(rt.model, out)
-    val = data.load_blocks(rt.data, "validation", tok, 32, max_blocks=8, seed=0)
+    val = data.load_blocks(rt.data, "validation", tok, 32, max_blocks=32, seed=0)  # `calibrate`'s default
     with torch.no_grad():
         model(input_ids=val)
     assert abs(skipgpt.stats(model)["param_sparsity"] - 0.5) < 0.03
@@ -195,7 +195,7 @@ def test_lora_stage_recalibrates_the_threshold_onto_the_target(tiny_dir, tmp_pat
     cfg = json.loads((tmp_path / "lora" / "skip_config.json").read_text())
     assert cfg["threshold"] == res["threshold"] != before
     model, tok = load_skipgpt(lo.model, tmp_path / "lora")
-    val = data.load_blocks(lo.data, "validation", tok, 32, max_blocks=8, seed=0)  # calibrated on these (_setup: 8)
+    val = data.load_blocks(lo.data, "validation", tok, 32, max_blocks=lo.calib_blocks, seed=0)  # calibrated on these
     with torch.no_grad():
         model(input_ids=val)
     assert abs(skipgpt.stats(model)["module_sparsity"] - 0.3) < 0.02

@@ -107,7 +107,7 @@ def _calibrate(ns):
     from .train import recalibrate
 
     _print(recalibrate(ns.routers, ns.out, sparsity=ns.sparsity, data_spec=ns.data, calibration=ns.calibration,
-                       val_blocks=ns.val_blocks, model=ns.model))
+                       calib_blocks=ns.calib_blocks, model=ns.model))
     return 0
 
 
@@ -275,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="text whose validation split to calibrate on (default: the text the routers were trained on)")
     c.add_argument("--calibration", default="balanced", choices=("balanced", "pooled"),
                    help="a mixture's sources balanced (the furthest from the target as close as possible) or pooled")
-    c.add_argument("--val-blocks", type=int, default=8, help="validation blocks of each source")
+    c.add_argument("--calib-blocks", type=int, default=32, help="validation blocks to calibrate on (balanced: of each source)")
     c.add_argument("--model", default=None,
                    help="the base model (default: the one in the routers' train_args.json, else the embedded SmolLM2-135M)")
 

@@ -92,6 +92,7 @@ class TrainArgs:
         "balanced", "how the threshold is calibrated when --data is a mixture: balanced (on each source's validation "
                     "blocks, so that the source furthest from the target is as close as one threshold allows) or "
                     "pooled (on the mixture's validation blocks together)")
+    calib_blocks: int = _flag(32, "validation blocks the threshold is calibrated on (balanced: of each source)")
 
 
 @dataclasses.dataclass
@@ -112,7 +113,7 @@ class RouterArgs(TrainArgs):
     prior_blocks: int = _flag(4, "calibration blocks for the ablation costs of --pin-cost and --prior-bias-scale")
     bias_lr: float | None = _flag(None, "learning rate of the router biases (default: --lr)")
     eval_every: int = _flag(0, "score the routers on validation blocks every N steps (0: never)")
-    val_blocks: int = _flag(8, "validation blocks (for --select and threshold calibration)")
+    val_blocks: int = _flag(8, "validation blocks (for --select)")
     select: str = _flag("last", "which routers the run ends with: best (lowest validation loss) or last")
     # Start near-dense (p_exec = sigmoid(3) = 0.95) and let the penalty pull skipping in where it
     # costs least; 0 (p_exec = 0.5) starts from a wrecked model. Measured on SmolLM2, BENCHMARKS.md.
@@ -354,18 +355,20 @@ def _setup(args: TrainArgs):
     if len(val) == 0:
         val = blocks[-n_val:]
     val = val.to(accelerator.device)
-    return accelerator, model, tok, blocks, val, _calibration_sets(args, tok, val)
+    return accelerator, model, tok, blocks, val, _calibration_sets(args, tok, val.device)
 
 
-def _calibration_sets(args: TrainArgs, tok, val: torch.Tensor):
+def _calibration_sets(args: TrainArgs, tok, device):
     """What the threshold is calibrated on: with ``--calibration balanced`` and a mixture, a list
-    of each source's validation blocks (``val_blocks`` of each; see :func:`calibrate_threshold`),
-    else the mixture's validation blocks ``val``."""
-    if args.calibration != "balanced" or len(data.parse_mix(args.data)) < 2:
-        return val
-    sets = source_blocks(args.data, "validation", tok, args.block_size, getattr(args, "val_blocks", 8))
-    sets = [b.to(val.device) for b in sets]
-    return sets if len(sets) > 1 else val
+    of each source's validation blocks (``calib_blocks`` of each; see :func:`calibrate_threshold`),
+    else ``calib_blocks`` validation blocks of ``--data``; None where it has no validation text."""
+    if args.calibration == "balanced" and len(data.parse_mix(args.data)) > 1:
+        sets = source_blocks(args.data, "validation", tok, args.block_size, args.calib_blocks)
+        if len(sets) > 1:
+            return [b.to(device) for b in sets]
+    val = data.load_blocks(args.data, "validation", tok, args.block_size, max_blocks=args.calib_blocks, seed=0,
+                           progress=False)
+    return val.to(device) if len(val) else None
 
 
 def source_blocks(spec: str, split: str, tok, block_size: int, max_blocks: int) -> list[torch.Tensor]:
@@ -378,7 +381,7 @@ def source_blocks(spec: str, split: str, tok, block_size: int, max_blocks: int) 
 
 def recalibrate(
     routers: str | Path, out: str | Path, sparsity: float | None = None, data_spec: str | None = None,
-    calibration: str = "balanced", val_blocks: int = 8, model: str | None = None,
+    calibration: str = "balanced", calib_blocks: int = 32, model: str | None = None,
 ) -> dict[str, Any]:
     """Copy a ``train-routers`` or ``finetune-lora`` artefact to ``out`` with its inference
     threshold calibrated anew: onto ``sparsity`` (default: the routers' target), on the
@@ -395,14 +398,14 @@ def recalibrate(
         raise FileExistsError(f"recalibrate: {out} exists and is not an empty folder")
     saved = json.loads((routers / "train_args.json").read_text()) if (routers / "train_args.json").exists() else {}
     target = cfg.sparsity_target if sparsity is None else sparsity
-    for name, value in (("sparsity", target), ("calibration", calibration), ("val_blocks", val_blocks)):
+    for name, value in (("sparsity", target), ("calibration", calibration), ("calib_blocks", calib_blocks)):
         why = RULES[name].check(value)
         if why:
             raise ValueError(f"recalibrate: {flag(name)} {why}")
     spec = data_spec or saved.get("data") or TrainArgs.data
     block_size = int(saved.get("block_size", 128))
     net, tok = load_skipgpt(model if model is not None else saved.get("model"), routers, merge=True)
-    sets = source_blocks(spec, "validation", tok, block_size, val_blocks)
+    sets = source_blocks(spec, "validation", tok, block_size, calib_blocks)
     if not sets:
         raise ValueError(f"recalibrate: {spec!r} has no validation text to calibrate on")
     ids = sets if calibration == "balanced" and len(sets) > 1 else torch.cat(sets)
