@@ -202,6 +202,14 @@ def test_lora_stage_recalibrates_the_threshold_onto_the_target(tiny_dir, tmp_pat
     keep = LoraArgs(**_common(tiny_dir, tmp_path / "keep", steps=2, routers=str(tmp_path / "rt"), calibrate_threshold=False))
     assert "threshold" not in finetune_lora(keep)
     assert json.loads((tmp_path / "keep" / "skip_config.json").read_text())["threshold"] == before
+    # Routers at threshold 0 execute every module (the dense reference of a LoRA comparison):
+    # there is no rate to restore, so they stay dense.
+    model, _ = load_skipgpt(rt.model, tmp_path / "rt")
+    skipgpt.set_threshold(model, 0.0)
+    skipgpt.save_routers(model, tmp_path / "dense")
+    dense = LoraArgs(**_common(tiny_dir, tmp_path / "dense-lora", steps=2, routers=str(tmp_path / "dense"), lr=2e-2))
+    assert "threshold" not in finetune_lora(dense)
+    assert json.loads((tmp_path / "dense-lora" / "skip_config.json").read_text())["threshold"] == 0.0
 
 
 def test_two_process_accelerate_run(tiny_dir, tmp_path):

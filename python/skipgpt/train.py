@@ -137,7 +137,8 @@ class LoraArgs(TrainArgs):
     warmup_ratio: float = _flag(0.1, "fraction of the steps of linear learning-rate warm-up")
     target_modules: tuple[str, ...] = _flag(LORA_TARGETS, "the projections that get LoRA adapters")
     calibrate_threshold: bool = _flag(True, "after LoRA, move the inference threshold back onto the routers' target "
-                                            "rate (LoRA changes the hidden states the routers read)")
+                                            "rate (LoRA changes the hidden states the routers read); a threshold "
+                                            "of 0 or 1 (all execute, or none) is kept")
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -700,7 +701,9 @@ def finetune_lora(args: LoraArgs, model=None, blocks=None, accelerator=None) -> 
     if result["done"] and accelerator.is_main_process:
         raw = accelerator.unwrap_model(model)
         st.config.gate, st.config.mode = "auto", "auto"
-        if args.calibrate_threshold and st.config.policy == "router":
+        # Routers at threshold 0 or 1 (every module executes, or none) keep it: there is no
+        # rate to restore.
+        if args.calibrate_threshold and st.config.policy == "router" and 0.0 < st.config.threshold < 1.0:
             val = calib if calib is not None else blocks[-8:].to(next(raw.parameters()).device)
             raw.eval()
             with torch.no_grad(), overrides(raw, mode="masked"):  # LoRA-wrapped projections: masked
