@@ -360,15 +360,20 @@ def _setup(args: TrainArgs):
 
 
 def _calibration_sets(args: TrainArgs, tok, device):
-    """What the threshold is calibrated on: with ``--calibration balanced`` and a mixture, a list
-    of each source's validation blocks (``calib_blocks`` of each; see :func:`calibrate_threshold`),
-    else ``calib_blocks`` validation blocks of ``--data``; None where it has no validation text."""
-    if args.calibration == "balanced" and len(data.parse_mix(args.data)) > 1:
-        sets = source_blocks(args.data, "validation", tok, args.block_size, args.calib_blocks)
+    """What ``args`` calibrate the threshold on (:func:`calibration_sets`)."""
+    return calibration_sets(args.data, args.calibration, args.calib_blocks, args.block_size, tok, device)
+
+
+def calibration_sets(spec: str, calibration: str, n_blocks: int, block_size: int, tok, device=None):
+    """The validation text a threshold is calibrated on: with ``calibration="balanced"`` and a
+    mixture, a list of each source's blocks (``n_blocks`` of each; see
+    :func:`calibrate_threshold`), else ``n_blocks`` blocks of ``spec`` (a mixture in its
+    weights); None where ``spec`` has no validation text."""
+    if calibration == "balanced" and len(data.parse_mix(spec)) > 1:
+        sets = source_blocks(spec, "validation", tok, block_size, n_blocks)
         if len(sets) > 1:
             return [b.to(device) for b in sets]
-    val = data.load_blocks(args.data, "validation", tok, args.block_size, max_blocks=args.calib_blocks, seed=0,
-                           progress=False)
+    val = data.load_blocks(spec, "validation", tok, block_size, max_blocks=n_blocks, seed=0, progress=False)
     return val.to(device) if len(val) else None
 
 
@@ -406,10 +411,9 @@ def recalibrate(
     spec = data_spec or saved.get("data") or TrainArgs.data
     block_size = int(saved.get("block_size", 128))
     net, tok = load_skipgpt(model if model is not None else saved.get("model"), routers, merge=True)
-    sets = source_blocks(spec, "validation", tok, block_size, calib_blocks)
-    if not sets:
+    ids = calibration_sets(spec, calibration, calib_blocks, block_size, tok)
+    if ids is None:
         raise ValueError(f"recalibrate: {spec!r} has no validation text to calibrate on")
-    ids = sets if calibration == "balanced" and len(sets) > 1 else torch.cat(sets)
     before = state(net).config.threshold
     with torch.no_grad(), overrides(net, mode="masked"):
         after = calibrate_threshold(net, ids, target, cfg.sparsity_metric)
