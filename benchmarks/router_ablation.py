@@ -41,6 +41,8 @@ ARMS: dict[str, dict] = {
     "old+ramp": {**OLD, "target_ramp": 0.2},
     "old+select": {**OLD, "eval_every": 50, "select": "best"},
     "old+pin+kd": {**OLD, "pin_cost": 1.0, "loss": "kd"},
+    # Each sequence pulled onto the target (not only the batch mean): skip rates vary less across texts.
+    "default+seqpen": {"penalty": "sequence"},
     "recipe-kd": {**RECIPE, "loss": "lm"},
     "recipe+kdlm": {**RECIPE, "loss": "kd+lm"},
     "recipe-pin": {**RECIPE, "pin_cost": float("inf")},

@@ -195,3 +195,50 @@ def test_chat_generation_resumes_to_the_uninterrupted_corpus(tiny_dir, tmp_path)
     resumed = chat.generate_corpus(model, tok, prompts, partial=partial, **kw)
     assert resumed == whole and chat.load_corpus(partial) == whole
     assert [r["prompt"] for r in whole] == prompts and len({r["answer"] for r in whole}) > 1
+
+
+def test_sequence_penalty_measures_each_sequence_alone():
+    """Per-sequence sparsity: each row of a padded batch equals that sequence run alone (the
+    stats of an unpadded forward, float64 over the recorded gates), and the penalty averages
+    ``|target - s_b|`` over the rows that hold tokens, with a gradient to the routers."""
+    from skipgpt.skip_state import state
+    from skipgpt.train import sparsity_penalty
+
+    model = tiny_model("llama", num_hidden_layers=3)
+    # Straight-through gates without noise: the forward is the deterministic rule, with a gradient.
+    skipgpt.apply(model, skipgpt.SkipConfig(mode="masked", gate_noise=0.0, threshold=0.5, init_execute_bias=0.0))
+    torch.manual_seed(0)
+    for r in skipgpt.router_parameters(model):
+        r.data.normal_(0, 0.5)
+    model.train()
+    ids = torch.randint(3, 128, (3, 12), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(3, 12, dtype=torch.long)
+    mask[1, :5] = 0  # left padding: row 1 has 7 tokens
+    st = state(model)
+    alone = []
+    for b in range(3):
+        keep = mask[b].bool()
+        with torch.no_grad():
+            model(input_ids=ids[b:b + 1, keep])
+        alone.append({m: float(st.sparsity(m)) for m in ("params", "modules")})
+    model(input_ids=ids, attention_mask=mask)
+    for m in ("params", "modules"):
+        per_seq = st.sequence_sparsity(m)
+        assert per_seq.tolist() == pytest.approx([a[m] for a in alone], abs=1e-5)
+        # The batch's sparsity is the token-weighted mean of the rows'.
+        n = mask.sum(-1).double()
+        assert float(st.sparsity(m)) == pytest.approx(float((per_seq.detach().double() * n).sum() / n.sum()), abs=1e-5)
+    assert len({round(a["params"], 4) for a in alone}) == 3  # the rows differ, so the test can tell them apart
+    target = 0.3
+    pen = sparsity_penalty(st, "sequence", target, "params")
+    assert float(pen) == pytest.approx(sum(abs(target - a["params"]) for a in alone) / 3, abs=1e-5)
+    assert float(sparsity_penalty(st, "batch", target, "params")) == pytest.approx(abs(target - float(st.sparsity("params"))), abs=1e-6)
+    pen.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in skipgpt.router_parameters(model))
+    with pytest.raises(ValueError, match="penalty"):
+        sparsity_penalty(st, "tokens", target, "params")
+    mask[2] = 0  # a row of padding only does not count
+    model(input_ids=ids, attention_mask=mask)
+    per_seq = st.sequence_sparsity("params")
+    assert float(sparsity_penalty(st, "sequence", target, "params")) == pytest.approx(
+        float((target - per_seq[:2]).abs().mean()), abs=1e-6)

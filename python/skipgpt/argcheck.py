@@ -100,6 +100,7 @@ RULES: dict[str, Rule] = {
     "policy": Rule(str, choices=("router", "topk", "random")),
     "loss": Rule(str, choices=("lm", "kd", "kd+lm")),
     "calibration": Rule(str, choices=("balanced", "pooled")),
+    "penalty": Rule(str, choices=("batch", "sequence")),
     "calib_blocks": _POSITIVE_INT,
     "gate_noise": Rule(float, 0.0),
     "gate_noise_end": Rule(float, 0.0),

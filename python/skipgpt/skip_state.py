@@ -222,6 +222,22 @@ class SkipState:
             metric or self.config.sparsity_metric,
         )
 
+    def sequence_sparsity(self, metric: str | None = None) -> torch.Tensor:
+        """``[B]``: the realised sparsity of each sequence of this thread's last forward, over its
+        valid tokens. Differentiable; needs the per-token gates, which only the masked (training)
+        path records."""
+        fwd = self.forward_state()
+        if any(g is None for g in fwd.gates):
+            raise RuntimeError("per-sequence sparsity needs the per-token gates of a complete forward in "
+                               "mode='masked' (router tuning); this forward did not record them")
+        ea = torch.stack([g[0].reshape(g[0].shape[0], -1).sum(-1) for g in fwd.gates]).to(torch.float32)
+        em = torch.stack([g[1].reshape(g[1].shape[0], -1).sum(-1) for g in fwd.gates]).to(torch.float32)
+        seq_len = fwd.gates[0][0].reshape(ea.shape[1], -1).shape[1]
+        n = fwd.valid.sum(-1) if fwd.valid is not None else torch.full((ea.shape[1],), seq_len, device=ea.device)
+        return realised_sparsity(
+            ea, em, n.to(ea.device), self.attn_params, self.mlp_params, metric or self.config.sparsity_metric,
+        )
+
     # -- backend choice --------------------------------------------------------------------------
     def resolve_mode(self, training: bool, device: torch.device, dtype: torch.dtype | None = None) -> str:
         """The concrete backend ``auto`` stands for: masked when training, else native when this

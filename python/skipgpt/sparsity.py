@@ -19,8 +19,9 @@ def realised_sparsity(
     """Fraction of skipped work over all valid tokens, layers and both module types.
 
     Args:
-        exec_attn, exec_mlp: ``[L]`` number of valid tokens that executed each module.
-        n_tokens: number of valid (non-padding) tokens.
+        exec_attn, exec_mlp: ``[L]`` number of valid tokens that executed each module, or
+            ``[L, B]``: the same per sequence, for one sparsity per sequence.
+        n_tokens: number of valid (non-padding) tokens (``[B]`` with per-sequence counts).
         attn_params, mlp_params: ``[L]`` parameter counts, used by ``metric="params"``.
         metric: ``"modules"`` (the authors' code: every module counts 1) or ``"params"``
             (the paper's "% of parameters": each executed module counts its size).
@@ -28,9 +29,10 @@ def realised_sparsity(
     n = torch.as_tensor(n_tokens, dtype=exec_attn.dtype, device=exec_attn.device).clamp_min(1)
     rate_attn, rate_mlp = exec_attn / n, exec_mlp / n
     if metric == "modules":
-        return 1 - (rate_attn.mean() + rate_mlp.mean()) / 2
+        return 1 - (rate_attn.mean(0) + rate_mlp.mean(0)) / 2
     if metric == "params":
-        pa = attn_params.to(rate_attn)
-        pm = mlp_params.to(rate_mlp)
-        return 1 - (rate_attn * pa + rate_mlp * pm).sum() / (pa + pm).sum()
+        per_layer = (-1,) + (1,) * (rate_attn.dim() - 1)  # [L] -> [L, 1] for per-sequence counts
+        pa = attn_params.to(rate_attn).reshape(per_layer)
+        pm = mlp_params.to(rate_mlp).reshape(per_layer)
+        return 1 - (rate_attn * pa + rate_mlp * pm).sum(0) / (pa + pm).sum()
     raise ValueError(f"sparsity metric must be 'modules' or 'params', got {metric!r}")

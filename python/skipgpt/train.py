@@ -100,6 +100,9 @@ class RouterArgs(TrainArgs):
     sparsity: float = _flag(0.25, "target sparsity, measured as --sparsity-metric, in [0, 1)")
     sparsity_metric: str = _flag("params", "what the sparsity counts: params (parameter-weighted) or modules")
     alpha: float = _flag(8.0, "weight of the sparsity penalty alpha * |target - sparsity| in the loss")
+    penalty: str = _flag("batch", "what the penalty's sparsity is taken over: batch (the batch's, the paper's) or "
+                                  "sequence (each sequence's, the penalty averaged over sequences: every text is "
+                                  "pulled onto the target, not only the mixture)")
     tau_start: float = _flag(5.0, "temperature of the straight-through gradient at the first step")
     tau_end: float = _flag(1.0, "... annealed linearly to this at the last step")
     router_type: str = _flag("linear", "linear: Linear(d, 2), the paper's; mlp: d -> d/4 -> ReLU -> 2")
@@ -491,6 +494,22 @@ def noise_at(args: RouterArgs, step: int) -> float:
     return args.gate_noise + (args.gate_noise_end - args.gate_noise) * frac
 
 
+def sparsity_penalty(st, kind: str, target: float, metric: str) -> torch.Tensor:
+    """``|target - s|`` for the last forward: ``s`` the batch's realised sparsity (``batch``), or
+    the mean over sequences of each sequence's own ``|target - s_b|`` (``sequence``; sequences
+    without a valid token do not count)."""
+    if kind == "batch":
+        return (target - st.sparsity(metric)).abs()
+    if kind == "sequence":
+        per_seq = (target - st.sequence_sparsity(metric)).abs()
+        fwd = st.forward_state()
+        if fwd.valid is None:
+            return per_seq.mean()
+        has_tokens = fwd.valid.any(-1).to(per_seq)
+        return (per_seq * has_tokens).sum() / has_tokens.sum().clamp_min(1)
+    raise ValueError(f"penalty must be 'batch' or 'sequence', got {kind!r}")
+
+
 def _dense_logits(model, raw, batch) -> torch.Tensor:
     """The teacher: the same frozen model with every module executing."""
     with overrides(raw, policy="router", threshold=0.0, gate="deterministic"):
@@ -574,7 +593,7 @@ def train_routers(args: RouterArgs, model=None, blocks=None, accelerator=None, v
         task, logs = _distill_loss(args.loss, m, batch, lambda: _dense_logits(m, raw, batch))
         s = st.sparsity(metric)
         target = target_at(args, step)
-        loss = task + args.alpha * (target - s).abs() if args.policy == "router" else task
+        loss = task + args.alpha * sparsity_penalty(st, args.penalty, target, metric) if args.policy == "router" else task
         with torch.no_grad():
             ea = torch.stack([c[0] for c in st.exec_counts]).float().mean() / st.n_valid
             em = torch.stack([c[1] for c in st.exec_counts]).float().mean() / st.n_valid
