@@ -110,6 +110,25 @@ def test_pack_tokens(docs: dict[str, str], smollm2) -> None:
     assert tok.decode(packed[100]) in corpus and tok.decode(packed[-1]) in corpus
 
 
+def test_spread_sample_covers_every_document(smollm2) -> None:
+    """``spread=True``: a seeded subset of all the split's blocks (in order), not its first
+    blocks, so a calibration sample sees every validation play."""
+    _, tok = smollm2
+    every = data.pack_tokens(data.load_texts("shakespeare", "validation"), tok, 128)
+    first = data.load_blocks("shakespeare", "validation", tok, 128, max_blocks=32, progress=False)
+    spread = data.load_blocks("shakespeare", "validation", tok, 128, max_blocks=32, progress=False, spread=True)
+    assert torch.equal(first, every[:32])
+    rows = {tuple(r): i for i, r in enumerate(every.tolist())}
+    idx = [rows[tuple(r)] for r in spread.tolist()]
+    assert len(set(idx)) == 32 and idx == sorted(idx)
+    # The sample reaches the last play; the first 32 blocks lie inside the first one.
+    last_play = data.pack_tokens([data.corpus_documents("shakespeare")[SHAKESPEARE_VALIDATION[-1]]], tok, 128)
+    assert max(idx) > len(every) - len(last_play) > 32
+    assert torch.equal(spread, data.load_blocks("shakespeare", "validation", tok, 128, max_blocks=32, progress=False, spread=True))
+    small = data.load_blocks("shakespeare", "validation", tok, 128, max_blocks=10**6, progress=False, spread=True)
+    assert torch.equal(small, every)  # asking for more than there is gives all of it
+
+
 # --------------------------------------------------------------------------- local sources
 
 

@@ -489,18 +489,27 @@ def parse_mix(spec: str) -> list[tuple[str, float]]:
 
 def load_blocks(
     spec: str, split: str, tokenizer: PreTrainedTokenizerBase, block_size: int,
-    max_blocks: int | None = None, seed: int = 0, progress: bool = True,
+    max_blocks: int | None = None, seed: int = 0, progress: bool = True, spread: bool = False,
 ) -> torch.Tensor:
     """Token blocks ``[N, block_size]`` of a source or a mixture (:func:`parse_mix`).
 
-    A single source is packed in order (:func:`pack_tokens`). A mixture packs each source
-    separately and takes a seeded random subset of each so that the sources make up their
-    weights' share of the blocks, with as many blocks as the scarcest source allows (no source
-    repeats); ``max_blocks`` caps the total.
+    A single source is packed in order (:func:`pack_tokens`): ``max_blocks`` takes its first
+    blocks, or, with ``spread``, a seeded random subset of all of them (in order), so that a
+    small sample covers every document of the split rather than the first. A mixture packs
+    each source separately and takes a seeded random subset of each so that the sources make
+    up their weights' share of the blocks, with as many blocks as the scarcest source allows
+    (no source repeats); ``max_blocks`` caps the total.
     """
     parts = parse_mix(spec)
     if len(parts) == 1:
-        return pack_tokens(load_texts(parts[0][0], split), tokenizer, block_size, max_blocks=max_blocks, progress=progress)
+        texts = load_texts(parts[0][0], split)
+        if not spread or max_blocks is None:
+            return pack_tokens(texts, tokenizer, block_size, max_blocks=max_blocks, progress=progress)
+        every = pack_tokens(texts, tokenizer, block_size, progress=progress)
+        if len(every) <= max_blocks:
+            return every
+        pick = torch.randperm(len(every), generator=torch.Generator().manual_seed(seed))[:max_blocks]
+        return every[pick.sort().values]
     packed = [pack_tokens(load_texts(name, split), tokenizer, block_size, progress=progress) for name, _ in parts]
     total = min(len(b) / w for b, (_, w) in zip(packed, parts))
     if max_blocks is not None:

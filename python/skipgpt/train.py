@@ -7,7 +7,8 @@ checkpoints (trainable weights, optimiser, scheduler, RNG) instead of saving the
 
 Stage 1 (router tuning): the LLM is frozen; only the routers train, through hard
 straight-through gates (temperature annealed from ``tau_start`` to ``tau_end``), on
-``L + alpha * |target_t - s|`` with ``s`` the realised sparsity of the batch (padding excluded).
+``L + alpha * |target_t - s|`` with ``s`` the realised sparsity of each sequence (padding
+excluded; the penalty averaged over the batch's sequences), or of the whole batch, the paper's.
 The recipe (docs/training.md; every lever a flag):
 
 - ``loss``: ``lm`` (default) the paper's next-token loss; ``kd`` the KL divergence from the
@@ -100,9 +101,9 @@ class RouterArgs(TrainArgs):
     sparsity: float = _flag(0.25, "target sparsity, measured as --sparsity-metric, in [0, 1)")
     sparsity_metric: str = _flag("params", "what the sparsity counts: params (parameter-weighted) or modules")
     alpha: float = _flag(8.0, "weight of the sparsity penalty alpha * |target - sparsity| in the loss")
-    penalty: str = _flag("batch", "what the penalty's sparsity is taken over: batch (the batch's, the paper's) or "
-                                  "sequence (each sequence's, the penalty averaged over sequences: every text is "
-                                  "pulled onto the target, not only the mixture)")
+    penalty: str = _flag("sequence", "what the penalty's sparsity is taken over: sequence (each sequence's, the "
+                                     "penalty averaged over sequences: every text is pulled onto the target, not only "
+                                     "the mixture) or batch (the batch's, the paper's)")
     tau_start: float = _flag(5.0, "temperature of the straight-through gradient at the first step")
     tau_end: float = _flag(1.0, "... annealed linearly to this at the last step")
     router_type: str = _flag("linear", "linear: Linear(d, 2), the paper's; mlp: d -> d/4 -> ReLU -> 2")
@@ -376,14 +377,15 @@ def calibration_sets(spec: str, calibration: str, n_blocks: int, block_size: int
         sets = source_blocks(spec, "validation", tok, block_size, n_blocks)
         if len(sets) > 1:
             return [b.to(device) for b in sets]
-    val = data.load_blocks(spec, "validation", tok, block_size, max_blocks=n_blocks, seed=0, progress=False)
+    val = data.load_blocks(spec, "validation", tok, block_size, max_blocks=n_blocks, seed=0, progress=False, spread=True)
     return val.to(device) if len(val) else None
 
 
 def source_blocks(spec: str, split: str, tok, block_size: int, max_blocks: int) -> list[torch.Tensor]:
     """Up to ``max_blocks`` blocks of each source of ``spec`` (a mixture or one source), in the
-    order of the spec; sources without text in ``split`` are left out."""
-    sets = [data.load_blocks(name, split, tok, block_size, max_blocks=max_blocks, progress=False)
+    order of the spec, each a seeded sample spread over all of that source's documents in
+    ``split``; sources without text in ``split`` are left out."""
+    sets = [data.load_blocks(name, split, tok, block_size, max_blocks=max_blocks, progress=False, spread=True)
             for name, _ in data.parse_mix(spec)]
     return [b for b in sets if len(b)]
 
