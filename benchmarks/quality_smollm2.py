@@ -26,6 +26,7 @@ SkipGPT-RT routers into python/skipgpt/assets/routers/ (used by `make demo`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import shutil
@@ -131,9 +132,14 @@ def main() -> None:
     def trained(d: Path) -> bool:
         return (d / "train_args.json").exists()
 
-    def started(d: Path) -> dict:
-        """A run killed part-way (checkpoints, no artefact) continues where it stopped."""
-        return {"resume": True} if (d / "checkpoints").is_dir() else {}
+    def run(train, args) -> float | None:
+        """Train unless finished. A run killed part-way (checkpoints, no artefact) continues
+        where it stopped; its time is then only the last part, so none is reported."""
+        if trained(Path(args.out)):
+            return None
+        args = dataclasses.replace(args, resume=(Path(args.out) / "checkpoints").is_dir())
+        seconds = train(args)["seconds"]
+        return None if args.resume else seconds
 
     def lora(name: str, routers: Path, sparsity: float | None, label: str, done: Path | None = None):
         if done is not None:  # a finished run from elsewhere: it must have this table's budget
@@ -144,17 +150,12 @@ def main() -> None:
                                  f"method {ns.lora_steps} steps" + (f" at lr {ns.lora_lr}" if ns.lora_lr else ""))
             return evaluate(f"{label} + LoRA", sparsity, done)
         lr = {} if ns.lora_lr is None else {"lr": ns.lora_lr}
-        args = LoraArgs(out=str(out / f"{name}-lora"), routers=str(routers), steps=ns.lora_steps, **common, **lr,
-                        **started(out / f"{name}-lora"))
-        seconds = None if trained(Path(args.out)) else finetune_lora(args)["seconds"]
-        seconds = None if args.resume else seconds  # a resumed run's time is only its last part
+        args = LoraArgs(out=str(out / f"{name}-lora"), routers=str(routers), steps=ns.lora_steps, **common, **lr)
+        seconds = run(finetune_lora, args)
         return evaluate(f"{label} + LoRA", sparsity, Path(args.out), seconds=seconds)
 
     def routers(d: Path, sparsity: float, **kw):
-        if trained(d):
-            return None
-        return train_routers(RouterArgs(out=str(d), sparsity=sparsity, steps=ns.rt_steps, **common, **kw,
-                                        **started(d)))["seconds"]
+        return run(train_routers, RouterArgs(out=str(d), sparsity=sparsity, steps=ns.rt_steps, **common, **kw))
 
     # Phases in priority order, so a time-boxed run has the key comparisons first.
     dense, _ = models.load_model(ns.model)

@@ -230,10 +230,11 @@ class SkipState:
         if any(g is None for g in fwd.gates):
             raise RuntimeError("per-sequence sparsity needs the per-token gates of a complete forward in "
                                "mode='masked' (router tuning); this forward did not record them")
-        ea = torch.stack([g[0].reshape(g[0].shape[0], -1).sum(-1) for g in fwd.gates]).to(torch.float32)
-        em = torch.stack([g[1].reshape(g[1].shape[0], -1).sum(-1) for g in fwd.gates]).to(torch.float32)
-        seq_len = fwd.gates[0][0].reshape(ea.shape[1], -1).shape[1]
-        n = fwd.valid.sum(-1) if fwd.valid is not None else torch.full((ea.shape[1],), seq_len, device=ea.device)
+        # Gates are [B, S] (padding already zeroed); per layer, each sequence's execute count.
+        ea = torch.stack([g[0].sum(-1) for g in fwd.gates]).to(torch.float32)
+        em = torch.stack([g[1].sum(-1) for g in fwd.gates]).to(torch.float32)
+        B, S = fwd.gates[0][0].shape
+        n = fwd.valid.sum(-1) if fwd.valid is not None else torch.full((B,), S, device=ea.device)
         return realised_sparsity(
             ea, em, n.to(ea.device), self.attn_params, self.mlp_params, metric or self.config.sparsity_metric,
         )
