@@ -309,3 +309,31 @@ def test_perplexity_is_deterministic_and_matches_manual(tiny_dir):
     skipgpt.apply(model, skipgpt.SkipConfig(threshold=0.0))
     d = perplexity(model, tokens, window=64, progress=False)
     assert abs(d["ppl"] - a["ppl"]) < 1e-5 * a["ppl"] and d["param_sparsity"] == 0.0
+
+
+def test_lora_kd_teacher_is_the_dense_base_model(tiny_dir, tmp_path):
+    """RT-L's KD teacher is the unpatched base model (adapter off, every module executing),
+    while the student skips and carries the adapter; the teacher call changes no setting."""
+    from skipgpt.train import add_lora, kd_loss, lora_teacher_logits
+
+    oracle, _ = models.load_model(str(tiny_dir / "model"))  # never patched
+    model, _ = models.load_model(str(tiny_dir / "model"))
+    skipgpt.apply(model, skipgpt.SkipConfig(mode="masked", gate="deterministic"))
+    ids = torch.randint(3, 1000, (2, 24), generator=torch.Generator().manual_seed(1))
+    skipgpt.calibrate_bias(model, ids, 0.4)
+    peft = add_lora(model, LoraArgs(out=str(tmp_path), routers=str(tmp_path)))
+    with torch.no_grad():
+        for n, p in peft.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(n)))
+    peft.eval()
+    with torch.no_grad():
+        student = peft(input_ids=ids).logits
+        teacher = lora_teacher_logits(peft, ids)
+        again = peft(input_ids=ids).logits
+        dense = oracle(input_ids=ids).logits
+    assert skipgpt.stats(peft)["module_sparsity"] > 0.2  # the student really skips
+    torch.testing.assert_close(teacher, dense, rtol=1e-5, atol=1e-5)
+    assert torch.equal(again, student)  # adapter back on, threshold and gate restored
+    assert (student - dense).abs().max() > 1e-2
+    assert float(kd_loss(student, teacher)) > 1e-3 and float(kd_loss(teacher, dense)) < 1e-6

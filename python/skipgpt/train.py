@@ -676,6 +676,15 @@ def lora_targets(model, names) -> list[str]:
     return list(dict.fromkeys(fused.get(n, n) for n in names))
 
 
+def lora_teacher_logits(peft_model, batch: torch.Tensor, forward=None) -> torch.Tensor:
+    """RT-L's distillation teacher: the dense base model, with the LoRA adapter of
+    ``peft_model`` disabled and every module executing. ``forward`` is the module to call (the
+    accelerator's wrapper of ``peft_model``; default ``peft_model`` itself). Nothing of the
+    model's state outlives the call."""
+    with peft_model.disable_adapter():
+        return _dense_logits(forward if forward is not None else peft_model, unwrap(peft_model), batch)
+
+
 def _save_adapter(model, directory: Path) -> None:
     model.save_pretrained(str(directory), safe_serialization=True)
 
@@ -704,12 +713,8 @@ def finetune_lora(args: LoraArgs, model=None, blocks=None, accelerator=None) -> 
     model = add_lora(model, args)
     peft_model = model
 
-    def teacher(m, batch):
-        with peft_model.disable_adapter():  # the dense base model: no LoRA, every module executing
-            return _dense_logits(m, unwrap(peft_model), batch)
-
     def loss_fn(m, batch, step):
-        loss, logs = _distill_loss(args.loss, m, batch, lambda: teacher(m, batch))
+        loss, logs = _distill_loss(args.loss, m, batch, lambda: lora_teacher_logits(peft_model, batch, m))
         return loss, {**logs, "sparsity": float(st.sparsity())}
 
     def make_scheduler(opt):
