@@ -68,6 +68,8 @@ def main() -> None:
     p.add_argument("--chat-tokens", type=int, default=4096)
     p.add_argument("--lora-steps", type=int, default=20)
     p.add_argument("--lora-lr", type=float, default=None, help="LoRA learning rate (default: finetune-lora's)")
+    p.add_argument("--lora-loss", choices=("lm", "kd", "kd+lm"), default=LoraArgs.loss,
+                   help="LoRA training loss (default: finetune-lora's)")
     p.add_argument("--no-lora", action="store_true",
                    help="stop before the LoRA phase (a later run with the same --out reuses every finished row)")
     p.add_argument("--eval-window", type=int, default=256)
@@ -143,14 +145,16 @@ def main() -> None:
 
     def lora(name: str, routers: Path, sparsity: float | None, label: str, done: Path | None = None):
         if done is not None:  # a finished run from elsewhere: it must have this table's budget
-            steps = json.loads((done / "train_args.json").read_text())["steps"]
-            lr = json.loads((done / "train_args.json").read_text())["lr"]
-            if steps != ns.lora_steps or (ns.lora_lr is not None and lr != ns.lora_lr):
-                raise SystemExit(f"--lora-from: {done} ran {steps} LoRA steps at lr {lr}; this table gives every "
-                                 f"method {ns.lora_steps} steps" + (f" at lr {ns.lora_lr}" if ns.lora_lr else ""))
+            ran = json.loads((done / "train_args.json").read_text())
+            steps, lr, loss = ran["steps"], ran["lr"], ran.get("loss", "lm")
+            if steps != ns.lora_steps or (ns.lora_lr is not None and lr != ns.lora_lr) or loss != ns.lora_loss:
+                raise SystemExit(f"--lora-from: {done} ran {steps} LoRA steps at lr {lr} with the {loss} loss; this "
+                                 f"table gives every method {ns.lora_steps} steps"
+                                 + (f" at lr {ns.lora_lr}" if ns.lora_lr else "") + f" with the {ns.lora_loss} loss")
             return evaluate(f"{label} + LoRA", sparsity, done)
         lr = {} if ns.lora_lr is None else {"lr": ns.lora_lr}
-        args = LoraArgs(out=str(out / f"{name}-lora"), routers=str(routers), steps=ns.lora_steps, **common, **lr)
+        args = LoraArgs(out=str(out / f"{name}-lora"), routers=str(routers), steps=ns.lora_steps, loss=ns.lora_loss,
+                        **common, **lr)
         seconds = run(finetune_lora, args)
         return evaluate(f"{label} + LoRA", sparsity, Path(args.out), seconds=seconds)
 
@@ -211,7 +215,8 @@ def main() -> None:
     rows.sort(key=lambda r: (r["target"] or 0, order.get(r["method"], 2), r["method"].endswith("LoRA"), r["method"]))
     lines = [
         f"SmolLM2-135M-Instruct (de-quantised Q4_1), Shakespeare test split, {rows[0]['tokens']} scored tokens, "
-        f"window {ns.eval_window}; RT {ns.rt_steps} steps, LoRA {ns.lora_steps} steps, batch {ns.batch_size}x{ns.block_size}.",
+        f"window {ns.eval_window}; RT {ns.rt_steps} steps, LoRA {ns.lora_steps} steps ({ns.lora_loss} loss), "
+        f"batch {ns.batch_size}x{ns.block_size}.",
         "",
         "| method | target | Shakespeare PPL | param sparsity | module sparsity | attn skip | MLP skip "
         "| chat PPL | chat param sparsity | Python-docs PPL | Python-docs param sparsity | chat repeated 4-grams |",

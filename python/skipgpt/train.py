@@ -26,8 +26,8 @@ The recipe (docs/training.md; every lever a flag):
   best-scoring routers.
 
 Stage 2: routers frozen and deciding deterministically (the model trains under exactly the
-skipping it will have at inference); peft LoRA on q_proj, v_proj, gate_proj; LM loss, KD from
-the dense model without LoRA, or both.
+skipping it will have at inference); peft LoRA on q_proj, v_proj, gate_proj; KD from the dense
+model without LoRA plus the LM loss (the default), either alone, or the LM loss alone (the paper's).
 """
 
 from __future__ import annotations
@@ -133,8 +133,8 @@ class RouterArgs(TrainArgs):
 class LoraArgs(TrainArgs):
     routers: str = _flag("", "the train-routers output folder; its routers stay frozen (required)")
     lr: float = _flag(2e-4, "learning rate (AdamW, cosine schedule after the warm-up)")
-    loss: str = _flag("lm", "training loss: lm (next-token loss), kd (KL from the dense base model without LoRA) "
-                            "or kd+lm (their sum)")
+    loss: str = _flag("kd+lm", "training loss: lm (next-token loss, the paper's), kd (KL from the dense base model "
+                               "without LoRA) or kd+lm (their sum)")
     lora_r: int = _flag(16, "LoRA rank")
     lora_alpha: int = _flag(32, "LoRA scaling numerator (the update is scaled by alpha / r)")
     lora_dropout: float = _flag(0.1, "dropout on the LoRA input")
