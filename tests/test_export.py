@@ -119,9 +119,10 @@ print("patched:", skipgpt.is_patched(m), skipgpt.state(m).config.threshold)
     assert "refused:" in r.stdout and "patched: True 0.4" in r.stdout
 
 
-def test_cli_export_of_the_committed_routers_equals_load_skipgpt(tmp_path, smollm2):
-    """`skipgpt export` of a router folder (the shipped 25% routers, on the real model) gives a
-    folder whose model computes what load_skipgpt's does, tokenizer included."""
+def test_cli_export_of_the_committed_model_equals_load_skipgpt(tmp_path, smollm2):
+    """`skipgpt export` of the shipped 25% folder (routers and, where shipped, their LoRA
+    adapter, merged) gives a folder whose model computes what load_skipgpt's does, tokenizer
+    included; the merged adapter changes the weights the base model has."""
     from transformers import AutoTokenizer
 
     from skipgpt import cli
@@ -131,16 +132,16 @@ def test_cli_export_of_the_committed_routers_equals_load_skipgpt(tmp_path, smoll
     assert cli.main(["export", "--routers", str(routers), "--out", str(tmp_path / "exp")]) == 0
     loaded = from_pretrained(tmp_path / "exp")
     tok = AutoTokenizer.from_pretrained(tmp_path / "exp")
-    model, ref_tok = smollm2
-    skipgpt.apply(model, skipgpt.read_config(routers), from_dir=routers)
-    try:
-        ids = ref_tok("The sea is wide and the night is long", return_tensors="pt").input_ids
-        assert torch.equal(tok("The sea is wide and the night is long", return_tensors="pt").input_ids, ids)
-        with torch.no_grad():
-            torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
-        assert skipgpt.stats(loaded)["param_sparsity"] == skipgpt.stats(model)["param_sparsity"] > 0.1
-    finally:
-        skipgpt.remove(model)
+    base, ref_tok = smollm2
+    model, _ = skipgpt.load_skipgpt(None, routers)  # a fresh model: merging LoRA changes weights
+    ids = ref_tok("The sea is wide and the night is long", return_tensors="pt").input_ids
+    assert torch.equal(tok("The sea is wide and the night is long", return_tensors="pt").input_ids, ids)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+    assert skipgpt.stats(loaded)["param_sparsity"] == skipgpt.stats(model)["param_sparsity"] > 0.1
+    q = "model.layers.0.self_attn.q_proj.weight"
+    has_lora = (routers / "adapter_model.safetensors").exists()
+    assert torch.equal(loaded.state_dict()[q], base.state_dict()[q]) is not has_lora
     with pytest.raises(FileExistsError):
         export(routers, tmp_path / "exp")
 

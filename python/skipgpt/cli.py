@@ -253,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = _add_command(sub, "demo", "generate with skipping on the default model and compare with dense", _demo)
     d.add_argument("--model", default=None, help="HF model folder or hub id (default: the embedded SmolLM2-135M)")
-    d.add_argument("--routers", default=None, help="router folder (default: the committed SmolLM2 routers)")
+    d.add_argument("--routers", default=None,
+                   help="a train-routers or finetune-lora output folder (default: the committed SmolLM2-135M model)")
     d.add_argument("--sparsity", type=float, default=0.25,
                    help="0.25 or 0.40: which committed routers; without trained routers, the skip rate the "
                         "untrained routers are calibrated to")

@@ -19,7 +19,7 @@ import torch
 from . import chat, data, models
 from .config import SkipConfig
 from .calibration import calibrate_bias
-from .patch import apply, set_mode, state, stats, reset_stats
+from .patch import apply, load_skipgpt, set_mode, state, stats, reset_stats
 from .perplexity import perplexity, token_stream
 
 ASSETS = Path(__file__).parent / "assets" / "routers"
@@ -74,9 +74,12 @@ def run(args: DemoArgs) -> dict:
         dense_rep = chat.chat_eval(model, tok)
 
         if routers:
-            apply(model, from_dir=routers)  # the saved config: calibrated threshold included
+            # The saved config (calibrated threshold included) and, for a finetune-lora folder,
+            # its LoRA adapter, merged: the skipping modes read plain nn.Linear weights.
+            model, _ = load_skipgpt(model, routers)
             set_mode(model, "auto")
-            origin = f"trained routers from {routers}"
+            lora = " with their LoRA adapter (merged)" if (Path(routers) / "adapter_config.json").exists() else ""
+            origin = f"trained routers from {routers}{lora}"
         else:
             calib = data.pack_tokens(data.load_texts("shakespeare", "validation"), tok, 256, max_blocks=4)
             apply(model, SkipConfig(mode="auto"))
