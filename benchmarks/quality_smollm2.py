@@ -19,8 +19,9 @@ example benchmarks/router_ablation.py's), so the seeds can be trained side by si
 processes. `--lora-from PATTERN` likewise takes the first seed's finished `finetune-lora` runs,
 which must have the table's LoRA budget.
 
-Writes runs/quality/results.json and results.md, and with --save-routers copies the trained
-SkipGPT-RT routers into python/skipgpt/assets/routers/ (used by `make demo`).
+Writes runs/quality/results.json and results.md. With --save-routers, the first seed's model
+becomes the package's committed one (python/skipgpt/assets/routers/, used by `make demo`): its
+SkipGPT-RT routers after stage 1, then its SkipGPT-RT-L folder (routers and LoRA adapter).
 """
 
 from __future__ import annotations
@@ -76,7 +77,8 @@ def main() -> None:
     p.add_argument("--eval-tokens", type=int, default=4096)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quick", action="store_true", help="tiny budgets, to check the pipeline")
-    p.add_argument("--save-routers", action="store_true", help="copy the RT routers into the package assets")
+    p.add_argument("--save-routers", action="store_true",
+                   help="make the first seed's RT, then RT-L, folder the package's committed model")
     ns = p.parse_args()
     if ns.quick:  # shrink the budgets left at their defaults
         for name, small in (("rt_steps", 4), ("lora_steps", 2), ("eval_tokens", 2048)):
@@ -171,6 +173,20 @@ def main() -> None:
             return Path(ns.rt_from.format(tag=tags[s], seed=seed))
         return out / f"skipgpt-rt-{tags[s]}-s{seed}"
 
+    def save_asset(src: Path, tag: str, routers_dir: Path | None = None) -> None:
+        """Make the package's committed folder for `tag` a copy of the run folder `src`: a router
+        folder, or (with routers_dir, the router run it started from) a finetune-lora folder."""
+        dest = ASSETS / f"smollm2-135m-{tag}"
+        dest.mkdir(parents=True, exist_ok=True)
+        for f in dest.iterdir():  # nothing stale: an adapter left beside new routers would be loaded
+            f.unlink()
+        files = ["routers.safetensors", "skip_config.json", "train_args.json"]
+        if routers_dir is not None:
+            files += ["adapter_config.json", "adapter_model.safetensors"]
+            shutil.copy(routers_dir / "train_args.json", dest / "routers_train_args.json")
+        for f in files:
+            shutil.copy(src / f, dest / f)
+
     for s in ns.sparsities:  # 1: SkipGPT-RT and the training-free baselines
         for seed in ns.seeds:
             d = rt_dir(s, seed)
@@ -178,10 +194,7 @@ def main() -> None:
             evaluate(f"SkipGPT-RT (seed {seed})", s, d, seconds=seconds)
         rt = rt_dir(s, ns.seeds[0])
         if ns.save_routers:
-            dest = ASSETS / f"smollm2-135m-{tags[s]}"
-            dest.mkdir(parents=True, exist_ok=True)
-            for f in ("routers.safetensors", "skip_config.json", "train_args.json"):
-                shutil.copy(rt / f, dest / f)
+            save_asset(rt, tags[s])
         for name in labels:
             m, _ = models.load_model(ns.model)
             info = baseline(m, name, s, calib_ids=calib)
@@ -202,7 +215,10 @@ def main() -> None:
     lora("dense", out / "dense-routers", None, "dense")
     for s in ns.sparsities:
         done = Path(ns.lora_from.format(tag=tags[s])) if ns.lora_from else None
-        lora(f"skipgpt-rt-{tags[s]}-s{ns.seeds[0]}", rt_dir(s, ns.seeds[0]), s, f"SkipGPT-RT (seed {ns.seeds[0]})", done)
+        name = f"skipgpt-rt-{tags[s]}-s{ns.seeds[0]}"
+        lora(name, rt_dir(s, ns.seeds[0]), s, f"SkipGPT-RT (seed {ns.seeds[0]})", done)
+        if ns.save_routers:  # the committed model is RT-L: routers and adapter
+            save_asset(done or out / f"{name}-lora", tags[s], routers_dir=rt_dir(s, ns.seeds[0]))
         lora(f"mod-d-{tags[s]}", out / f"mod-d-{tags[s]}", s, "MoD-D")
         for name in labels:
             lora(f"{name}-{tags[s]}", out / f"{name}-{tags[s]}", s, labels[name])
