@@ -348,6 +348,25 @@ def test_calibrate_threshold_hits_target_sparsity():
     assert abs(skipgpt.stats(model)["param_sparsity"] - 0.4) < 0.02
 
 
+def test_calibrate_threshold_stops_once_the_rate_is_within_tol():
+    """Each halving is a forward; the search ends at the first threshold whose rate is within
+    ``tol`` of the target, and with tol 0 runs every halving."""
+    model = tiny_model("qwen2")
+    skipgpt.apply(model, SkipConfig(mode="reference"))
+    ids, mask = left_padded_batch(lengths=(40, 33, 48))
+    calls = []
+    hook = model.register_forward_hook(lambda *a: calls.append(1))
+    t = skipgpt.calibrate_threshold(model, ids, 0.4, attention_mask=mask, tol=0.05)
+    early = len(calls)
+    calls.clear()
+    skipgpt.calibrate_threshold(model, ids, 0.4, attention_mask=mask, tol=0.0, iters=12)
+    assert len(calls) == 12 and 1 <= early < 12
+    hook.remove()
+    with skipgpt.overrides(model, threshold=t):
+        _logits(model, ids, mask)
+    assert abs(skipgpt.stats(model)["param_sparsity"] - 0.4) <= 0.05
+
+
 def test_calibrate_threshold_on_several_texts_minimises_the_largest_deviation():
     """With one token set per kind of text, the threshold puts the midpoint of the highest and the
     lowest set's rate on the target, so the set furthest from the target is as close as any

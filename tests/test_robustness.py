@@ -369,6 +369,10 @@ def test_calibrate_threshold_refuses_a_bad_target(target):
     with pytest.raises(ValueError, match="metric must be"):
         skipgpt.calibrate_threshold(model, ids, 0.3, metric="flops", attention_mask=mask)
     assert skipgpt.state(model).config.threshold == 0.6
+    for tol in (-0.1, 1.0, math.nan, True):
+        with pytest.raises(ValueError, match="tol must be a sparsity difference"):
+            skipgpt.calibrate_threshold(model, ids, 0.3, attention_mask=mask, tol=tol)
+    assert skipgpt.state(model).config.threshold == 0.6
 
 
 def test_calibrate_threshold_that_fails_midway_restores_the_threshold():

@@ -183,6 +183,30 @@ def test_lora_stage_changes_no_router_and_artefact_reloads(tiny_dir, tmp_path):
     assert (a - c).abs().max() > 1e-3  # the adapter really changed the model
 
 
+def test_kd_weight_scales_the_kl_term_and_is_refused_where_unused(tiny_dir, tmp_path):
+    """--loss kd+lm optimises lm + kd_weight * kd (each term as logged); a weight the loss would
+    ignore is refused before anything is written."""
+    rt = RouterArgs(**_common(tiny_dir, tmp_path / "rt", steps=2, lr=0.05, sparsity=0.3))
+    train_routers(rt)
+    lo = LoraArgs(**_common(tiny_dir, tmp_path / "lora", steps=3, routers=str(tmp_path / "rt"), lr=5e-3,
+                            loss="kd+lm", kd_weight=3.0))
+    finetune_lora(lo)
+    logs = [json.loads(l) for l in (tmp_path / "lora" / "log.jsonl").read_text().splitlines()]
+    assert len(logs) == 3 and all(l["kd_loss"] > 1e-4 for l in logs)
+    for l in logs:
+        assert l["loss"] == pytest.approx(l["lm_loss"] + 3.0 * l["kd_loss"], rel=1e-5)
+    assert json.loads((tmp_path / "lora" / "train_args.json").read_text())["kd_weight"] == 3.0
+    for stage, args in ((finetune_lora, LoraArgs(**_common(tiny_dir, tmp_path / "no", steps=2, loss="lm", kd_weight=2.0,
+                                                           routers=str(tmp_path / "rt")))),
+                        (train_routers, RouterArgs(**_common(tiny_dir, tmp_path / "no", steps=2, loss="kd",
+                                                             kd_weight=0.5)))):
+        with pytest.raises(ValueError, match="--kd-weight"):
+            stage(args)
+        assert not (tmp_path / "no").exists()
+    with pytest.raises(ValueError, match="--kd-weight must be > 0"):
+        finetune_lora(LoraArgs(**_common(tiny_dir, tmp_path / "no", steps=2, kd_weight=0.0, routers=str(tmp_path / "rt"))))
+
+
 def test_lora_stage_recalibrates_the_threshold_onto_the_target(tiny_dir, tmp_path):
     """LoRA changes the hidden states the frozen routers read, so the realised sparsity drifts;
     finetune-lora moves the threshold back onto the routers' target on the validation blocks

@@ -99,6 +99,7 @@ RULES: dict[str, Rule] = {
     "init_execute_bias": Rule(float),
     "policy": Rule(str, choices=("router", "topk", "random")),
     "loss": Rule(str, choices=("lm", "kd", "kd+lm")),
+    "kd_weight": Rule(float, 0.0, lo_open=True),
     "calibration": Rule(str, choices=("balanced", "pooled")),
     "penalty": Rule(str, choices=("batch", "sequence")),
     "calib_blocks": _POSITIVE_INT,

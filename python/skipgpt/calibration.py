@@ -122,14 +122,17 @@ def calibrate_input_scale(model: nn.Module, input_ids: torch.Tensor, attention_m
 
 @torch.no_grad()
 def calibrate_threshold(
-    model: nn.Module, input_ids, target: float, metric: str = "params", attention_mask=None, iters: int = 20
+    model: nn.Module, input_ids, target: float, metric: str = "params", attention_mask=None, iters: int = 20,
+    tol: float = 1e-3,
 ) -> float:
     """Set the global inference threshold so the realised sparsity on these tokens is ``target``.
 
     Router tuning meets its target on Gumbel samples; the deterministic rule p_exec > 0.5 can
     land elsewhere (routers still unsure execute every time). Sparsity grows monotonically
-    with the threshold, so a bisection on it finds the rate. Returns the threshold (also set).
-    A refused or failed call leaves the threshold as it was.
+    with the threshold, so a bisection on it finds the rate: at most ``iters`` halvings, each a
+    forward over every token set, stopping at the first threshold whose rate is within ``tol``
+    of the target (default 0.1 point). Returns the threshold (also set). A refused or failed
+    call leaves the threshold as it was.
 
     ``input_ids`` may also be a list of token tensors, one per kind of text (for example the
     sources of a training mixture), with ``attention_mask`` None or a list of the same length.
@@ -145,6 +148,8 @@ def calibrate_threshold(
         raise ValueError(f"calibrate_threshold: metric must be 'params' or 'modules', got {metric!r}")
     if isinstance(iters, bool) or not isinstance(iters, numbers.Integral) or iters < 1:
         raise ValueError(f"calibrate_threshold: iters must be a positive integer, got {iters!r}")
+    if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not 0.0 <= tol < 1.0:
+        raise ValueError(f"calibrate_threshold: tol must be a sparsity difference in [0, 1), got {tol!r}")
     if isinstance(input_ids, torch.Tensor):
         sets, masks = [input_ids], [attention_mask]
     else:
@@ -169,6 +174,9 @@ def calibrate_threshold(
             set_threshold(model, mid)
             rates = [rate(ids, mask) for ids, mask in zip(sets, masks)]
             s = (max(rates) + min(rates)) / 2  # each rate, and so this, grows with the threshold
+            if abs(s - target) <= tol:
+                lo = hi = mid
+                break
             lo, hi = (mid, hi) if s < target else (lo, mid)
     set_threshold(model, (lo + hi) / 2)
     return st.config.threshold

@@ -13,7 +13,8 @@ The recipe (docs/training.md; every lever a flag):
 
 - ``loss``: ``lm`` (default) the paper's next-token loss; ``kd`` the KL divergence from the
   dense model's next-token distribution (the same frozen model, every module executing, a
-  no-grad forward in the same step) to the skipping model's; ``kd+lm`` their sum.
+  no-grad forward in the same step) to the skipping model's; ``kd+lm`` their sum,
+  ``lm + kd_weight * kd``.
 - ``gate_noise`` -> ``gate_noise_end`` over the first ``noise_anneal`` of the steps: the scale of
   the Gumbel noise in the gate (default 1 throughout, the paper's sample). Ending at 0 trains
   the deterministic rule used at inference.
@@ -89,6 +90,7 @@ class TrainArgs:
     dtype: str = _flag("float32", "dtype of the model's weights")
     loss: str = _flag("lm", "training loss: lm (next-token loss, the paper's), kd (KL from the dense model's "
                             "next-token distribution) or kd+lm (their sum)")
+    kd_weight: float = _flag(1.0, "weight w of the KL term of --loss kd+lm: the loss is lm + w * kd")
     calibration: str = _flag(
         "balanced", "how the threshold is calibrated when --data is a mixture: balanced (on each source's validation "
                     "blocks, so that the source furthest from the target is as close as one threshold allows) or "
@@ -447,10 +449,18 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch
     return (log_t.exp() * (log_t - log_s)).sum(-1).mean()
 
 
-def _distill_loss(kind: str, model, batch, teacher: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+def check_loss_args(args: TrainArgs) -> None:
+    """Refuse a KD weight that the loss would ignore (nothing is written before this check)."""
+    if args.kd_weight != 1.0 and args.loss != "kd+lm":
+        raise ValueError(f"--kd-weight {args.kd_weight:g} weighs the KL term of --loss kd+lm; "
+                         f"with --loss {args.loss} it would be ignored")
+
+
+def _distill_loss(kind: str, model, batch, teacher: Callable[[], torch.Tensor],
+                  kd_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
     """The training loss ``kind`` (:data:`LOSSES`) of ``model`` on ``batch``; ``teacher()`` gives
     the dense model's logits (called first, without gradients, so that the state the student's
-    forward leaves behind is the student's)."""
+    forward leaves behind is the student's). ``kd+lm`` is ``lm + kd_weight * kd``."""
     if kind not in LOSSES:
         raise ValueError(f"loss must be one of {list(LOSSES)}, got {kind!r}")
     if kind == "lm":
@@ -461,7 +471,7 @@ def _distill_loss(kind: str, model, batch, teacher: Callable[[], torch.Tensor]) 
     out = model(input_ids=batch, labels=batch)
     kd = kd_loss(out.logits, t_logits)
     logs = {"kd_loss": float(kd.detach()), "lm_loss": float(out.loss.detach())}
-    return (kd + out.loss if kind == "kd+lm" else kd), logs
+    return (kd_weight * kd + out.loss if kind == "kd+lm" else kd), logs
 
 
 # -- stage 1 --------------------------------------------------------------------------------------
@@ -556,6 +566,7 @@ def train_routers(args: RouterArgs, model=None, blocks=None, accelerator=None, v
     A caller that passes ``model`` and ``blocks`` may pass ``val_blocks`` (a token tensor, or a
     list of them, one per source: what the threshold is calibrated on); else the last blocks."""
     check_fields(args)
+    check_loss_args(args)
     calib = val_blocks
     if model is None:
         accelerator, model, _, blocks, val_blocks, calib = _setup(args)
@@ -592,7 +603,7 @@ def train_routers(args: RouterArgs, model=None, blocks=None, accelerator=None, v
     def loss_fn(m, batch, step):
         st.config.tau = args.tau_start + (args.tau_end - args.tau_start) * step / max(args.steps - 1, 1)
         st.config.gate_noise = noise_at(args, step)
-        task, logs = _distill_loss(args.loss, m, batch, lambda: _dense_logits(m, raw, batch))
+        task, logs = _distill_loss(args.loss, m, batch, lambda: _dense_logits(m, raw, batch), args.kd_weight)
         s = st.sparsity(metric)
         target = target_at(args, step)
         loss = task + args.alpha * sparsity_penalty(st, args.penalty, target, metric) if args.policy == "router" else task
@@ -698,6 +709,7 @@ def _load_adapter(model, directory: Path) -> None:
 def finetune_lora(args: LoraArgs, model=None, blocks=None, accelerator=None) -> dict[str, Any]:
     """Stage 2. Writes routers + LoRA adapter to ``args.out`` as one artefact."""
     check_fields(args)
+    check_loss_args(args)
     if not args.routers:
         raise ValueError("finetune_lora needs --routers DIR (the output of train-routers)")
     calib = None
@@ -714,7 +726,8 @@ def finetune_lora(args: LoraArgs, model=None, blocks=None, accelerator=None) -> 
     peft_model = model
 
     def loss_fn(m, batch, step):
-        loss, logs = _distill_loss(args.loss, m, batch, lambda: lora_teacher_logits(peft_model, batch, m))
+        loss, logs = _distill_loss(args.loss, m, batch, lambda: lora_teacher_logits(peft_model, batch, m),
+                                   args.kd_weight)
         return loss, {**logs, "sparsity": float(st.sparsity())}
 
     def make_scheduler(opt):
