@@ -145,8 +145,7 @@ def main() -> None:
         seconds = train(args)["seconds"]
         return None if args.resume else seconds
 
-    def lora(name: str, routers: Path, sparsity: float | None, label: str, done: Path | None = None,
-             calibrate: bool = True):
+    def lora(name: str, routers: Path, sparsity: float | None, label: str, done: Path | None = None):
         if done is not None:  # a finished run from elsewhere: it must have this table's budget
             ran = json.loads((done / "train_args.json").read_text())
             steps, lr, loss = ran["steps"], ran["lr"], ran.get("loss", "lm")
@@ -157,7 +156,7 @@ def main() -> None:
             return evaluate(f"{label} + LoRA", sparsity, done)
         lr = {} if ns.lora_lr is None else {"lr": ns.lora_lr}
         args = LoraArgs(out=str(out / f"{name}-lora"), routers=str(routers), steps=ns.lora_steps, loss=ns.lora_loss,
-                        calibrate_threshold=calibrate, **common, **lr)
+                        **common, **lr)
         seconds = run(finetune_lora, args)
         return evaluate(f"{label} + LoRA", sparsity, Path(args.out), seconds=seconds)
 
@@ -221,8 +220,8 @@ def main() -> None:
         if ns.save_routers:  # the committed model is RT-L: routers and adapter
             save_asset(done or out / f"{name}-lora", tags[s], routers_dir=rt_dir(s, ns.seeds[0]))
         lora(f"mod-d-{tags[s]}", out / f"mod-d-{tags[s]}", s, "MoD-D")
-        for name in labels:  # constant (ShortGPT, module drop) or random routers: no threshold to calibrate
-            lora(f"{name}-{tags[s]}", out / f"{name}-{tags[s]}", s, labels[name], calibrate=False)
+        for name in labels:
+            lora(f"{name}-{tags[s]}", out / f"{name}-{tags[s]}", s, labels[name])
 
     total = time.perf_counter() - t_start
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{cpu_name()}, {torch.get_num_threads()} threads",

@@ -207,6 +207,27 @@ def test_kd_weight_scales_the_kl_term_and_is_refused_where_unused(tiny_dir, tmp_
         finetune_lora(LoraArgs(**_common(tiny_dir, tmp_path / "no", steps=2, kd_weight=0.0, routers=str(tmp_path / "rt"))))
 
 
+def test_lora_on_a_static_plan_keeps_its_threshold_and_decisions(tiny_dir, tmp_path):
+    """Constant routers (a static plan: zero weights, +/- margins) decide the same for any hidden
+    state, so finetune-lora does not recalibrate them: the threshold and every decision stay."""
+    from skipgpt.baselines import apply_static_plan
+
+    model, _ = models.load_model(str(tiny_dir / "model"))
+    apply_static_plan(model, {"attn": [1], "mlp": [0]})
+    skipgpt.save_routers(model, tmp_path / "plan")
+    lo = LoraArgs(**_common(tiny_dir, tmp_path / "lora", steps=2, routers=str(tmp_path / "plan"), lr=5e-3))
+    res = finetune_lora(lo)
+    assert "threshold" not in res
+    before = json.loads((tmp_path / "plan" / "skip_config.json").read_text())["threshold"]
+    assert json.loads((tmp_path / "lora" / "skip_config.json").read_text())["threshold"] == before
+    m, _ = load_skipgpt(lo.model, tmp_path / "lora")
+    skipgpt.set_mode(m, "masked")
+    with torch.no_grad():
+        m(input_ids=torch.randint(3, 1000, (2, 24), generator=torch.Generator().manual_seed(0)))
+    layers = skipgpt.stats(m)["layers"]
+    assert [(l["attn_skip"], l["mlp_skip"]) for l in layers] == [(0.0, 1.0), (1.0, 0.0)]
+
+
 def test_lora_stage_recalibrates_the_threshold_onto_the_target(tiny_dir, tmp_path):
     """LoRA changes the hidden states the frozen routers read, so the realised sparsity drifts;
     finetune-lora moves the threshold back onto the routers' target on the validation blocks

@@ -720,6 +720,9 @@ def finetune_lora(args: LoraArgs, model=None, blocks=None, accelerator=None) -> 
         apply(model, from_dir=args.routers)
     st = state(model)
     st.config.mode, st.config.gate = "masked", "deterministic"  # train under inference skipping
+    # Routers with all-zero weights decide from their biases alone (static plans such as
+    # ShortGPT's): LoRA cannot move their rate, so there is no threshold to recalibrate.
+    input_free = all(not p.any() for p in router_parameters(model) if p.dim() > 1)
     for p in router_parameters(model):
         p.requires_grad_(False)
     model = add_lora(model, args)
@@ -745,8 +748,9 @@ def finetune_lora(args: LoraArgs, model=None, blocks=None, accelerator=None) -> 
         raw = accelerator.unwrap_model(model)
         st.config.gate, st.config.mode = "auto", "auto"
         # Routers at threshold 0 or 1 (every module executes, or none) keep it: there is no
-        # rate to restore.
-        if args.calibrate_threshold and st.config.policy == "router" and 0.0 < st.config.threshold < 1.0:
+        # rate to restore. So do input-free routers (above).
+        if (args.calibrate_threshold and st.config.policy == "router" and 0.0 < st.config.threshold < 1.0
+                and not input_free):
             val = calib if calib is not None else blocks[-8:].to(next(raw.parameters()).device)
             raw.eval()
             with torch.no_grad(), overrides(raw, mode="masked"):  # LoRA-wrapped projections: masked
