@@ -71,6 +71,8 @@ def main() -> None:
     p.add_argument("--lora-lr", type=float, default=None, help="LoRA learning rate (default: finetune-lora's)")
     p.add_argument("--lora-loss", choices=("lm", "kd", "kd+lm"), default=LoraArgs.loss,
                    help="LoRA training loss (default: finetune-lora's)")
+    p.add_argument("--lora-kd-weight", type=float, default=LoraArgs.kd_weight,
+                   help="weight of the KL term of --lora-loss kd+lm (default: finetune-lora's)")
     p.add_argument("--no-lora", action="store_true",
                    help="stop before the LoRA phase (a later run with the same --out reuses every finished row)")
     p.add_argument("--eval-window", type=int, default=256)
@@ -156,7 +158,7 @@ def main() -> None:
             return evaluate(f"{label} + LoRA", sparsity, done)
         lr = {} if ns.lora_lr is None else {"lr": ns.lora_lr}
         args = LoraArgs(out=str(out / f"{name}-lora"), routers=str(routers), steps=ns.lora_steps, loss=ns.lora_loss,
-                        **common, **lr)
+                        kd_weight=ns.lora_kd_weight, **common, **lr)
         seconds = run(finetune_lora, args)
         return evaluate(f"{label} + LoRA", sparsity, Path(args.out), seconds=seconds)
 
