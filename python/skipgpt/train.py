@@ -28,7 +28,8 @@ The recipe (docs/training.md; every lever a flag):
 
 Stage 2: routers frozen and deciding deterministically (the model trains under exactly the
 skipping it will have at inference); peft LoRA on q_proj, v_proj, gate_proj; KD from the dense
-model without LoRA plus the LM loss (the default), either alone, or the LM loss alone (the paper's).
+model without LoRA plus the LM loss (the default: ``lm + 3 * kd``), KD alone, or the LM loss alone
+(the paper's).
 """
 
 from __future__ import annotations
