@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -171,6 +172,56 @@ def test_repeated_ngram_fraction_and_chat_split():
     assert set(splits) == {"train", "validation", "test"}
     assert 0.05 < splits.count("test") / len(splits) < 0.15
     assert not set(chat.EVAL_PROMPTS) & set(chat.prompts())
+
+
+def _tiny_chat_model(tiny_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(tiny_dir / "model").eval(), AutoTokenizer.from_pretrained(tiny_dir / "model")
+
+
+def _alone(model, tok, prompt: str, max_new_tokens: int) -> list[int]:
+    """The oracle: one prompt, no padding, plain HF greedy generate, cut at the first EOS."""
+    ids = tok(chat.format_chat(tok, prompt), return_tensors="pt", add_special_tokens=False).input_ids
+    with torch.no_grad():
+        gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=tok.pad_token_id)[0, ids.shape[1]:].tolist()
+    return gen[: gen.index(tok.eos_token_id)] if tok.eos_token_id in gen else gen
+
+
+def test_chat_eval_in_batches_answers_as_each_prompt_alone(tiny_dir):
+    """Left-padded batches of 2 (the last one short) give every prompt the answer it gets alone,
+    and rep4 is the repeated-4-gram fraction of those answers' tokens."""
+    model, tok = _tiny_chat_model(tiny_dir)
+    prompts = list(chat.EVAL_PROMPTS[:5])
+    res = chat.chat_eval(model, tok, prompts, max_new_tokens=12, batch_size=2)
+    assert [r["prompt"] for r in res["answers"]] == prompts
+    reps = []
+    for row, p in zip(res["answers"], prompts):
+        ids = _alone(model, tok, p, 12)
+        assert ids and row["answer"] == tok.decode(ids, skip_special_tokens=True)
+        reps.append(chat.repeated_ngram_fraction(ids))
+        assert row["rep4"] == reps[-1]
+    assert res["rep4"] == pytest.approx(sum(reps) / len(reps))
+
+
+def test_eval_chat_cli_reads_a_prompt_file_and_refuses_one_without_prompts(tiny_dir, tmp_path, capsys):
+    from skipgpt import cli
+
+    model, tok = _tiny_chat_model(tiny_dir)
+    f = tmp_path / "prompts.txt"
+    f.write_text("# my prompts\n\nName a colour.\n  What is rain?  \n")
+    assert cli.main(["eval-chat", "--model", str(tiny_dir / "model"), "--prompts", str(f), "--max-new-tokens", "10"]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads(out[out.rindex("\n{") + 1:])
+    reps = [chat.repeated_ngram_fraction(_alone(model, tok, p, 10)) for p in ("Name a colour.", "What is rain?")]
+    assert summary["prompts"] == 2 and summary["rep4"] == pytest.approx(sum(reps) / 2)
+    assert "[rep4 " in out and "What is rain?" in out
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# nothing\n\n")
+    for path, why in ((empty, "no prompts in it"), (tmp_path / "missing.txt", "no such file")):
+        with pytest.raises(SystemExit, match=f"--prompts {re.escape(str(path))}: {why}"):
+            cli.main(["eval-chat", "--model", str(tiny_dir / "model"), "--prompts", str(path)])
 
 
 def test_shipped_chat_corpus_matches_the_prompt_list():

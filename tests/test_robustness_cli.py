@@ -147,7 +147,7 @@ def test_every_training_field_declares_its_help():
 
 def test_help_lists_every_command_with_a_line(capsys):
     commands = _commands()
-    assert set(commands) == {"demo", "train-routers", "finetune-lora", "calibrate", "eval-ppl", "eval-lm", "gen-chat", "analyze",
+    assert set(commands) == {"demo", "train-routers", "finetune-lora", "calibrate", "eval-ppl", "eval-lm", "eval-chat", "gen-chat", "analyze",
                              "export", "serve"}
     with pytest.raises(SystemExit) as exit_:
         cli.main(["--help"])

@@ -140,7 +140,7 @@ RULES: dict[str, Rule] = {
 # The string flags whose values are open-ended (paths, hub ids, corpus specs, split names of HF
 # datasets, task names, a prompt). Every other flag that takes a string has a fixed set of values
 # (choices, from its rule): a test holds the parser to that.
-OPEN_ENDED = frozenset({"out", "model", "routers", "data", "split", "prompt", "tasks", "host", "folder"})
+OPEN_ENDED = frozenset({"out", "model", "routers", "data", "split", "prompt", "prompts", "tasks", "host", "folder"})
 
 
 def flag(name: str) -> str:

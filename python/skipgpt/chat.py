@@ -201,20 +201,39 @@ def repeated_ngram_fraction(ids: Sequence[int], n: int = 4) -> float:
     return 1.0 - len(set(grams)) / len(grams)
 
 
+def read_prompts(path: str | os.PathLike) -> list[str]:
+    """The prompts of a text file, one per line; blank lines and lines starting with ``#`` are
+    skipped. A file without prompts is refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--prompts {path}: no such file")
+    lines = [l.strip() for l in path.read_text(encoding="utf-8").splitlines()]
+    found = [l for l in lines if l and not l.startswith("#")]
+    if not found:
+        raise ValueError(f"--prompts {path}: no prompts in it (one per line; # starts a comment)")
+    return found
+
+
 @torch.no_grad()
-def chat_eval(model, tok, prompt_list: Sequence[str] = EVAL_PROMPTS, max_new_tokens: int = 64) -> dict:
-    """Greedy answers to ``prompt_list`` (one batch, left-padded) with each answer's repeated
-    4-gram fraction and their mean."""
+def chat_eval(model, tok, prompt_list: Sequence[str] = EVAL_PROMPTS, max_new_tokens: int = 64,
+              batch_size: int | None = None, progress: bool = False) -> dict:
+    """Greedy answers to ``prompt_list`` (left-padded batches of ``batch_size``; default: one
+    batch) with each answer's repeated 4-gram fraction and their mean."""
     device = next(model.parameters()).device
-    enc = _prompt_ids(tok, [format_chat(tok, p) for p in prompt_list])
-    out = model.generate(
-        input_ids=enc.input_ids.to(device), attention_mask=enc.attention_mask.to(device),
-        max_new_tokens=max_new_tokens, do_sample=False,
-        pad_token_id=_pad_id(tok),
-    )
+    prompt_list = list(prompt_list)
+    step = batch_size or max(len(prompt_list), 1)
     rows = []
-    for p, gen in zip(prompt_list, out[:, enc.input_ids.shape[1] :].tolist()):
-        eos = tok.eos_token_id
-        ids = gen[: gen.index(eos)] if eos in gen else gen
-        rows.append({"prompt": p, "answer": tok.decode(ids, skip_special_tokens=True), "rep4": repeated_ngram_fraction(ids)})
+    for start in tqdm(range(0, len(prompt_list), step), desc="Answering", unit="batch", disable=not progress):
+        batch = prompt_list[start : start + step]
+        enc = _prompt_ids(tok, [format_chat(tok, p) for p in batch])
+        out = model.generate(
+            input_ids=enc.input_ids.to(device), attention_mask=enc.attention_mask.to(device),
+            max_new_tokens=max_new_tokens, do_sample=False,
+            pad_token_id=_pad_id(tok),
+        )
+        for p, gen in zip(batch, out[:, enc.input_ids.shape[1] :].tolist()):
+            eos = tok.eos_token_id
+            ids = gen[: gen.index(eos)] if eos in gen else gen
+            rows.append({"prompt": p, "answer": tok.decode(ids, skip_special_tokens=True),
+                         "rep4": repeated_ngram_fraction(ids)})
     return {"answers": rows, "rep4": sum(r["rep4"] for r in rows) / max(len(rows), 1)}

@@ -171,6 +171,28 @@ def _eval_lm(ns):
     return 0
 
 
+def _eval_chat(ns):
+    from . import chat
+    from .patch import reset_stats, stats
+
+    try:  # checked before the model loads
+        prompts = chat.read_prompts(ns.prompts) if ns.prompts else list(chat.EVAL_PROMPTS)
+    except ValueError as e:
+        raise SystemExit(f"skipgpt eval-chat: {e}") from None
+    model, tok, info = load_for_eval(ns)
+    skipping = ns.routers or ns.baseline
+    if skipping:
+        reset_stats(model)
+    res = chat.chat_eval(model, tok, prompts, max_new_tokens=ns.max_new_tokens, batch_size=ns.batch_size,
+                         progress=True)
+    for r in res["answers"]:
+        print(f"[rep4 {r['rep4']:.3f}] {r['prompt']}\n    {r['answer']!r}")
+    _print({**{k: v for k, v in info.items() if k != "similarity"}, "prompts": len(prompts),
+            "max_new_tokens": ns.max_new_tokens, "rep4": res["rep4"],
+            **({"param_sparsity": stats(model, cumulative=True)["param_sparsity"]} if skipping else {})})
+    return 0
+
+
 def _analyze(ns):
     from . import data
     from .analysis import analyze
@@ -296,6 +318,14 @@ def build_parser() -> argparse.ArgumentParser:
     lm.add_argument("--limit", type=int, default=None, help="at most this many examples per task (default: all)")
     lm.add_argument("--num-fewshot", type=int, default=0, help="few-shot examples per prompt")
     lm.add_argument("--batch-size", type=int, default=8, help="requests per forward")
+
+    ec = _add_command(sub, "eval-chat", "greedy answers to chat prompts and their repeated-4-gram fraction", _eval_chat)
+    _add_eval_model_args(ec)
+    ec.add_argument("--prompts", default=None,
+                    help="a text file of prompts, one per line, # for comments (default: the ten built-in "
+                         "evaluation prompts, as in the demo)")
+    ec.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per answer")
+    ec.add_argument("--batch-size", type=int, default=16, help="prompts per generate call")
 
     g = _add_command(sub, "gen-chat", "the model's own answers to built-in prompts, as tuning data (--data PATH)", _gen_chat)
     g.add_argument("--model", default=None, help="HF model folder or hub id (default: the embedded SmolLM2-135M)")
