@@ -205,13 +205,6 @@ def test_kd_weight_scales_the_kl_term_and_is_refused_where_unused(tiny_dir, tmp_
         assert not (tmp_path / "no").exists()
     with pytest.raises(ValueError, match="--kd-weight must be > 0"):
         finetune_lora(LoraArgs(**_common(tiny_dir, tmp_path / "no", steps=2, kd_weight=0.0, routers=str(tmp_path / "rt"))))
-    # Each stage's own default weight (LoRA's differs from router tuning's) counts as unset:
-    # --loss lm runs with it, and logs the LM loss alone.
-    lm = LoraArgs(**_common(tiny_dir, tmp_path / "lm", steps=2, loss="lm", routers=str(tmp_path / "rt")))
-    assert lm.kd_weight != RouterArgs(out="x").kd_weight
-    finetune_lora(lm)
-    logs = [json.loads(l) for l in (tmp_path / "lm" / "log.jsonl").read_text().splitlines()]
-    assert logs and all("kd_loss" not in l and l["loss"] == pytest.approx(l["lm_loss"]) for l in logs)
 
 
 def test_lora_on_a_static_plan_keeps_its_threshold_and_decisions(tiny_dir, tmp_path):

@@ -28,8 +28,7 @@ The recipe (docs/training.md; every lever a flag):
 
 Stage 2: routers frozen and deciding deterministically (the model trains under exactly the
 skipping it will have at inference); peft LoRA on q_proj, v_proj, gate_proj; KD from the dense
-model without LoRA plus the LM loss (the default: ``lm + 3 * kd``), KD alone, or the LM loss alone
-(the paper's).
+model without LoRA plus the LM loss (the default), KD alone, or the LM loss alone (the paper's).
 """
 
 from __future__ import annotations
@@ -138,9 +137,6 @@ class LoraArgs(TrainArgs):
     lr: float = _flag(2e-4, "learning rate (AdamW, cosine schedule after the warm-up)")
     loss: str = _flag("kd+lm", "training loss: lm (next-token loss, the paper's), kd (KL from the dense base model "
                                "without LoRA) or kd+lm (lm + --kd-weight x kd)")
-    # The KL term weighs 3 here: at 25% it takes greedy chat answers under the 0.15 repeated-4-gram
-    # limit on every seed for 2-4% of Shakespeare perplexity (BENCHMARKS.md, LoRA distillation).
-    kd_weight: float = _flag(3.0, "weight w of the KL term of --loss kd+lm: the loss is lm + w * kd")
     lora_r: int = _flag(16, "LoRA rank")
     lora_alpha: int = _flag(32, "LoRA scaling numerator (the update is scaled by alpha / r)")
     lora_dropout: float = _flag(0.1, "dropout on the LoRA input")
@@ -454,10 +450,8 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch
 
 
 def check_loss_args(args: TrainArgs) -> None:
-    """Refuse a KD weight that the loss would ignore (one other than the stage's default; nothing
-    is written before this check)."""
-    default = next(f.default for f in dataclasses.fields(args) if f.name == "kd_weight")
-    if args.kd_weight != default and args.loss != "kd+lm":
+    """Refuse a KD weight that the loss would ignore (nothing is written before this check)."""
+    if args.kd_weight != 1.0 and args.loss != "kd+lm":
         raise ValueError(f"--kd-weight {args.kd_weight:g} weighs the KL term of --loss kd+lm; "
                          f"with --loss {args.loss} it would be ignored")
 
