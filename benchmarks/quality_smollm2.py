@@ -150,11 +150,13 @@ def main() -> None:
     def lora(name: str, routers: Path, sparsity: float | None, label: str, done: Path | None = None):
         if done is not None:  # a finished run from elsewhere: it must have this table's budget
             ran = json.loads((done / "train_args.json").read_text())
-            steps, lr, loss = ran["steps"], ran["lr"], ran.get("loss", "lm")
-            if steps != ns.lora_steps or (ns.lora_lr is not None and lr != ns.lora_lr) or loss != ns.lora_loss:
-                raise SystemExit(f"--lora-from: {done} ran {steps} LoRA steps at lr {lr} with the {loss} loss; this "
-                                 f"table gives every method {ns.lora_steps} steps"
-                                 + (f" at lr {ns.lora_lr}" if ns.lora_lr else "") + f" with the {ns.lora_loss} loss")
+            steps, lr, loss, w = ran["steps"], ran["lr"], ran.get("loss", "lm"), ran.get("kd_weight", 1.0)
+            if (steps != ns.lora_steps or (ns.lora_lr is not None and lr != ns.lora_lr) or loss != ns.lora_loss
+                    or (loss == "kd+lm" and w != ns.lora_kd_weight)):
+                raise SystemExit(f"--lora-from: {done} ran {steps} LoRA steps at lr {lr} with the {loss} loss "
+                                 f"(KL weight {w:g}); this table gives every method {ns.lora_steps} steps"
+                                 + (f" at lr {ns.lora_lr}" if ns.lora_lr else "")
+                                 + f" with the {ns.lora_loss} loss (KL weight {ns.lora_kd_weight:g})")
             return evaluate(f"{label} + LoRA", sparsity, done)
         lr = {} if ns.lora_lr is None else {"lr": ns.lora_lr}
         args = LoraArgs(out=str(out / f"{name}-lora"), routers=str(routers), steps=ns.lora_steps, loss=ns.lora_loss,
