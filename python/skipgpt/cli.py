@@ -136,6 +136,12 @@ def load_for_eval(ns):
     return model, tok, info
 
 
+def _described(info: dict[str, Any]) -> dict[str, Any]:
+    """What :func:`load_for_eval` says about the model, for a command's summary (without the
+    baseline's per-layer similarity scores)."""
+    return {k: v for k, v in info.items() if k != "similarity"}
+
+
 def _add_eval_model_args(p):
     p.add_argument("--model", default=None, help="HF model folder or hub id (default: the embedded SmolLM2-135M)")
     p.add_argument("--routers", default=None,
@@ -158,7 +164,7 @@ def _eval_ppl(ns):
     tokens = token_stream(ns.data, ns.split, tok, ns.max_tokens)
     print(f"perplexity on {ns.data}:{ns.split}, {tokens.numel()} tokens, window {ns.window}, stride {ns.stride or ns.window}")
     res = perplexity(model, tokens, window=ns.window, stride=ns.stride, batch_size=ns.batch_size)
-    _print({**{k: v for k, v in info.items() if k != "similarity"}, "data": ns.data, "split": ns.split, **res})
+    _print({**_described(info), "data": ns.data, "split": ns.split, **res})
     return 0
 
 
@@ -167,7 +173,7 @@ def _eval_lm(ns):
 
     model, tok, info = load_for_eval(ns)
     res = evaluate_lm(model, tok, ns.tasks, batch_size=ns.batch_size, limit=ns.limit, num_fewshot=ns.num_fewshot)
-    _print({**{k: v for k, v in info.items() if k != "similarity"}, **res})
+    _print({**_described(info), **res})
     return 0
 
 
@@ -187,7 +193,7 @@ def _eval_chat(ns):
                          progress=True)
     for r in res["answers"]:
         print(f"[rep4 {r['rep4']:.3f}] {r['prompt']}\n    {r['answer']!r}")
-    _print({**{k: v for k, v in info.items() if k != "similarity"}, "prompts": len(prompts),
+    _print({**_described(info), "prompts": len(prompts),
             "max_new_tokens": ns.max_new_tokens, "rep4": res["rep4"],
             **({"param_sparsity": stats(model, cumulative=True)["param_sparsity"]} if skipping else {})})
     return 0
